@@ -1,0 +1,272 @@
+"""Framework-neutral batches: ``SeqBatch`` for the RNN family, ``TreeBatch`` for the RvNN family.
+
+All arrays are NumPy int32, built once before any timing.
+
+TreeBatch worked example: two trees, ``(a b)`` and ``((c d) e)``. Nodes are
+ordered by height, then by tree, then left to right, so every level is a
+contiguous slice and children always come before parents::
+
+    index   0  1  2  3  4  5   6   7
+    node    a  b  c  d  e  ab  cd  (cd)e
+    height  0  0  0  0  0  1   1   2
+    left   -1 -1 -1 -1 -1  0   2   6
+    right  -1 -1 -1 -1 -1  1   3   4
+    tree    0  0  1  1  1  0   1   1
+    root = [5, 7]; level_offsets = [0, 5, 7, 8]
+
+``levels[h]`` holds the node indices of height ``h`` (here ``[0..4]``, ``[5, 6]``, ``[7]``).
+
+The padded static form (``PaddedTrees``) has the same nodes plus two slots at
+the end of the node buffer: ``zero`` (always the zero vector; padding entries
+read it) and ``sink`` (padding entries write to it; nothing reads it). Reading
+only zeros keeps padded computations finite, so they never leak NaN into
+gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .tasks import Example
+
+
+@dataclass(frozen=True)
+class SeqBatch:
+    """tokens int32[B, T] padded with 0, lengths int32[B] (>= 1), labels int32[B]."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+@dataclass(frozen=True)
+class PaddedTrees:
+    """Static-shape form of a TreeBatch for compilers.
+
+    Node buffer rows: ``0..num_nodes-1`` real nodes, then ``zero`` and ``sink``
+    (``zero = num_nodes``, ``sink = num_nodes + 1``; ``num_nodes`` is the padded
+    count, so the buffer has ``num_nodes + 2`` rows).
+
+    * ``leaf_node int32[Lf]`` / ``leaf_token int32[Lf]``: where each leaf goes
+      and its token; padding writes token 0 to ``sink``.
+    * ``level_node / level_left / level_right int32[L, W]``: for heights
+      1..L, the node written and its two children; padding writes to ``sink``
+      and reads ``zero``.
+    * ``label int32[num_nodes + 2]``: -1 where unlabelled or padding.
+    * ``root int32[B]``, ``root_label int32[B]``.
+    """
+
+    leaf_node: np.ndarray
+    leaf_token: np.ndarray
+    level_node: np.ndarray
+    level_left: np.ndarray
+    level_right: np.ndarray
+    label: np.ndarray
+    root: np.ndarray
+    root_label: np.ndarray
+    num_nodes: int
+
+    @property
+    def zero(self) -> int:
+        return self.num_nodes
+
+    @property
+    def sink(self) -> int:
+        return self.num_nodes + 1
+
+    @property
+    def shape_key(self) -> Tuple[int, ...]:
+        """Everything a compiler specialises on."""
+        return (self.num_nodes, self.leaf_node.shape[0]) + self.level_node.shape + self.root.shape
+
+
+@dataclass(frozen=True)
+class TreeBatch:
+    """All nodes of a batch of binary trees, flattened in height order (see module doc)."""
+
+    token: np.ndarray     # int32[N], -1 at internal nodes
+    left: np.ndarray      # int32[N], -1 at leaves
+    right: np.ndarray     # int32[N], -1 at leaves
+    tree: np.ndarray      # int32[N], which example a node belongs to
+    height: np.ndarray    # int32[N], leaves 0
+    label: np.ndarray     # int32[N], -1 where unlabelled
+    root: np.ndarray      # int32[B]
+    level_offsets: np.ndarray  # int32[L + 1]: level h is nodes[offsets[h]:offsets[h+1]]
+
+    @property
+    def size(self) -> int:
+        return int(self.root.shape[0])
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.token.shape[0])
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.level_offsets.shape[0] - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.token >= 0).sum())
+
+    @property
+    def levels(self) -> List[np.ndarray]:
+        """Node indices per height (contiguous ranges)."""
+        o = self.level_offsets
+        return [np.arange(o[h], o[h + 1], dtype=np.int32) for h in range(self.num_levels)]
+
+    @property
+    def root_label(self) -> np.ndarray:
+        return self.label[self.root]
+
+    def padded(self, num_nodes: Optional[int] = None, num_leaves: Optional[int] = None,
+               num_levels: Optional[int] = None, width: Optional[int] = None) -> PaddedTrees:
+        """The static form, padded to at least the given sizes (default: exact)."""
+        o = self.level_offsets
+        n_leaves = int(o[1])
+        widths = np.diff(o)[1:]
+        need = (self.num_nodes, n_leaves, self.num_levels - 1,
+                int(widths.max()) if widths.size else 0)
+        sizes = [need[i] if want is None else want
+                 for i, want in enumerate((num_nodes, num_leaves, num_levels, width))]
+        for name, have, want in zip(("num_nodes", "num_leaves", "num_levels", "width"), need, sizes):
+            if want < have:
+                raise ValueError("padded %s=%d is smaller than the batch needs (%d)" % (name, want, have))
+        n_pad, lf_pad, l_pad, w_pad = sizes
+        zero, sink = n_pad, n_pad + 1
+
+        leaf_node = np.full(lf_pad, sink, np.int32)
+        leaf_token = np.zeros(lf_pad, np.int32)
+        leaf_node[:n_leaves] = np.arange(n_leaves)
+        leaf_token[:n_leaves] = self.token[:n_leaves]
+
+        level_node = np.full((l_pad, w_pad), sink, np.int32)
+        level_left = np.full((l_pad, w_pad), zero, np.int32)
+        level_right = np.full((l_pad, w_pad), zero, np.int32)
+        for h in range(1, self.num_levels):
+            idx = np.arange(o[h], o[h + 1])
+            level_node[h - 1, :idx.size] = idx
+            level_left[h - 1, :idx.size] = self.left[idx]
+            level_right[h - 1, :idx.size] = self.right[idx]
+
+        label = np.full(n_pad + 2, -1, np.int32)
+        label[:self.num_nodes] = self.label
+        return PaddedTrees(leaf_node, leaf_token, level_node, level_left, level_right, label,
+                           self.root.copy(), self.label[self.root].copy(), n_pad)
+
+    def padded_bucketed(self) -> PaddedTrees:
+        """Padded to bucket sizes (next power of two), so few distinct shapes occur."""
+        o = self.level_offsets
+        widths = np.diff(o)[1:]
+        return self.padded(num_nodes=_bucket(self.num_nodes), num_leaves=_bucket(int(o[1])),
+                           num_levels=_bucket(self.num_levels - 1),
+                           width=_bucket(int(widths.max()) if widths.size else 0))
+
+
+def _bucket(n: int) -> int:
+    """Next power of two >= n (0 stays 0... but a shape of 0 is fine for levels)."""
+    if n <= 0:
+        return 0
+    return 1 << (int(n) - 1).bit_length()
+
+
+def make_seq_batch(examples: Sequence[Example]) -> SeqBatch:
+    lengths = np.array([len(e.tokens) for e in examples], np.int32)
+    if (lengths < 1).any():
+        raise ValueError("every sequence needs at least one token")
+    tokens = np.zeros((len(examples), int(lengths.max())), np.int32)
+    for i, e in enumerate(examples):
+        tokens[i, :len(e.tokens)] = e.tokens
+    labels = np.array([e.label for e in examples], np.int32)
+    return SeqBatch(tokens, lengths, labels)
+
+
+def make_tree_batch(examples: Sequence[Example]) -> TreeBatch:
+    """Flatten the trees of ``examples`` in (height, tree, left-to-right) order."""
+    records = []  # (height, tree index, position in postorder, node)
+    for t, ex in enumerate(examples):
+        for pos, node in enumerate(ex.tree.postorder()):
+            records.append((node.height, t, pos, node))
+    records.sort(key=lambda r: r[:3])
+    index = {id(r[3]): i for i, r in enumerate(records)}
+    n = len(records)
+    token = np.full(n, -1, np.int32)
+    left = np.full(n, -1, np.int32)
+    right = np.full(n, -1, np.int32)
+    tree = np.empty(n, np.int32)
+    height = np.empty(n, np.int32)
+    label = np.empty(n, np.int32)
+    for i, (h, t, _, node) in enumerate(records):
+        tree[i], height[i], label[i] = t, h, node.label
+        if node.is_leaf:
+            token[i] = node.token
+        else:
+            left[i], right[i] = index[id(node.left)], index[id(node.right)]
+    root = np.array([index[id(ex.tree)] for ex in examples], np.int32)
+    counts = np.bincount(height, minlength=int(height.max()) + 1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return TreeBatch(token, left, right, tree, height, label, root, offsets)
+
+
+def batch_examples(examples: Sequence[Example], batch_size: int, seed: int,
+                   shuffle: bool = True, bucket: bool = False,
+                   drop_last: bool = False) -> List[List[Example]]:
+    """Deterministic grouping of examples into batches.
+
+    ``shuffle`` permutes with ``numpy.random.default_rng(seed)``. ``bucket``
+    sorts by length within windows of 20 batches so batches hold similar
+    lengths (less padding), then shuffles the batch order with the same rng.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
+    items = [examples[i] for i in order]
+    if bucket:
+        window = batch_size * 20
+        items = [e for w in range(0, len(items), window)
+                 for e in sorted(items[w:w + window], key=lambda e: len(e.tokens))]
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if bucket:
+        perm = rng.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def batch_stream(examples: Sequence[Example], family: str, batch_size: int, seed: int,
+                 **kwargs) -> List:
+    """Ready batches of one family ('rnn' -> SeqBatch, 'rvnn' -> TreeBatch)."""
+    make = {"rnn": make_seq_batch, "rvnn": make_tree_batch}[family]
+    return [make(group) for group in batch_examples(examples, batch_size, seed, **kwargs)]
+
+
+def hash_batches(batches: Sequence) -> str:
+    """sha256 over every array of every batch, in order (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for b in batches:
+        for name in sorted(vars(b)):
+            arr = np.ascontiguousarray(getattr(b, name))
+            h.update(name.encode())
+            h.update(str(arr.shape).encode())
+            h.update(arr.astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def iterate_forever(batches: Sequence) -> Iterator:
+    while True:
+        for b in batches:
+            yield b

@@ -1,0 +1,111 @@
+"""The small interface every framework implements, once per family.
+
+Each ``impls/<fw>_impl/rnn.py`` defines ``class RNN(Implementation)`` (models
+``elman``, ``lstm``; strategies ``loop``, ``fused``, ``compiled``) and each
+``rvnn.py`` defines ``class RvNN(Implementation)`` (models ``rvnn``,
+``treelstm``; strategies ``recursive``, ``levels``, ``compiled``).
+
+Life of an implementation in a benchmark cell::
+
+    impl = RNN(cfg, strategy="fused", device="cpu", threads=2)  # may raise NotApplicable / Unavailable
+    impl.load_params(canonical)          # names and shapes of bench.params.schema
+    ready = impl.prepare(batch)          # outside timing: host -> device, padding, bucketing
+    impl.logits(ready)                   # [B, C], a framework array (use to_numpy)
+    impl.train_step(ready)               # one optimiser step, returns the loss (framework scalar)
+    impl.sync()                          # block until queued device work is done
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .params import ModelConfig, check_params
+
+RNN_STRATEGIES = ("loop", "fused", "compiled")
+RVNN_STRATEGIES = ("recursive", "levels", "compiled")
+STRATEGIES = {"rnn": RNN_STRATEGIES, "rvnn": RVNN_STRATEGIES}
+BASELINE_STRATEGY = {"rnn": "loop", "rvnn": "recursive"}
+
+# Optimiser hyper-parameters shared by every framework (only lr is configurable).
+ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+ADAGRAD = {"initial_accumulator": 0.1, "eps": 1e-7}
+
+
+class NotApplicable(Exception):
+    """This framework cannot express this (model, strategy[, device]); the message says why."""
+
+
+class Unavailable(Exception):
+    """A framework or device that is not present here; the message says why."""
+
+
+class Implementation:
+    """Base class: one model of one family, one strategy, on one device."""
+
+    framework = "?"
+    family = "?"
+
+    def __init__(self, cfg: ModelConfig, strategy: str, device: str = "cpu", threads: int = 1):
+        if cfg.family != self.family:
+            raise ValueError("%s implements the %s family, not %s" % (type(self).__name__,
+                                                                       self.family, cfg.model))
+        if strategy not in STRATEGIES[self.family]:
+            raise ValueError("unknown %s strategy %r (one of %s)"
+                             % (self.family, strategy, ", ".join(STRATEGIES[self.family])))
+        if device not in ("cpu", "gpu"):
+            raise ValueError("device is cpu or gpu, not %r" % device)
+        self.cfg = cfg
+        self.strategy = strategy
+        self.device = device
+        self.threads = threads
+
+    # --- parameters ---
+    def load_params(self, params: Dict[str, np.ndarray]) -> None:
+        """Take canonical parameters (copied in; resets optimiser state)."""
+        raise NotImplementedError
+
+    def export_params(self) -> Dict[str, np.ndarray]:
+        """Canonical float32 NumPy parameters."""
+        raise NotImplementedError
+
+    def _checked(self, params: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        check_params(self.cfg, params)
+        return {k: np.asarray(v, np.float32) for k, v in params.items()}
+
+    # --- work ---
+    def prepare(self, batch):
+        """Everything that must not be timed: conversion, transfer, padding."""
+        return batch
+
+    def logits(self, prepared):
+        """Logits [B, C] at each example's classification point."""
+        raise NotImplementedError
+
+    def loss_and_grads(self, prepared) -> Tuple[float, Dict[str, np.ndarray]]:
+        """Loss and canonical-named NumPy gradients, without updating anything."""
+        raise NotImplementedError
+
+    def train_step(self, prepared):
+        """Forward, loss, backward and one optimiser step; returns the loss."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Wait until all queued work is finished (device sync)."""
+
+    def to_numpy(self, value) -> np.ndarray:
+        return np.asarray(value)
+
+    # --- measurement helpers ---
+    def device_peak_bytes(self) -> Optional[int]:
+        """Peak device memory since start, where the framework reports it."""
+        return None
+
+    def info(self) -> Dict:
+        """Extra facts for the record: threads as applied, trace counts, kernels used."""
+        return {}
+
+    def gemm_flops(self, n: int = 512, repeats: int = 10) -> float:
+        """Achieved FLOP/s of an n x n x n float32 matmul with this framework, threads and device."""
+        raise NotImplementedError

@@ -1,0 +1,272 @@
+"""The NumPy reference: the oracle every framework is checked against.
+
+Written for clarity, not speed: the RNN family loops over time steps (the
+batch is vectorised, padded steps keep the previous state), the RvNN family
+loops over nodes one at a time in topological order. Gradients are
+hand-written backpropagation and are themselves checked against finite
+differences in the tests.
+
+Loss: mean softmax cross-entropy over the labelled classification nodes
+(label >= 0). In ``root`` mode those are the sequences' last real steps or the
+trees' roots; in ``all`` mode every labelled tree node.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .batches import SeqBatch, TreeBatch
+from .params import ModelConfig
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _cast(params, dtype):
+    return {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+
+
+# --- forward passes: each returns (states for backward, hidden at every classification point) ---
+
+def _rnn_forward(cfg: ModelConfig, p, batch: SeqBatch):
+    B, T = batch.tokens.shape
+    H = cfg.hidden
+    dt = p["E"].dtype
+    h = np.zeros((B, H), dt)
+    c = np.zeros((B, H), dt)
+    steps = []
+    for t in range(T):
+        x = p["E"][batch.tokens[:, t]]
+        live = (t < batch.lengths)[:, None]          # padded steps keep h (and c)
+        z = x @ p["W_x"] + h @ p["W_h"] + p["b"]
+        if cfg.model == "elman":
+            h_new = np.tanh(z)
+            steps.append((x, live, h, h_new))
+            h = np.where(live, h_new, h)
+        else:
+            i, f, g, o = (z[:, k * H:(k + 1) * H] for k in range(4))
+            si, sf, tg, so = sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)
+            c_new = sf * c + si * tg
+            h_new = so * np.tanh(c_new)
+            steps.append((x, live, h, c, si, sf, tg, so, c_new))
+            h = np.where(live, h_new, h)
+            c = np.where(live, c_new, c)
+    return steps, h
+
+
+def _tree_forward(cfg: ModelConfig, p, batch: TreeBatch):
+    N, H = batch.num_nodes, cfg.hidden
+    dt = p["E"].dtype
+    h = np.zeros((N, H), dt)
+    c = np.zeros((N, H), dt)
+    cache = [None] * N
+    for n in range(N):  # children come before parents in a TreeBatch
+        if batch.left[n] < 0:
+            x = p["E"][batch.token[n]]
+            z = x @ p["W_leaf"] + p["b_leaf"]
+            if cfg.model == "rvnn":
+                h[n] = np.tanh(z)
+            else:
+                si, so, tu = sigmoid(z[:H]), sigmoid(z[H:2 * H]), np.tanh(z[2 * H:])
+                c[n] = si * tu
+                h[n] = so * np.tanh(c[n])
+                cache[n] = (si, so, tu)
+        else:
+            l, r = batch.left[n], batch.right[n]
+            hlr = np.concatenate([h[l], h[r]])
+            if cfg.model == "rvnn":
+                h[n] = np.tanh(hlr @ p["W"] + p["b"])
+            else:
+                z = hlr @ p["U"] + p["b_U"]
+                si, sfl, sfr, so = (sigmoid(z[k * H:(k + 1) * H]) for k in range(4))
+                tu = np.tanh(z[4 * H:])
+                c[n] = si * tu + sfl * c[l] + sfr * c[r]
+                h[n] = so * np.tanh(c[n])
+                cache[n] = (si, sfl, sfr, so, tu)
+    return (h, c, cache), h
+
+
+def _class_points(cfg: ModelConfig, batch) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices into the hidden states that are classified, and their labels."""
+    if isinstance(batch, SeqBatch):
+        return np.arange(batch.size), batch.labels
+    if cfg.loss_mode == "root":
+        return batch.root, batch.label[batch.root]
+    return np.arange(batch.num_nodes), batch.label
+
+
+def _check_batch(cfg: ModelConfig, batch) -> None:
+    want = SeqBatch if cfg.family == "rnn" else TreeBatch
+    if not isinstance(batch, want):
+        raise TypeError("model %s needs a %s, got %s" % (cfg.model, want.__name__, type(batch).__name__))
+
+
+def _forward(cfg, params, batch, dtype):
+    _check_batch(cfg, batch)
+    p = _cast(params, dtype)
+    if cfg.family == "rnn":
+        state, hidden = _rnn_forward(cfg, p, batch)
+    else:
+        state, hidden = _tree_forward(cfg, p, batch)
+    return p, state, hidden
+
+
+def logits(cfg: ModelConfig, params, batch, dtype=np.float64) -> np.ndarray:
+    """Logits [B, C] at each example's classification point (last token / root)."""
+    p, _, hidden = _forward(cfg, params, batch, dtype)
+    rows = hidden if isinstance(batch, SeqBatch) else hidden[batch.root]
+    return rows @ p["W_o"] + p["b_o"]
+
+
+def predict(cfg: ModelConfig, params, batch, dtype=np.float32) -> np.ndarray:
+    return np.argmax(logits(cfg, params, batch, dtype), axis=-1)
+
+
+def _softmax_xent(z: np.ndarray, labels: np.ndarray):
+    """Mean cross-entropy over rows with label >= 0, and d loss / d z."""
+    keep = labels >= 0
+    count = max(1, int(keep.sum()))
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    rows = np.nonzero(keep)[0]
+    loss = -logp[rows, labels[rows]].sum() / count
+    dz = np.exp(logp)
+    dz[rows, labels[rows]] -= 1.0
+    dz[~keep] = 0.0
+    return loss, dz / count
+
+
+def loss(cfg: ModelConfig, params, batch, dtype=np.float64) -> float:
+    p, _, hidden = _forward(cfg, params, batch, dtype)
+    idx, labels = _class_points(cfg, batch)
+    value, _ = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    return float(value)
+
+
+def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
+                   ) -> Tuple[float, Dict[str, np.ndarray]]:
+    """Loss and the gradient of every canonical parameter (same names and shapes)."""
+    p, state, hidden = _forward(cfg, params, batch, dtype)
+    g = {k: np.zeros_like(v) for k, v in p.items()}
+    idx, labels = _class_points(cfg, batch)
+    value, dz = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    g["W_o"] = hidden[idx].T @ dz
+    g["b_o"] = dz.sum(axis=0)
+    dh = np.zeros_like(hidden)
+    np.add.at(dh, idx, dz @ p["W_o"].T)
+    if cfg.family == "rnn":
+        _rnn_backward(cfg, p, batch, state, dh, g)
+    else:
+        _tree_backward(cfg, p, batch, state, dh, g)
+    return float(value), g
+
+
+def _rnn_backward(cfg, p, batch, steps, dh, g):
+    H = cfg.hidden
+    dc = np.zeros_like(dh)
+    for t in reversed(range(len(steps))):
+        if cfg.model == "elman":
+            x, live, h_prev, h_new = steps[t]
+            dz = np.where(live, dh, 0.0) * (1.0 - h_new ** 2)
+            dh = np.where(live, 0.0, dh)        # a padded step passes dh through
+        else:
+            x, live, h_prev, c_prev, si, sf, tg, so, c_new = steps[t]
+            dh_new, dc_new = np.where(live, dh, 0.0), np.where(live, dc, 0.0)
+            tc = np.tanh(c_new)
+            dc_total = dc_new + dh_new * so * (1.0 - tc ** 2)
+            dz = np.concatenate([
+                dc_total * tg * si * (1.0 - si),      # i
+                dc_total * c_prev * sf * (1.0 - sf),  # f
+                dc_total * si * (1.0 - tg ** 2),      # g
+                dh_new * tc * so * (1.0 - so),        # o
+            ], axis=1)
+            dc = np.where(live, dc_total * sf, dc)
+            dh = np.where(live, 0.0, dh)
+        g["W_x"] += x.T @ dz
+        g["W_h"] += h_prev.T @ dz
+        g["b"] += dz.sum(axis=0)
+        np.add.at(g["E"], batch.tokens[:, t], dz @ p["W_x"].T)
+        dh = dh + dz @ p["W_h"].T
+    del H
+
+
+def _tree_backward(cfg, p, batch, state, dh, g):
+    h, c, cache = state
+    H = cfg.hidden
+    dc = np.zeros_like(dh)
+    for n in reversed(range(batch.num_nodes)):  # parents before children
+        leaf = batch.left[n] < 0
+        if cfg.model == "rvnn":
+            dz = dh[n] * (1.0 - h[n] ** 2)
+        else:
+            tc = np.tanh(c[n])
+            if leaf:
+                si, so, tu = cache[n]
+            else:
+                si, sfl, sfr, so, tu = cache[n]
+            dct = dc[n] + dh[n] * so * (1.0 - tc ** 2)
+            dzi = dct * tu * si * (1.0 - si)
+            dzo = dh[n] * tc * so * (1.0 - so)
+            dzu = dct * si * (1.0 - tu ** 2)
+            if leaf:
+                dz = np.concatenate([dzi, dzo, dzu])
+            else:
+                l, r = batch.left[n], batch.right[n]
+                dzfl = dct * c[l] * sfl * (1.0 - sfl)
+                dzfr = dct * c[r] * sfr * (1.0 - sfr)
+                dc[l] += dct * sfl
+                dc[r] += dct * sfr
+                dz = np.concatenate([dzi, dzfl, dzfr, dzo, dzu])
+        if leaf:
+            x = p["E"][batch.token[n]]
+            g["W_leaf"] += np.outer(x, dz)
+            g["b_leaf"] += dz
+            g["E"][batch.token[n]] += p["W_leaf"] @ dz
+        else:
+            l, r = batch.left[n], batch.right[n]
+            W, b = ("W", "b") if cfg.model == "rvnn" else ("U", "b_U")
+            g[W] += np.outer(np.concatenate([h[l], h[r]]), dz)
+            g[b] += dz
+            dhlr = p[W] @ dz
+            dh[l] += dhlr[:H]
+            dh[r] += dhlr[H:]
+
+
+def sgd_step(params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray], lr: float
+             ) -> Dict[str, np.ndarray]:
+    """Plain SGD: p - lr * g, in the parameters' dtype."""
+    return {k: (params[k] - lr * grads[k]).astype(params[k].dtype) for k in params}
+
+
+def elman_as_rvnn(params: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], int]:
+    """Map Elman weights to RvNN weights for a left-branching tree.
+
+    With a start leaf (all-zero embedding) in front of the tokens, internal
+    node t of the left-branching tree computes
+    ``tanh([h_{t-1}; leaf_t] W + b)``. Choosing ``W = [W_h; I]``,
+    ``W_leaf = I``, ``b_leaf = 0`` and leaf embeddings
+    ``arctanh(E W_x)`` makes ``leaf_t = x_t W_x``, so node t equals the Elman
+    state ``h_t``. Needs ``D' = H`` and every entry of ``E W_x`` inside (-1, 1),
+    which holds for the canonical init. Returns (params, start token id); the
+    start token is appended as the last vocabulary row.
+    """
+    E, W_x, W_h = params["E"], params["W_x"], params["W_h"]
+    H = W_h.shape[0]
+    proj = E.astype(np.float64) @ W_x
+    if np.abs(proj).max() >= 1.0:
+        raise ValueError("E @ W_x leaves (-1, 1): no exact RvNN mapping through tanh")
+    E_tree = np.vstack([np.arctanh(proj), np.zeros((1, H))])
+    eye = np.eye(H)
+    mapped = {
+        "E": E_tree,
+        "W_leaf": eye,
+        "b_leaf": np.zeros(H),
+        "W": np.vstack([W_h, eye]),
+        "b": params["b"],
+        "W_o": params["W_o"],
+        "b_o": params["b_o"],
+    }
+    return {k: np.asarray(v, np.float64) for k, v in mapped.items()}, E.shape[0]

@@ -1,0 +1,79 @@
+"""The one registry: (framework, model, strategy) -> implementation class.
+
+Explicit, greppable, lazily imported. Importing ``bench`` never imports a
+framework; a framework that is missing or broken only disables its own entries.
+To add a framework: add an ``impls/<name>_impl/`` package with ``rnn.py``
+(class ``RNN``) and ``rvnn.py`` (class ``RvNN``), and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .interface import STRATEGIES, Implementation
+from .params import MODELS, family
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str        # name on the command line and in records
+    package: str     # impls sub-package
+    probe: str       # module whose import proves the framework is installed
+    env: Tuple[Tuple[str, str], ...] = ()  # environment set before the cell's process starts
+
+
+FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
+    Framework("numpy", "impls.numpy_impl", "numpy"),
+    Framework("torch", "impls.torch_impl", "torch"),
+    Framework("jax", "impls.jax_impl", "jax"),
+    Framework("tensorflow", "impls.tf_impl", "tensorflow",
+              env=(("TF_CPP_MIN_LOG_LEVEL", "2"),)),
+])
+
+
+def entries(frameworks=None, models=None, strategies=None) -> List[Tuple[str, str, str]]:
+    """Every registered (framework, model, strategy), optionally filtered."""
+    out = []
+    for fw in frameworks or FRAMEWORKS:
+        if fw not in FRAMEWORKS:
+            raise ValueError("unknown framework %r (known: %s)" % (fw, ", ".join(FRAMEWORKS)))
+        for model in models or MODELS:
+            for strategy in STRATEGIES[family(model)]:
+                if strategies is None or strategy in strategies:
+                    out.append((fw, model, strategy))
+    return out
+
+
+def not_applicable(framework: str, model: str, strategy: str) -> Optional[str]:
+    """The static reason a framework cannot express a cell, from its package's NOT_APPLICABLE."""
+    pkg = importlib.import_module(FRAMEWORKS[framework].package)
+    table: Dict = getattr(pkg, "NOT_APPLICABLE", {})
+    return table.get((model, strategy)) or table.get(("*", strategy)) or table.get((model, "*"))
+
+
+def probe(framework: str) -> Tuple[bool, str]:
+    """(True, version) if the framework imports here, else (False, why not)."""
+    fw = FRAMEWORKS[framework]
+    try:
+        mod = importlib.import_module(fw.probe)
+    except Exception as exc:  # a broken install is as unavailable as a missing one
+        return False, "%s does not import: %s" % (fw.probe, _one_line(exc))
+    return True, str(getattr(mod, "__version__", "unknown"))
+
+
+def load(framework: str, model: str) -> type:
+    """The implementation class for a model (its strategies are constructor arguments)."""
+    fw = FRAMEWORKS[framework]
+    module = importlib.import_module("%s.%s" % (fw.package, family(model)))
+    cls = getattr(module, "RNN" if family(model) == "rnn" else "RvNN")
+    if not issubclass(cls, Implementation):
+        raise TypeError("%s is not an Implementation" % cls)
+    return cls
+
+
+def _one_line(exc: BaseException) -> str:
+    text = ("%s: %s" % (type(exc).__name__, exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

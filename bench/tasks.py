@@ -1,0 +1,268 @@
+"""Tasks: SST (5- and 2-class), ListOps and synthetic trees.
+
+Every task yields ``Example``s that carry both forms of one input: the token
+sequence (for the RNN family) and a binary tree over exactly those tokens (for
+the RvNN family), so both families see the same data.
+
+Task names used on the command line and in records:
+
+* ``sst`` -- SST fine-grained, 5 classes; ``sst2`` -- binary, neutral roots dropped.
+* ``listops`` -- the seeded ListOps generator (defaults below).
+* ``synth-SHAPE-N`` -- synthetic trees with N leaves of shape balanced, left,
+  right or random, e.g. ``synth-balanced-64``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .trees import Tree, build_tree, read_trees
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SST_DIR = os.path.join(DATA_DIR, "sst")
+UNK = "<unk>"
+
+
+class Vocab:
+    """Token <-> id. Id 0 is the unknown token, which also pads sequences."""
+
+    def __init__(self, tokens: Sequence[str]):
+        self.itos = [UNK] + [t for t in tokens if t != UNK]
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+
+    @classmethod
+    def from_examples(cls, token_lists, min_count: int = 1) -> "Vocab":
+        counts = Counter(tok for toks in token_lists for tok in toks)
+        # Sorted by count, then text: the same vocabulary on every machine.
+        ordered = sorted((t for t, c in counts.items() if c >= min_count),
+                         key=lambda t: (-counts[t], t))
+        return cls(ordered)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, token: str) -> int:
+        return self.stoi.get(token, 0)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input: token ids in order, a binary tree over the same ids, a label."""
+
+    tokens: Tuple[int, ...]
+    tree: Tree
+    label: int
+
+
+@dataclass
+class Dataset:
+    name: str
+    num_classes: int
+    vocab: Vocab
+    splits: Dict[str, List[Example]] = field(default_factory=dict)
+
+    @property
+    def train(self) -> List[Example]:
+        return self.splits["train"]
+
+
+def _examples_from_trees(trees: List[Tree], vocab: Vocab) -> List[Example]:
+    out = []
+    for tree in trees:
+        encoded = tree.map_tokens(vocab.encode)
+        out.append(Example(tuple(encoded.tokens()), encoded, encoded.label))
+    return out
+
+
+def _binary_label(label: int) -> int:
+    # SST-2: 0,1 negative; 3,4 positive; neutral phrases carry no label.
+    return -1 if label == 2 else int(label > 2)
+
+
+def load_sst(num_classes: int = 5, data_dir: str = SST_DIR) -> Dataset:
+    """SST from the PTB files shipped in the package.
+
+    5 classes keep every sentence (8544/1101/2210). 2 classes drop neutral
+    roots (6920/872/1821) and mark neutral phrases as unlabelled (-1).
+    """
+    if num_classes not in (2, 5):
+        raise ValueError("SST has 5 or 2 classes, not %r" % num_classes)
+    raw = {}
+    for split in ("train", "dev", "test"):
+        trees = read_trees(os.path.join(data_dir, split + ".txt"), source="sst/%s.txt" % split)
+        if num_classes == 2:
+            trees = [t.map_labels(_binary_label) for t in trees if t.label != 2]
+        raw[split] = trees
+    vocab = Vocab.from_examples(t.tokens() for t in raw["train"])
+    name = "sst" if num_classes == 5 else "sst2"
+    return Dataset(name, num_classes, vocab,
+                   {s: _examples_from_trees(ts, vocab) for s, ts in raw.items()})
+
+
+# --- ListOps -------------------------------------------------------------------
+
+LISTOPS_OPS = ("MIN", "MAX", "MED", "SM")
+
+
+def listops_eval(expr) -> int:
+    """Value of an expression: an int digit, or (op, [args])."""
+    if isinstance(expr, int):
+        return expr
+    op, args = expr
+    values = [listops_eval(a) for a in args]
+    if op == "MIN":
+        return min(values)
+    if op == "MAX":
+        return max(values)
+    if op == "MED":
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[mid]
+        return (ordered[mid - 1] + ordered[mid]) // 2
+    if op == "SM":
+        return sum(values) % 10
+    raise ValueError("unknown ListOps operator %r" % (op,))
+
+
+def listops_tokens(expr) -> List[str]:
+    """Sequence form: ``[MAX 2 9 ]`` with brackets as tokens."""
+    out: List[str] = []
+    stack = [expr]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, int):
+            out.append(str(item))
+        else:
+            op, args = item
+            out.append("[" + op)
+            stack.append("]")
+            stack.extend(reversed(args))
+    return out
+
+
+def listops_tree(expr) -> Tree:
+    """Binarized tree form over exactly the sequence tokens.
+
+    ``[OP a b c ]`` becomes ((((`[OP` a) b) c) `]`): the list is consumed left
+    to right, and the node that closes it carries the list's value as its
+    label; the other internal nodes carry none (-1).
+    """
+    if isinstance(expr, int):
+        return Tree(expr, token=str(expr))
+    op, args = expr
+    node = Tree(-1, token="[" + op)
+    for arg in args:
+        node = Tree(-1, left=node, right=listops_tree(arg))
+    return Tree(listops_eval(expr), left=node, right=Tree(-1, token="]"))
+
+
+def generate_listops(rng: np.random.Generator, max_depth: int = 20, p_op: float = 0.25,
+                     min_args: int = 2, max_args: int = 5):
+    """One expression, Nangia & Bowman (2018) style.
+
+    Below ``max_depth`` a node is an operator with probability ``p_op``, else a
+    digit 0-9; operators take ``min_args``..``max_args`` arguments uniformly.
+    The root (depth 1) is always an operator: a bare digit is not a list
+    operation, and a unique-trees dataset could hold only ten of them.
+    """
+
+    def node(depth):
+        is_op = depth == 1 or (depth < max_depth and rng.random() < p_op)
+        if not is_op:
+            return int(rng.integers(0, 10))
+        op = LISTOPS_OPS[int(rng.integers(0, len(LISTOPS_OPS)))]
+        n_args = int(rng.integers(min_args, max_args + 1))
+        return (op, [node(depth + 1) for _ in range(n_args)])
+
+    return node(1)
+
+
+def expr_depth(expr) -> int:
+    if isinstance(expr, int):
+        return 1
+    return 1 + max(expr_depth(a) for a in expr[1])
+
+
+def load_listops(n_train: int = 2000, n_dev: int = 200, n_test: int = 200, seed: int = 0,
+                 max_length: Optional[int] = 100, max_depth: int = 20) -> Dataset:
+    """Unique ListOps expressions, split train/dev/test, labels 0-9.
+
+    ``max_length`` drops expressions with more tokens (None keeps all).
+    """
+    rng = np.random.default_rng(seed)
+    seen = set()
+    exprs = []
+    total = n_train + n_dev + n_test
+    attempts = 0
+    while len(exprs) < total:
+        attempts += 1
+        if attempts > 100 * total + 1000:
+            raise RuntimeError("ListOps: could not draw %d unique expressions" % total)
+        expr = generate_listops(rng, max_depth=max_depth)
+        toks = listops_tokens(expr)
+        if max_length is not None and len(toks) > max_length:
+            continue
+        key = " ".join(toks)
+        if key in seen:
+            continue
+        seen.add(key)
+        exprs.append(expr)
+    vocab = Vocab(["[" + op for op in LISTOPS_OPS] + ["]"] + [str(d) for d in range(10)])
+    examples = _examples_from_trees([listops_tree(e) for e in exprs], vocab)
+    splits = {"train": examples[:n_train], "dev": examples[n_train:n_train + n_dev],
+              "test": examples[n_train + n_dev:]}
+    return Dataset("listops", 10, vocab, splits)
+
+
+# --- synthetic -----------------------------------------------------------------
+
+SHAPES = ("balanced", "left", "right", "random")
+
+
+def load_synthetic(shape: str, n_leaves: int, n_examples: int = 200, vocab_size: int = 1000,
+                   num_classes: int = 5, seed: int = 0) -> Dataset:
+    """Trees of one shape and size with random tokens and root labels.
+
+    For scaling curves only: labels are noise, so accuracy means nothing here.
+    """
+    if shape not in SHAPES:
+        raise ValueError("unknown shape %r (one of %s)" % (shape, ", ".join(SHAPES)))
+    if n_leaves < 1:
+        raise ValueError("a tree needs at least one leaf")
+    rng = np.random.default_rng(seed)
+    vocab = Vocab(["w%d" % i for i in range(1, vocab_size)])
+    examples = []
+    for _ in range(n_examples):
+        ids = [int(t) for t in rng.integers(1, vocab_size, size=n_leaves)]
+        tree = build_tree(shape, ids, rng=rng)
+        label = int(rng.integers(0, num_classes))
+        tree = Tree(label, token=tree.token) if tree.is_leaf else Tree(
+            label, left=tree.left, right=tree.right)
+        examples.append(Example(tuple(ids), tree, label))
+    return Dataset("synth-%s-%d" % (shape, n_leaves), num_classes, vocab,
+                   {"train": examples, "dev": examples[: max(1, n_examples // 10)],
+                    "test": examples[: max(1, n_examples // 10)]})
+
+
+def load_task(name: str, seed: int = 0) -> Dataset:
+    """A dataset by its task name (see the module docstring)."""
+    if name == "sst":
+        return load_sst(5)
+    if name == "sst2":
+        return load_sst(2)
+    if name == "listops":
+        return load_listops(seed=seed)
+    if name.startswith("synth-"):
+        parts = name.split("-")
+        if len(parts) == 3 and parts[1] in SHAPES and parts[2].isdigit():
+            return load_synthetic(parts[1], int(parts[2]), seed=seed)
+    raise ValueError("unknown task %r: use sst, sst2, listops or synth-SHAPE-N "
+                     "(SHAPE in %s)" % (name, ", ".join(SHAPES)))

@@ -1,0 +1,288 @@
+"""Binary trees and a parser for PTB-style bracketed strings.
+
+A tree line looks like ``(3 (2 The) (4 (2 film) (4 rocks)))``: every node is
+``(LABEL CHILD...)`` and a leaf is ``(LABEL token)``. Tokens are split on the
+ASCII space only (SST has tokens with a no-break space inside them).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+
+class ParseError(ValueError):
+    """A malformed bracketed tree, with the place it went wrong."""
+
+    def __init__(self, source: str, line: int, column: int, expected: str, found: str):
+        self.source = source
+        self.line = line
+        self.column = column
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            "%s:%d:%d: expected %s, found %s" % (source, line, column, expected, found)
+        )
+
+
+class Tree:
+    """An immutable binary tree node.
+
+    A leaf has a ``token`` (a string, or an int id once encoded) and no
+    children; an internal node has exactly two children. ``label`` is an int
+    class, or -1 where the node carries no label.
+    """
+
+    __slots__ = ("label", "token", "left", "right", "_size", "_height")
+
+    def __init__(self, label: int, token=None, left: "Optional[Tree]" = None,
+                 right: "Optional[Tree]" = None):
+        if (left is None) != (right is None):
+            raise ValueError("a node has either two children or none")
+        if left is None and token is None:
+            raise ValueError("a leaf needs a token")
+        if left is not None and token is not None:
+            raise ValueError("an internal node has no token")
+        object.__setattr__(self, "label", int(label))
+        object.__setattr__(self, "token", token)
+        object.__setattr__(self, "left", left)
+        object.__setattr__(self, "right", right)
+        if left is None:
+            size, height = 1, 0
+        else:
+            size = 1 + left._size + right._size
+            height = 1 + max(left._height, right._height)
+        object.__setattr__(self, "_size", size)
+        object.__setattr__(self, "_height", height)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Tree is immutable")
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.left is None
+
+    @property
+    def size(self) -> int:
+        """Number of nodes."""
+        return self._size
+
+    @property
+    def height(self) -> int:
+        """0 for a leaf, else 1 + the taller child's height."""
+        return self._height
+
+    def leaves(self) -> List["Tree"]:
+        out = []
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            if node.is_leaf:
+                out.append(node)
+            else:
+                stack.append(node.right)
+                stack.append(node.left)
+        return out
+
+    def tokens(self) -> list:
+        return [leaf.token for leaf in self.leaves()]
+
+    def postorder(self) -> Iterator["Tree"]:
+        """Children before parents, left before right (no recursion: deep chains are fine)."""
+        stack = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node.is_leaf or expanded:
+                yield node
+            else:
+                stack.append((node, True))
+                stack.append((node.right, False))
+                stack.append((node.left, False))
+
+    def map_tokens(self, fn) -> "Tree":
+        """A copy with every leaf token replaced by ``fn(token)``."""
+        built = {}
+        for node in self.postorder():
+            if node.is_leaf:
+                built[id(node)] = Tree(node.label, token=fn(node.token))
+            else:
+                built[id(node)] = Tree(node.label, left=built[id(node.left)],
+                                       right=built[id(node.right)])
+        return built[id(self)]
+
+    def map_labels(self, fn) -> "Tree":
+        """A copy with every label replaced by ``fn(label)``."""
+        built = {}
+        for node in self.postorder():
+            if node.is_leaf:
+                built[id(node)] = Tree(fn(node.label), token=node.token)
+            else:
+                built[id(node)] = Tree(fn(node.label), left=built[id(node.left)],
+                                       right=built[id(node.right)])
+        return built[id(self)]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tree) and self.to_string() == other.to_string()
+
+    def __hash__(self) -> int:
+        return hash(self.to_string())
+
+    def to_string(self) -> str:
+        parts = {}
+        for node in self.postorder():
+            if node.is_leaf:
+                parts[id(node)] = "(%d %s)" % (node.label, node.token)
+            else:
+                parts[id(node)] = "(%d %s %s)" % (
+                    node.label, parts.pop(id(node.left)), parts.pop(id(node.right)))
+        return parts[id(self)]
+
+    def __repr__(self) -> str:
+        text = self.to_string()
+        return "Tree(%s)" % (text if len(text) < 80 else text[:77] + "...")
+
+
+def _lex(text: str) -> Iterator[Tuple[str, int]]:
+    """Tokens of a bracketed string with their 1-based column: '(' ')' or a word."""
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == " ":
+            i += 1
+        elif ch in "()":
+            yield ch, i + 1
+            i += 1
+        else:
+            start = i
+            while i < n and text[i] not in " ()":
+                i += 1
+            yield text[start:i], start + 1
+
+
+def parse_tree(text: str, source: str = "<string>", line: int = 1) -> Tree:
+    """Parse one bracketed binary tree. Raises ParseError on malformed input."""
+    text = text.rstrip("\r\n")
+    tokens = list(_lex(text))
+    end_col = len(text) + 1
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else ("end of line", end_col)
+
+    def fail(expected):
+        tok, col = peek()
+        found = tok if tok == "end of line" else repr(tok)
+        raise ParseError(source, line, col, expected, found)
+
+    def expect(what):
+        nonlocal pos
+        tok, _ = peek()
+        if tok != what:
+            fail(repr(what))
+        pos += 1
+
+    def read_label() -> int:
+        nonlocal pos
+        tok, _ = peek()
+        if tok in ("(", ")", "end of line"):
+            fail("a node label")
+        try:
+            value = int(tok)
+        except ValueError:
+            fail("an integer node label")
+        pos += 1
+        return value
+
+    # Iterative parse: an explicit stack of open nodes, so 1000-deep chains parse.
+    expect("(")
+    stack: List[Tuple[int, list]] = [(read_label(), [])]
+    result = None
+    while stack:
+        tok, _ = peek()
+        label, children = stack[-1]
+        if tok == "(":
+            if children and isinstance(children[0], str):
+                fail("')' (a leaf holds one token)")
+            if len(children) == 2:
+                fail("')' (a binary node has two children)")
+            pos += 1
+            stack.append((read_label(), []))
+        elif tok == ")":
+            if not children:
+                fail("a token or '('")
+            if len(children) == 1 and isinstance(children[0], Tree):
+                fail("'(' (a binary node has two children)")
+            pos += 1
+            stack.pop()
+            if isinstance(children[0], str):
+                node = Tree(label, token=children[0])
+            else:
+                node = Tree(label, left=children[0], right=children[1])
+            if stack:
+                stack[-1][1].append(node)
+            else:
+                result = node
+        elif tok == "end of line":
+            fail("')'")
+        else:
+            if children:
+                fail("'(' or ')'" if isinstance(children[0], Tree) and len(children) < 2 else "')'")
+            pos += 1
+            children.append(tok)
+    if pos != len(tokens):
+        fail("end of line")
+    return result
+
+
+def read_trees(path, source: Optional[str] = None) -> List[Tree]:
+    """One tree per non-empty line of a UTF-8 file."""
+    source = source or str(path)
+    out = []
+    with open(path, "r", encoding="utf-8", newline="\n") as fh:
+        for lineno, text in enumerate(fh, start=1):
+            if text.strip(" \r\n"):
+                out.append(parse_tree(text, source=source, line=lineno))
+    return out
+
+
+def build_tree(shape: str, tokens: Sequence, rng=None) -> Tree:
+    """A tree over ``tokens`` (in order) of a given shape.
+
+    shape: ``balanced`` (halves split at the middle), ``left`` (left-branching:
+    ((a b) c) d ...), ``right`` (right-branching) or ``random`` (split point
+    drawn uniformly at every node from ``rng``). Labels are -1.
+    """
+    if not tokens:
+        raise ValueError("a tree needs at least one token")
+    if shape == "left":
+        node = Tree(-1, token=tokens[0])
+        for tok in tokens[1:]:
+            node = Tree(-1, left=node, right=Tree(-1, token=tok))
+        return node
+    if shape == "right":
+        node = Tree(-1, token=tokens[-1])
+        for tok in reversed(tokens[:-1]):
+            node = Tree(-1, left=Tree(-1, token=tok), right=node)
+        return node
+    if shape not in ("balanced", "random"):
+        raise ValueError("unknown tree shape %r (balanced, left, right, random)" % shape)
+    if shape == "random" and rng is None:
+        raise ValueError("shape 'random' needs an rng")
+
+    # Iterative divide and conquer over spans [lo, hi).
+    built = {}
+    stack = [(0, len(tokens), False)]
+    while stack:
+        lo, hi, expanded = stack.pop()
+        if hi - lo == 1:
+            built[(lo, hi)] = Tree(-1, token=tokens[lo])
+            continue
+        if not expanded:
+            mid = (lo + hi + 1) // 2 if shape == "balanced" else int(rng.integers(lo + 1, hi))
+            built[("split", lo, hi)] = mid
+            stack.append((lo, hi, True))
+            stack.append((mid, hi, False))
+            stack.append((lo, mid, False))
+        else:
+            mid = built.pop(("split", lo, hi))
+            built[(lo, hi)] = Tree(-1, left=built.pop((lo, mid)), right=built.pop((mid, hi)))
+    return built[(0, len(tokens))]

@@ -1,0 +1,1 @@
+"""One sub-package per framework; see bench/registry.py for the list."""

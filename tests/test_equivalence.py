@@ -1,0 +1,209 @@
+"""Every registered implementation computes the reference's function.
+
+Parametrised over the registry: a framework that does not import here is
+skipped with its reason, unless BENCH_REQUIRE_FRAMEWORKS names it (the nox
+sessions do), in which case its absence fails the run.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from bench import reference, registry, verify
+from bench.batches import make_seq_batch, make_tree_batch
+from bench.interface import NotApplicable, Unavailable
+from bench.params import ModelConfig, init_params
+from bench.tasks import Example, load_listops, load_sst
+from bench.trees import Tree, build_tree
+
+TOL = verify.TOLERANCE
+REQUIRED = [f for f in os.environ.get("BENCH_REQUIRE_FRAMEWORKS", "").split(",") if f]
+ENTRIES = registry.entries()
+
+
+def _make(fw, model, strategy, cfg):
+    ok, why = registry.probe(fw)
+    if not ok:
+        if fw in REQUIRED:
+            pytest.fail("required framework %s is unavailable: %s" % (fw, why))
+        pytest.skip(why)
+    static = registry.not_applicable(fw, model, strategy)
+    if static:
+        pytest.skip("not applicable: " + static)
+    try:
+        return registry.load(fw, model)(cfg, strategy, device="cpu", threads=2)
+    except NotApplicable as exc:
+        pytest.skip("not applicable: %s" % exc)
+    except Unavailable as exc:
+        pytest.skip("unavailable: %s" % exc)
+
+
+def _batch(cfg, examples):
+    return make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+
+
+@pytest.fixture(scope="module")
+def listops():
+    return load_listops(40, 4, 4, seed=3, max_length=40)
+
+
+@pytest.fixture(scope="module")
+def sst():
+    return load_sst(5)
+
+
+def _modes(model):
+    return ("root", "all") if model in ("rvnn", "treelstm") else ("root",)
+
+
+def _can_train(impl, ready):
+    try:
+        impl.train_step(ready)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# -- tiny model: gradients against central finite differences of the float64 reference --
+
+_FD_CACHE = {}
+
+
+def _finite_difference_grads(cfg, params, batch, eps=1e-6):
+    key = (cfg, id(batch))
+    if key in _FD_CACHE:
+        return _FD_CACHE[key]
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    grads = {}
+    for name, value in p64.items():
+        g = np.zeros_like(value)
+        flat, gflat = value.reshape(-1), g.reshape(-1)
+        for i in range(flat.size):
+            old = flat[i]
+            flat[i] = old + eps
+            up = reference.loss(cfg, p64, batch)
+            flat[i] = old - eps
+            down = reference.loss(cfg, p64, batch)
+            flat[i] = old
+            gflat[i] = (up - down) / (2 * eps)
+        grads[name] = g
+    _FD_CACHE[key] = grads
+    return grads
+
+
+_TINY_BATCHES = {}
+
+
+@pytest.mark.parametrize("fw,model,strategy", ENTRIES)
+def test_tiny_model_against_finite_differences(fw, model, strategy, listops):
+    for mode in _modes(model):
+        cfg = ModelConfig(model, vocab_size=len(listops.vocab), embed_dim=4, hidden=3,
+                          num_classes=10, loss_mode=mode)
+        impl = _make(fw, model, strategy, cfg)
+        params = init_params(cfg, seed=1, embed_std=0.5)
+        batch = _TINY_BATCHES.setdefault(cfg.family, _batch(cfg, listops.train[:3]))
+        impl.load_params(params)
+        ready = impl.prepare(batch)
+        got_logits = impl.to_numpy(impl.logits(ready))
+        assert verify.max_abs(got_logits, reference.logits(cfg, params, batch)) <= TOL["logits_abs"]
+        fd = _finite_difference_grads(cfg, params, batch)
+        try:
+            loss, grads = impl.loss_and_grads(ready)
+        except NotImplementedError:
+            pytest.skip("inference-only implementation")
+        assert abs(loss - reference.loss(cfg, params, batch)) <= TOL["loss_abs"]
+        errs = verify.grad_errors(grads, fd)
+        assert max(errs.values()) <= TOL["grad_rel"], (mode, errs)
+
+
+# -- realistic size: SST, hidden 150 --
+
+@pytest.mark.parametrize("fw,model,strategy", ENTRIES)
+def test_sst_logits_loss_grads_and_sgd_step(fw, model, strategy, sst):
+    for mode in _modes(model):
+        cfg = ModelConfig(model, vocab_size=len(sst.vocab), embed_dim=100, hidden=150,
+                          num_classes=5, loss_mode=mode, optimizer="sgd", lr=0.5)
+        impl = _make(fw, model, strategy, cfg)
+        params = init_params(cfg, seed=7)
+        batch = _batch(cfg, sst.train[:25])
+        impl.load_params(params)
+        result = verify.check(impl, cfg, params, batch)
+        assert result["ok"], result
+        # one SGD step lands where the reference update does
+        ready = impl.prepare(batch)
+        if not _can_train(impl, ready):
+            continue
+        _, ref_grads = reference.loss_and_grads(cfg, params, batch)
+        want = reference.sgd_step({k: v.astype(np.float64) for k, v in params.items()},
+                                  ref_grads, cfg.lr)
+        got = impl.export_params()
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == np.float32 and got[name].shape == want[name].shape
+            assert verify.max_abs(got[name], want[name]) <= TOL["param_abs"], name
+        # and the step changed something (a no-op optimiser would pass the check above only by luck)
+        assert max(verify.max_abs(got[k], params[k]) for k in params) > 10 * TOL["param_abs"]
+
+
+def test_export_roundtrip_is_exact():
+    """load -> export gives back the same float32 arrays, for every available implementation."""
+    checked = 0
+    for fw, model, strategy in ENTRIES:
+        if not registry.probe(fw)[0] or registry.not_applicable(fw, model, strategy):
+            continue
+        cfg = ModelConfig(model, vocab_size=30, embed_dim=6, hidden=5, num_classes=3)
+        try:
+            impl = registry.load(fw, model)(cfg, strategy, device="cpu", threads=1)
+        except (NotApplicable, Unavailable):
+            continue
+        params = init_params(cfg, seed=2)
+        impl.load_params(params)
+        out = impl.export_params()
+        assert list(sorted(out)) == list(sorted(params))
+        for k in params:
+            np.testing.assert_array_equal(out[k], params[k])
+        checked += 1
+    assert checked >= 2  # at least numpy's two families
+
+
+# -- padding invariance and degenerate inputs --
+
+def _ex(tree, label=1):
+    return Example(tuple(tree.tokens()), tree, label)
+
+
+def _chain(n, rng):
+    return build_tree("left", [int(t) for t in rng.integers(1, 20, size=n)])
+
+
+@pytest.mark.parametrize("fw,model,strategy", ENTRIES)
+def test_padding_does_not_change_results(fw, model, strategy):
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=8, hidden=6, num_classes=3)
+    impl = _make(fw, model, strategy, cfg)
+    params = init_params(cfg, seed=4)
+    impl.load_params(params)
+    rng = np.random.default_rng(0)
+    short = _ex(build_tree("random", [3, 5, 7], rng=rng))
+    longer = [_ex(build_tree("random", [int(t) for t in rng.integers(1, 20, size=n)], rng=rng))
+              for n in (9, 17, 4)]
+    alone = impl.to_numpy(impl.logits(impl.prepare(_batch(cfg, [short]))))
+    mixed = impl.to_numpy(impl.logits(impl.prepare(_batch(cfg, longer[:2] + [short] + longer[2:]))))
+    assert verify.max_abs(alone[0], mixed[2]) <= 1e-5
+
+
+@pytest.mark.parametrize("fw,model,strategy", ENTRIES)
+def test_degenerate_inputs(fw, model, strategy):
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=8, hidden=6, num_classes=3)
+    impl = _make(fw, model, strategy, cfg)
+    params = init_params(cfg, seed=5)
+    impl.load_params(params)
+    rng = np.random.default_rng(1)
+    one_leaf = _ex(Tree(2, token=4), label=2)
+    chain = _ex(_chain(51, rng))       # a left chain of depth 50
+    balanced = _ex(build_tree("balanced", [int(t) for t in rng.integers(1, 20, size=1000)]))
+    for examples in ([one_leaf], [chain], [balanced], [one_leaf, chain, balanced]):
+        batch = _batch(cfg, examples)
+        got = impl.to_numpy(impl.logits(impl.prepare(batch)))
+        assert got.shape == (len(examples), 3)
+        assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= TOL["logits_abs"]
