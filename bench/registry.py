@@ -49,7 +49,10 @@ def entries(frameworks=None, models=None, strategies=None) -> List[Tuple[str, st
 
 def not_applicable(framework: str, model: str, strategy: str) -> Optional[str]:
     """The static reason a framework cannot express a cell, from its package's NOT_APPLICABLE."""
-    pkg = importlib.import_module(FRAMEWORKS[framework].package)
+    try:
+        pkg = importlib.import_module(FRAMEWORKS[framework].package)
+    except ImportError:
+        return None  # the cell itself will fail and record why
     table: Dict = getattr(pkg, "NOT_APPLICABLE", {})
     return table.get((model, strategy)) or table.get(("*", strategy)) or table.get((model, "*"))
 

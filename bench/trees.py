@@ -7,6 +7,8 @@ ASCII space only (SST has tokens with a no-break space inside them).
 
 from __future__ import annotations
 
+import re
+from operator import itemgetter
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 
@@ -24,52 +26,42 @@ class ParseError(ValueError):
         )
 
 
-class Tree:
-    """An immutable binary tree node.
+class Tree(tuple):
+    """An immutable binary tree node (a tuple underneath, for speed: SST has 885k nodes).
 
     A leaf has a ``token`` (a string, or an int id once encoded) and no
     children; an internal node has exactly two children. ``label`` is an int
     class, or -1 where the node carries no label.
     """
 
-    __slots__ = ("label", "token", "left", "right", "_size", "_height")
+    __slots__ = ()
 
-    def __init__(self, label: int, token=None, left: "Optional[Tree]" = None,
-                 right: "Optional[Tree]" = None):
-        if (left is None) != (right is None):
-            raise ValueError("a node has either two children or none")
-        if left is None and token is None:
-            raise ValueError("a leaf needs a token")
-        if left is not None and token is not None:
-            raise ValueError("an internal node has no token")
-        object.__setattr__(self, "label", int(label))
-        object.__setattr__(self, "token", token)
-        object.__setattr__(self, "left", left)
-        object.__setattr__(self, "right", right)
+    def __new__(cls, label: int, token=None, left: "Optional[Tree]" = None,
+                right: "Optional[Tree]" = None):
         if left is None:
-            size, height = 1, 0
-        else:
-            size = 1 + left._size + right._size
-            height = 1 + max(left._height, right._height)
-        object.__setattr__(self, "_size", size)
-        object.__setattr__(self, "_height", height)
+            if right is not None:
+                raise ValueError("a node has either two children or none")
+            if token is None:
+                raise ValueError("a leaf needs a token")
+            return tuple.__new__(cls, (int(label), token, None, None, 1, 0))
+        if right is None:
+            raise ValueError("a node has either two children or none")
+        if token is not None:
+            raise ValueError("an internal node has no token")
+        hl, hr = left[5], right[5]
+        return tuple.__new__(cls, (int(label), None, left, right, 1 + left[4] + right[4],
+                                   1 + (hl if hl > hr else hr)))
 
-    def __setattr__(self, name, value):
-        raise AttributeError("Tree is immutable")
+    label = property(itemgetter(0), doc="int class, -1 where unlabelled")
+    token = property(itemgetter(1), doc="leaf token (None inside)")
+    left = property(itemgetter(2))
+    right = property(itemgetter(3))
+    size = property(itemgetter(4), doc="number of nodes")
+    height = property(itemgetter(5), doc="0 for a leaf, else 1 + the taller child's height")
 
     @property
     def is_leaf(self) -> bool:
         return self.left is None
-
-    @property
-    def size(self) -> int:
-        """Number of nodes."""
-        return self._size
-
-    @property
-    def height(self) -> int:
-        """0 for a leaf, else 1 + the taller child's height."""
-        return self._height
 
     def leaves(self) -> List["Tree"]:
         out = []
@@ -120,8 +112,13 @@ class Tree:
                                        right=built[id(node.right)])
         return built[id(self)]
 
+    # Structural equality through the text form: tuple comparison would recurse
+    # once per level and overflow on 1000-deep chains.
     def __eq__(self, other) -> bool:
         return isinstance(other, Tree) and self.to_string() == other.to_string()
+
+    def __ne__(self, other) -> bool:
+        return not self == other
 
     def __hash__(self) -> int:
         return hash(self.to_string())
@@ -141,27 +138,13 @@ class Tree:
         return "Tree(%s)" % (text if len(text) < 80 else text[:77] + "...")
 
 
-def _lex(text: str) -> Iterator[Tuple[str, int]]:
-    """Tokens of a bracketed string with their 1-based column: '(' ')' or a word."""
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == " ":
-            i += 1
-        elif ch in "()":
-            yield ch, i + 1
-            i += 1
-        else:
-            start = i
-            while i < n and text[i] not in " ()":
-                i += 1
-            yield text[start:i], start + 1
+_TOKEN = re.compile(r"[()]|[^ ()]+")
 
 
 def parse_tree(text: str, source: str = "<string>", line: int = 1) -> Tree:
     """Parse one bracketed binary tree. Raises ParseError on malformed input."""
     text = text.rstrip("\r\n")
-    tokens = list(_lex(text))
+    tokens = [(m.group(), m.start() + 1) for m in _TOKEN.finditer(text)]
     end_col = len(text) + 1
     pos = 0
 

@@ -1,0 +1,203 @@
+"""``python -m bench``: list, run, report, compare (and the internal cell/probe commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from typing import List, Optional
+
+from . import registry
+from .config import PRESETS, CellConfig, preset
+from .interface import STRATEGIES
+from .params import MODELS
+from .tasks import check_task_name
+from .trees import ParseError
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _multi(values) -> Optional[List[str]]:
+    """Accept ``--x a b`` and ``--x a,b``."""
+    if not values:
+        return None
+    out: List[str] = []
+    for v in values:
+        out.extend(_csv(v))
+    return out
+
+
+def cmd_list(args) -> int:
+    """Every registry entry with available / unavailable / not-applicable and why."""
+    probes = {}
+    for fw in registry.FRAMEWORKS:
+        probes[fw] = registry.probe(fw)
+    for fw, model, strategy in registry.entries():
+        ok, detail = probes[fw]
+        if not ok:
+            status = "unavailable: %s" % detail
+        else:
+            static = registry.not_applicable(fw, model, strategy)
+            status = ("not-applicable: %s" % static) if static else "available (%s %s)" % (fw, detail)
+        print("%-12s %-9s %-10s %s" % (fw, model, strategy, status))
+    return 0
+
+
+def _cells(args) -> List[CellConfig]:
+    frameworks = _multi(args.frameworks)
+    if frameworks:
+        unknown = [f for f in frameworks if f not in registry.FRAMEWORKS]
+        if unknown:
+            raise SystemExit("unknown framework(s) %s; known: %s"
+                             % (", ".join(unknown), ", ".join(registry.FRAMEWORKS)))
+    grid = preset(args.preset, frameworks)
+    cells = grid.cells()
+    models, strategies = _multi(args.models), _multi(args.strategies)
+    tasks, batch_sizes = _multi(args.tasks), _multi(args.batch_sizes)
+    for name, values, allowed in (("model", models, MODELS),
+                                  ("strategy", strategies, sum(STRATEGIES.values(), ()))):
+        for v in values or ():
+            if v not in allowed:
+                raise SystemExit("unknown %s %r; known: %s" % (name, v, ", ".join(allowed)))
+    if models:
+        cells = [c for c in cells if c.model in models]
+    if strategies:
+        cells = [c for c in cells if c.strategy in strategies]
+    if tasks or batch_sizes:
+        # Replace the axes rather than filter them, so any task or batch size can be asked for.
+        seen, out = set(), []
+        for c in cells:
+            for t in tasks or [c.task]:
+                for b in batch_sizes or [c.batch_size]:
+                    new = replace(c, task=t, batch_size=int(b))
+                    if new.key() not in seen:
+                        seen.add(new.key())
+                        out.append(new)
+        cells = out
+    overrides = {}
+    if args.device:
+        overrides["device"] = args.device
+    if args.threads:
+        overrides["threads"] = args.threads
+    if args.repeats:
+        overrides["repeats"] = args.repeats
+    if args.timeout:
+        overrides["timeout_s"] = args.timeout
+    if overrides:
+        cells = [replace(c, **overrides) for c in cells]
+    if not cells:
+        raise SystemExit("no cells match the filters")
+    for t in sorted({c.task for c in cells}):
+        try:
+            check_task_name(t)
+        except ValueError as exc:
+            raise SystemExit(str(exc))
+    return cells
+
+
+def cmd_run(args) -> int:
+    from .runner import run
+    cells = _cells(args)
+    if args.dry_run:
+        for c in cells:
+            print(c.label())
+        return 0
+    return run(cells, args.out, resume=args.resume)
+
+
+def cmd_cell(args) -> int:
+    """Internal: run one cell (the runner starts this in a fresh process)."""
+    from .cell import run_cell
+    cfg = CellConfig.from_dict(json.loads(args.config))
+    rec = run_cell(cfg, framework_version=args.framework_version)
+    tmp = args.result + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(rec, fh, allow_nan=True)
+    os.replace(tmp, args.result)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    """Internal: does this framework import here? Prints one JSON line."""
+    ok, detail = registry.probe(args.framework)
+    print(json.dumps({"ok": ok, "detail": detail}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    write_report(args.run_dir, args.out or args.run_dir)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import main as compare_main
+    return compare_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench",
+                                description="RNN vs RvNN benchmarks across frameworks")
+    sub = p.add_subparsers(dest="command")
+
+    s = sub.add_parser("list", help="every (framework, model, strategy) and whether it can run here")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("run", help="run a preset's cells, each in its own process")
+    s.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    s.add_argument("--frameworks", nargs="+", help="e.g. torch jax (default: the preset's)")
+    s.add_argument("--models", nargs="+", help="elman lstm rvnn treelstm")
+    s.add_argument("--strategies", nargs="+", help="loop fused compiled recursive levels")
+    s.add_argument("--tasks", nargs="+", help="sst sst2 listops synth-SHAPE-N")
+    s.add_argument("--batch-sizes", nargs="+")
+    s.add_argument("--device", choices=["cpu", "gpu"])
+    s.add_argument("--threads", type=int)
+    s.add_argument("--repeats", type=int)
+    s.add_argument("--timeout", type=int, help="seconds per cell")
+    s.add_argument("--out", default=os.path.join("results", "latest"))
+    s.add_argument("--resume", action="store_true", help="skip cells already in DIR/records.jsonl")
+    s.add_argument("--dry-run", action="store_true", help="print the cells and stop")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("report", help="report.md, summary.csv and plots from a run directory")
+    s.add_argument("run_dir")
+    s.add_argument("--out")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("compare", help="regression check of NEW against BASE")
+    s.add_argument("base")
+    s.add_argument("new")
+    s.add_argument("--threshold", default="10%")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("cell", help=argparse.SUPPRESS)
+    s.add_argument("--config", required=True)
+    s.add_argument("--result", required=True)
+    s.add_argument("--framework-version")
+    s.set_defaults(fn=cmd_cell)
+
+    s = sub.add_parser("probe", help=argparse.SUPPRESS)
+    s.add_argument("framework", choices=list(registry.FRAMEWORKS))
+    s.set_defaults(fn=cmd_probe)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except ParseError as exc:
+        sys.stderr.write("error: %s\n" % exc)
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished cells are in the records file\n")
+        return 130

@@ -1,0 +1,99 @@
+"""Facts about the machine and process: CPU, GPU, memory, threads, git commit."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, Optional
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+                   "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def thread_env(threads: int) -> Dict[str, str]:
+    """Environment that caps every thread pool we know of, set before a cell's process starts.
+
+    XLA's CPU client has no exact knob for its intra-op pool: eigen
+    multi-threading is switched on or off (one thread) and the count is recorded.
+    """
+    env = {name: str(threads) for name in THREAD_ENV_VARS}
+    env["TF_NUM_INTEROP_THREADS"] = "1"
+    env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=%s" % ("true" if threads > 1 else "false")
+    return env
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> Optional[Dict[str, str]]:
+    """Name, driver and memory of the first NVIDIA GPU, or None."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    name, driver, memory = [s.strip() for s in out.stdout.strip().splitlines()[0].split(",")]
+    return {"name": name, "driver": driver, "memory": memory}
+
+
+def git_commit(path: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> Dict:
+    """What identifies the hardware a record was measured on (compare refuses to mix these)."""
+    gpu = gpu_info()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu["name"] if gpu else None}
+
+
+def describe(frameworks: Dict[str, str], threads: int, root: str) -> Dict:
+    """The env.json of a run."""
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        "machine": machine(),
+        "memory_gib": round(mem, 1) if mem else None,
+        "gpu": gpu_info(),
+        "threads": threads,
+        "thread_env": thread_env(threads),
+        "git_commit": git_commit(root),
+        "frameworks": frameworks,
+    }

@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+
+from bench.batches import (batch_examples, batch_stream, hash_batches, make_seq_batch,
+                           make_tree_batch)
+from bench.tasks import Example, load_listops
+from bench.trees import Tree, build_tree, parse_tree
+
+
+def _ex(text, label=1):
+    tree = parse_tree(text).map_tokens(int)
+    return Example(tuple(tree.tokens()), tree, label)
+
+
+def test_worked_example_from_the_docstring():
+    b = make_tree_batch([_ex("(1 (0 1) (0 2))"), _ex("(1 (0 (0 3) (0 4)) (0 5))")])
+    assert b.token.tolist() == [1, 2, 3, 4, 5, -1, -1, -1]
+    assert b.height.tolist() == [0, 0, 0, 0, 0, 1, 1, 2]
+    assert b.left.tolist() == [-1, -1, -1, -1, -1, 0, 2, 6]
+    assert b.right.tolist() == [-1, -1, -1, -1, -1, 1, 3, 4]
+    assert b.tree.tolist() == [0, 0, 1, 1, 1, 0, 1, 1]
+    assert b.root.tolist() == [5, 7]
+    assert b.level_offsets.tolist() == [0, 5, 7, 8]
+    assert [lv.tolist() for lv in b.levels] == [[0, 1, 2, 3, 4], [5, 6], [7]]
+
+
+@pytest.fixture(scope="module")
+def listops():
+    return load_listops(200, 10, 10, seed=2, max_length=60)
+
+
+def test_tree_batch_invariants(listops):
+    for batch in batch_stream(listops.train, "rvnn", 16, seed=0)[:5]:
+        n = batch.num_nodes
+        assert all(a.dtype == np.int32 for a in (batch.token, batch.left, batch.right, batch.tree,
+                                                 batch.height, batch.label, batch.root))
+        internal = batch.left >= 0
+        # children before parents, and heights consistent
+        idx = np.arange(n)
+        assert (batch.left[internal] < idx[internal]).all()
+        assert (batch.right[internal] < idx[internal]).all()
+        want_h = 1 + np.maximum(batch.height[batch.left[internal]], batch.height[batch.right[internal]])
+        assert (batch.height[internal] == want_h).all()
+        assert (batch.height[~internal] == 0).all() and (batch.token[~internal] >= 0).all()
+        assert (batch.token[internal] == -1).all()
+        # every root is its tree's tallest node, and no node is anyone's child twice
+        for t, r in enumerate(batch.root):
+            assert batch.tree[r] == t and batch.height[r] == batch.height[batch.tree == t].max()
+        kids = np.concatenate([batch.left[internal], batch.right[internal]])
+        assert len(set(kids.tolist())) == kids.size == n - batch.size
+        # heights sorted, levels contiguous
+        assert (np.diff(batch.height) >= 0).all()
+        for h, lv in enumerate(batch.levels):
+            assert (batch.height[lv] == h).all()
+
+
+def test_padded_form_equals_ragged_form(listops):
+    batch = batch_stream(listops.train, "rvnn", 16, seed=1)[0]
+    pad = batch.padded_bucketed()
+    n = batch.num_nodes
+    assert pad.num_nodes >= n and pad.zero == pad.num_nodes and pad.sink == pad.num_nodes + 1
+    leaves = pad.leaf_node[pad.leaf_node != pad.sink]
+    assert leaves.tolist() == np.nonzero(batch.left < 0)[0].tolist()
+    assert (pad.leaf_token[:leaves.size] == batch.token[leaves]).all()
+    assert (pad.leaf_token[leaves.size:] == 0).all()
+    for h in range(1, batch.num_levels):
+        row = pad.level_node[h - 1]
+        real = row[row != pad.sink]
+        assert real.tolist() == batch.levels[h].tolist()
+        assert (pad.level_left[h - 1, :real.size] == batch.left[real]).all()
+        assert (pad.level_right[h - 1, :real.size] == batch.right[real]).all()
+        assert (pad.level_left[h - 1, real.size:] == pad.zero).all()
+    assert (pad.level_node[batch.num_levels - 1:] == pad.sink).all()
+    assert (pad.label[:n] == batch.label).all() and (pad.label[n:] == -1).all()
+    assert (pad.root == batch.root).all() and (pad.root_label == batch.label[batch.root]).all()
+    # buckets are powers of two
+    for size in (pad.num_nodes, pad.leaf_node.size) + pad.level_node.shape:
+        assert size & (size - 1) == 0
+    with pytest.raises(ValueError):
+        batch.padded(num_nodes=n - 1)
+
+
+def test_seq_batch_pads_with_zero_and_keeps_lengths():
+    exs = [Example((4, 5, 6), Tree(1, token=4), 1), Example((7,), Tree(0, token=7), 0)]
+    b = make_seq_batch(exs)
+    assert b.tokens.tolist() == [[4, 5, 6], [7, 0, 0]]
+    assert b.lengths.tolist() == [3, 1] and b.labels.tolist() == [1, 0]
+    assert b.num_tokens == 4
+
+
+def test_batch_stream_is_deterministic_per_seed(listops):
+    a = batch_stream(listops.train, "rnn", 10, seed=3, bucket=True)
+    b = batch_stream(listops.train, "rnn", 10, seed=3, bucket=True)
+    c = batch_stream(listops.train, "rnn", 10, seed=4, bucket=True)
+    assert hash_batches(a) == hash_batches(b) != hash_batches(c)
+    groups = batch_examples(listops.train, 10, seed=3, bucket=True)
+    assert sorted(e.tokens for g in groups for e in g) == sorted(e.tokens for e in listops.train)
+    # bucketing reduces padding compared with plain shuffling
+    plain = batch_stream(listops.train, "rnn", 10, seed=3)
+    pad = lambda bs: sum(x.tokens.size - x.num_tokens for x in bs)  # noqa: E731
+    assert pad(a) < pad(plain)
+
+
+def test_drop_last_and_one_leaf_trees():
+    exs = [Example((i,), Tree(0, token=i), 0) for i in range(1, 8)]
+    assert [len(g) for g in batch_examples(exs, 3, seed=0, drop_last=True)] == [3, 3]
+    b = make_tree_batch(exs[:2])
+    assert b.num_levels == 1 and b.root.tolist() == [0, 1]
+    pad = b.padded_bucketed()
+    assert pad.level_node.shape[0] == 0
+    deep = make_tree_batch([Example(tuple(range(1, 52)), build_tree("left", list(range(1, 52))), 0)])
+    assert deep.num_levels == 51

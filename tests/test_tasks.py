@@ -1,0 +1,115 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from bench.tasks import (LISTOPS_OPS, Vocab, check_task_name, expr_depth, generate_listops,
+                         listops_eval, listops_tokens, listops_tree, load_listops, load_sst,
+                         load_synthetic, load_task)
+
+
+@pytest.fixture(scope="module")
+def sst5():
+    return load_sst(5)
+
+
+def test_sst_split_sizes(sst5):
+    assert {k: len(v) for k, v in sst5.splits.items()} == {"train": 8544, "dev": 1101, "test": 2210}
+    sst2 = load_sst(2)
+    assert {k: len(v) for k, v in sst2.splits.items()} == {"train": 6920, "dev": 872, "test": 1821}
+    assert {e.label for e in sst2.train} == {0, 1}
+    assert sst2.num_classes == 2
+
+
+def test_sst_examples_have_both_forms_of_one_sentence(sst5):
+    ex = sst5.train[0]
+    assert list(ex.tokens) == ex.tree.tokens()
+    assert ex.label == ex.tree.label == 3
+    assert sst5.vocab.itos[ex.tokens[0]] == "The"
+    # vocabulary from train only: dev words unseen in train map to the unknown id 0
+    assert 0 in {t for e in sst5.splits["test"] for t in e.tokens}
+    assert 0 not in {t for e in sst5.train for t in e.tokens}
+    root_labels = Counter(e.label for e in sst5.train)
+    assert [root_labels[i] for i in range(5)] == [1092, 2218, 1624, 2322, 1288]
+
+
+def test_vocab_is_deterministic_and_reserves_unknown():
+    v = Vocab.from_examples([["b", "a", "b"], ["c"]])
+    assert v.itos == ["<unk>", "b", "a", "c"]
+    assert v.encode("zzz") == 0
+
+
+@pytest.mark.parametrize("expr,value", [
+    (("MAX", [2, 9, 1]), 9),
+    (("MIN", [4, 3, ("MAX", [0, 8])]), 3),
+    (("MED", [5, 1, 9]), 5),
+    (("MED", [1, 2, 4, 8]), 3),          # (2 + 4) // 2
+    (("MED", [1, 2]), 1),                # floored
+    (("SM", [7, 8, 9]), 4),              # 24 mod 10
+    (("SM", [("MAX", [9, 1]), ("MIN", [3, 5])]), 2),
+])
+def test_listops_evaluator(expr, value):
+    assert listops_eval(expr) == value
+
+
+def test_listops_sequence_and_tree_forms_agree():
+    expr = ("MAX", [2, ("MIN", [4, 7]), 0])
+    toks = listops_tokens(expr)
+    assert toks == ["[MAX", "2", "[MIN", "4", "7", "]", "0", "]"]
+    tree = listops_tree(expr)
+    assert tree.tokens() == toks
+    assert tree.label == 4
+    labelled = sorted(n.label for n in tree.postorder() if not n.is_leaf and n.label >= 0)
+    assert labelled == [4, 4]  # the two closing nodes: MIN -> 4, MAX -> 4
+
+
+def test_listops_distribution_over_10k_trees():
+    rng = np.random.default_rng(0)
+    ops = digits = 0
+    depths, labels = [], Counter()
+    n_args = Counter()
+    for _ in range(10000):
+        expr = generate_listops(rng)
+        depths.append(expr_depth(expr))
+        labels[listops_eval(expr)] += 1
+        stack = list(expr[1])          # the root is always an operator; count the rest
+        n_args[len(expr[1])] += 1
+        while stack:
+            e = stack.pop()
+            if isinstance(e, int):
+                digits += 1
+            else:
+                ops += 1
+                n_args[len(e[1])] += 1
+                stack.extend(e[1])
+    share = ops / (ops + digits)
+    assert 0.22 < share < 0.28           # p(operator) = 0.25 below the depth cap
+    assert max(depths) <= 20 and max(depths) >= 6
+    assert set(n_args) == {2, 3, 4, 5}
+    assert all(0.2 < n_args[k] / sum(n_args.values()) < 0.3 for k in n_args)
+    assert set(labels) == set(range(10))
+    assert max(labels.values()) / 10000 < 0.4   # no label dominates
+
+
+def test_listops_dataset_is_seeded_unique_and_filtered():
+    a = load_listops(300, 30, 30, seed=5, max_length=40)
+    b = load_listops(300, 30, 30, seed=5, max_length=40)
+    assert [e.tokens for e in a.train] == [e.tokens for e in b.train]
+    every = a.train + a.splits["dev"] + a.splits["test"]
+    assert len({e.tokens for e in every}) == 360
+    assert max(len(e.tokens) for e in every) <= 40
+    c = load_listops(300, 30, 30, seed=6, max_length=40)
+    assert [e.tokens for e in a.train] != [e.tokens for e in c.train]
+    assert all(0 <= e.label <= 9 for e in every)
+
+
+def test_synthetic_and_task_names():
+    ds = load_synthetic("left", 16, n_examples=10, seed=1)
+    assert all(len(e.tokens) == 16 and e.tree.height == 15 for e in ds.train)
+    assert load_task("synth-balanced-8").train[0].tree.height == 3
+    with pytest.raises(ValueError):
+        load_task("synth-zigzag-8")
+    with pytest.raises(ValueError):
+        check_task_name("imdb")
+    check_task_name("synth-random-100")
+    assert set(LISTOPS_OPS) == {"MIN", "MAX", "MED", "SM"}
