@@ -34,7 +34,7 @@ class CellConfig:
     optimizer: str = "adam"       # optimiser for the timed train steps and the accuracy budget
     lr: float = 0.001
     pool_batches: int = 5         # distinct batches, prepared before timing, cycled
-    repeats: int = 5              # timed passes over the pool (median / IQR over these)
+    repeats: int = 7              # timed passes over the pool (median / IQR over these)
     warmup_passes: int = 1        # untimed passes after the first call
     latency_samples: int = 20     # batch-1 inference calls timed one by one
     epochs: float = 0.0           # training budget for accuracy (0: no accuracy measured)

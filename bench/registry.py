@@ -9,11 +9,13 @@ To add a framework: add an ``impls/<name>_impl/`` package with ``rnn.py``
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .interface import STRATEGIES, Implementation
+from .interface import STRATEGIES, Implementation, Unavailable
 from .params import MODELS, family
 
 
@@ -21,16 +23,25 @@ from .params import MODELS, family
 class Framework:
     name: str        # name on the command line and in records
     package: str     # impls sub-package
-    probe: str       # module whose import proves the framework is installed
+    probe: str       # module(s), comma-separated, whose import proves the framework is installed
     env: Tuple[Tuple[str, str], ...] = ()  # environment set before the cell's process starts
 
+
+_QUIET_TF = ("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
     Framework("numpy", "impls.numpy_impl", "numpy"),
     Framework("torch", "impls.torch_impl", "torch"),
     Framework("jax", "impls.jax_impl", "jax"),
-    Framework("tensorflow", "impls.tf_impl", "tensorflow",
-              env=(("TF_CPP_MIN_LOG_LEVEL", "2"),)),
+    Framework("tensorflow", "impls.tf_impl", "tensorflow", env=(_QUIET_TF,)),
+    # One Keras 3 implementation, three backends (chosen before keras is imported).
+    Framework("keras-torch", "impls.keras_impl", "torch,keras", env=(("KERAS_BACKEND", "torch"),)),
+    Framework("keras-jax", "impls.keras_impl", "jax,keras", env=(("KERAS_BACKEND", "jax"),)),
+    Framework("keras-tensorflow", "impls.keras_impl", "tensorflow,keras",
+              env=(("KERAS_BACKEND", "tensorflow"), _QUIET_TF)),
+    Framework("paddle", "impls.paddle_impl", "paddle"),
+    Framework("pytensor", "impls.pytensor_impl", "pytensor"),
+    Framework("theano", "impls.theano_impl", "theano"),
 ])
 
 
@@ -61,16 +72,32 @@ def probe(framework: str) -> Tuple[bool, str]:
     """(True, version) if the framework imports here, else (False, why not)."""
     fw = FRAMEWORKS[framework]
     try:
-        mod = importlib.import_module(fw.probe)
-    except Exception as exc:  # a broken install is as unavailable as a missing one
-        return False, "%s does not import: %s" % (fw.probe, _one_line(exc))
-    return True, str(getattr(mod, "__version__", "unknown"))
+        found = importlib.util.find_spec(fw.package) is not None
+    except ImportError:
+        found = False
+    if not found:
+        return False, "no implementation package %s in this checkout" % fw.package
+    for name, value in fw.env:
+        os.environ.setdefault(name, value)
+    version = "unknown"
+    for module in fw.probe.split(","):  # the last module named gives the version
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # a broken install is as unavailable as a missing one
+            return False, "%s does not import: %s" % (module, _one_line(exc))
+        version = str(getattr(mod, "__version__", "unknown"))
+    return True, version
 
 
 def load(framework: str, model: str) -> type:
     """The implementation class for a model (its strategies are constructor arguments)."""
     fw = FRAMEWORKS[framework]
-    module = importlib.import_module("%s.%s" % (fw.package, family(model)))
+    try:
+        module = importlib.import_module("%s.%s" % (fw.package, family(model)))
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name.startswith(fw.package) or fw.package.startswith(exc.name)):
+            raise Unavailable("no implementation package %s in this checkout" % fw.package)
+        raise
     cls = getattr(module, "RNN" if family(model) == "rnn" else "RvNN")
     if not issubclass(cls, Implementation):
         raise TypeError("%s is not an Implementation" % cls)

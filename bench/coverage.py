@@ -1,0 +1,78 @@
+"""The seed article's framework list (plus JAX), mapped to registry entries.
+
+The coverage table is generated from this list, the registry and the records:
+a framework with no registry entry keeps its row with the reason and the
+recipe that would install it elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List
+
+from . import registry
+from .params import RNN_MODELS, RVNN_MODELS
+
+# name -> (registry frameworks, why not here (if none runs), recipe elsewhere)
+SEED_FRAMEWORKS = OrderedDict([
+    ("Apache Singa", ((), "its only PyPI wheel (singa 3.0.0.dev1, cp36) runs forward, but "
+                          "backward fails inside its bindings",
+                      "conda install -c nusdbsystem singa (Python 3.6-3.9)")),
+    ("Caffe", (("caffe",), "", "Debian 11 python3-caffe (CPU) in a Python 3.9 venv")),
+    ("Chainer", (("chainer",), "", "setuptools<70, pip install --no-build-isolation chainer==7.8.1, numpy<2")),
+    ("Deeplearning4j", ((), "Maven Central is unreachable from this machine",
+                        "Maven: org.deeplearning4j:deeplearning4j-core with nd4j-native-platform")),
+    ("DyNet", (("dynet",), "", "Python 3.8 venv, pip install dynet==2.1.2")),
+    ("Flux", ((), "no Julia here (not in Debian 12; Julia's package server is unreachable)",
+              "install Julia 1.x, then `using Pkg; Pkg.add(\"Flux\")`")),
+    ("JAX", (("jax",), "", "pip install 'jax[cpu]' optax")),
+    ("Keras", (("keras-torch", "keras-jax", "keras-tensorflow"), "", "pip install keras + a backend")),
+    ("Microsoft Cognitive Toolkit", (("cntk",), "", "Python 3.6 venv, cntk==2.7.post2, libopenmpi3")),
+    ("MXNet", (("mxnet",), "", "mxnet==1.9.1 'numpy<1.24'")),
+    ("PaddlePaddle", (("paddle",), "", "pip install paddlepaddle==3.3.1")),
+    ("PyTorch", (("torch",), "", "pip install torch==2.13.0")),
+    ("TensorFlow", (("tensorflow",), "", "pip install tensorflow-cpu==2.21.0")),
+    ("Theano", (("theano", "pytensor"), "", "Python 3.10 venv, Theano==1.0.5 'numpy<1.22' 'scipy<1.8'; "
+                                             "or pip install pytensor")),
+    ("Torch (Lua)", ((), "no package for it here (no Debian package, and LuaRocks' torch needs "
+                         "its own CUDA/BLAS build)", "the torch/distro install script with LuaJIT")),
+])
+
+
+def _strategies(recs: List[Dict], models) -> str:
+    ok = sorted({r["strategy"] for r in recs if r["model"] in models and r["status"] == "ok"})
+    return ", ".join(ok) if ok else "-"
+
+
+def coverage_rows(records: List[Dict]) -> List[Dict]:
+    """One row per seed framework: what ran, what was verified and timed, and why not."""
+    rows = []
+    for name, (fws, why_not, recipe) in SEED_FRAMEWORKS.items():
+        registered = [f for f in fws if f in registry.FRAMEWORKS]
+        recs = [r for r in records if r.get("framework") in registered]
+        ok = [r for r in recs if r["status"] == "ok"]
+        if not registered:
+            status = "not runnable here: %s. Elsewhere: %s" % (why_not or "no implementation yet",
+                                                               recipe)
+        elif not recs:
+            status = "implemented as %s, not in this run. Install: %s" % (", ".join(registered), recipe) \
+                if registered else recipe
+        else:
+            reasons = sorted({"%s: %s" % (r["status"], r["reason"]) for r in recs
+                              if r["status"] in ("unavailable", "failed", "timeout", "oom")})
+            status = "ok" if ok else "no cell ran"
+            if reasons:
+                status += "; " + "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+        diffs = [r["verify_max_abs_diff"] for r in ok if r.get("verify_max_abs_diff") is not None]
+        rows.append({
+            "framework": name,
+            "entries": ", ".join(registered) or "-",
+            "RNN": _strategies(recs, RNN_MODELS),
+            "RvNN": _strategies(recs, RVNN_MODELS),
+            "equivalence verified": ("yes, %d cells (max logit diff %.1e)" % (len(diffs), max(diffs))
+                                     if diffs else "-"),
+            "CPU timed": sum(1 for r in ok if r["device"] == "cpu"),
+            "GPU timed": sum(1 for r in ok if r["device"] == "gpu"),
+            "status / reason": status,
+        })
+    return rows

@@ -1,0 +1,339 @@
+"""Reports from records only: ``python -m bench report RUN_DIR [--out DIR]``.
+
+Writes ``report.md`` (GitHub-readable tables), ``summary.csv`` (one row per
+cell; its columns are a stable contract) and PNG plots. Everything is derived
+from ``records.jsonl`` and ``env.json`` files under RUN_DIR, so a published
+report can be rebuilt from its raw files. pandas and matplotlib are imported
+here only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .coverage import coverage_rows
+from .interface import BASELINE_STRATEGY
+from .params import family
+from .runner import RECORDS, read_records
+
+SUMMARY_COLUMNS = [
+    "framework", "model", "strategy", "task", "device", "batch_size", "threads", "status",
+    "train_samples_per_s", "infer_samples_per_s", "latency_ms_p50", "compile_s", "peak_rss_mb",
+    "speedup_vs_baseline", "roofline_pct", "accuracy",
+    # beyond the contract
+    "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
+    "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id",
+]
+
+
+def load_run(run_dir: str) -> Tuple[List[dict], List[dict]]:
+    """Records and env.json files of a run directory and its sub-directories."""
+    recs, envs = [], []
+    for path in sorted(glob.glob(os.path.join(run_dir, "**", RECORDS), recursive=True)):
+        recs.extend(read_records(path))
+        env_path = os.path.join(os.path.dirname(path), "env.json")
+        if os.path.exists(env_path):
+            with open(env_path, encoding="utf-8") as fh:
+                env = json.load(fh)
+            env["_dir"] = os.path.relpath(os.path.dirname(path), run_dir)
+            envs.append(env)
+    return recs, envs
+
+
+def _median(xs) -> Optional[float]:
+    xs = [x for x in (xs or []) if x is not None and np.isfinite(x)]
+    return float(np.median(xs)) if xs else None
+
+
+def _iqr(xs) -> Optional[float]:
+    xs = [x for x in (xs or []) if x is not None and np.isfinite(x)]
+    if len(xs) < 2:
+        return None
+    q1, q3 = np.percentile(xs, [25, 75])
+    return float(q3 - q1)
+
+
+def _group_key(r: Dict) -> Tuple:
+    """Cells that differ only in strategy (and seed) are comparable."""
+    return (r["framework"], r["model"], r["task"], r["device"], r["batch_size"], r["threads"],
+            r.get("hidden"), r.get("seed"))
+
+
+def summarise(records: List[Dict]):
+    """The summary table: one row per cell, with medians, speedups and roofline."""
+    import pandas as pd
+    rows = []
+    for r in records:
+        train, infer = _median(r.get("train_samples_per_s")), _median(r.get("infer_samples_per_s"))
+        acc = r.get("accuracy") or {}
+        roof = None
+        gemm = r.get("gemm_flops")
+        if gemm and train and r.get("train_flops_per_sample"):
+            roof = 100.0 * train * r["train_flops_per_sample"] / gemm
+        elif gemm and infer and r.get("infer_flops_per_sample"):
+            roof = 100.0 * infer * r["infer_flops_per_sample"] / gemm
+        rows.append({
+            "framework": r["framework"], "model": r["model"], "strategy": r["strategy"],
+            "task": r["task"], "device": r["device"], "batch_size": r["batch_size"],
+            "threads": r["threads"], "status": r["status"],
+            "train_samples_per_s": train, "infer_samples_per_s": infer,
+            "latency_ms_p50": r.get("latency_ms_p50"), "compile_s": r.get("compile_s"),
+            "peak_rss_mb": r.get("peak_rss_mb"), "speedup_vs_baseline": None,
+            "roofline_pct": roof, "accuracy": acc.get("test"),
+            "train_iqr": _iqr(r.get("train_samples_per_s")),
+            "infer_iqr": _iqr(r.get("infer_samples_per_s")),
+            "repeats": len(r.get("infer_samples_per_s") or []),
+            "latency_ms_p95": r.get("latency_ms_p95"), "device_peak_mb": r.get("device_peak_mb"),
+            "infer_speedup_vs_baseline": None, "dev_accuracy": acc.get("dev"),
+            "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
+            "framework_version": r.get("framework_version"), "reason": r.get("reason", ""),
+            "cell_id": r.get("cell_id"), "_key": _group_key(r),
+        })
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
+    # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
+    for i, row in df.iterrows():
+        base = df[(df["_key"] == row["_key"]) & (df["status"] == "ok") &
+                  (df["strategy"] == BASELINE_STRATEGY[family(row["model"])])]
+        if row["status"] != "ok" or base.empty:
+            continue
+        b = base.iloc[0]
+        if row["train_samples_per_s"] and b["train_samples_per_s"]:
+            df.at[i, "speedup_vs_baseline"] = row["train_samples_per_s"] / b["train_samples_per_s"]
+        if row["infer_samples_per_s"] and b["infer_samples_per_s"]:
+            df.at[i, "infer_speedup_vs_baseline"] = row["infer_samples_per_s"] / b["infer_samples_per_s"]
+    return df.drop(columns=["_key"])
+
+
+def _fmt(x, spec="%.3g") -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    return spec % x
+
+
+def _md_table(header: List[str], rows: List[List[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |"
+            for row in rows]
+    return "\n".join(out)
+
+
+def _env_section(envs: List[Dict]) -> str:
+    if not envs:
+        return "_no env.json found_\n"
+    rows = []
+    for e in envs:
+        m = e.get("machine") or {}
+        gpu = e.get("gpu") or {}
+        fws = ", ".join("%s %s" % (k, v) for k, v in (e.get("frameworks") or {}).items())
+        rows.append([e.get("_dir", "."), fws or "-", e.get("python", "-"),
+                     "%s (%s cores)" % (m.get("cpu"), m.get("cores")),
+                     "%s %s" % (gpu.get("name", "none"), gpu.get("driver", "")),
+                     str(e.get("threads")), (e.get("git_commit") or "-")[:12], e.get("time", "-")])
+    return _md_table(["run", "frameworks", "python", "CPU", "GPU", "threads", "commit", "time"], rows)
+
+
+def _results_section(df, records: List[Dict]) -> str:
+    parts = []
+    ok = df[df["status"] == "ok"]
+    for (task, device, batch), block in ok.groupby(["task", "device", "batch_size"], sort=True):
+        for model in [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(block["model"])]:
+            sub = block[block["model"] == model].sort_values(
+                ["train_samples_per_s", "infer_samples_per_s"], ascending=False, na_position="last")
+            rows = []
+            for _, r in sub.iterrows():
+                rows.append([
+                    r["framework"], r["strategy"],
+                    "%s ± %s" % (_fmt(r["train_samples_per_s"], "%.1f"), _fmt(r["train_iqr"], "%.1f")),
+                    "%s ± %s" % (_fmt(r["infer_samples_per_s"], "%.1f"), _fmt(r["infer_iqr"], "%.1f")),
+                    _fmt(r["speedup_vs_baseline"], "%.1fx"),
+                    _fmt(r["infer_speedup_vs_baseline"], "%.1fx"),
+                    "%s / %s" % (_fmt(r["latency_ms_p50"], "%.2f"), _fmt(r["latency_ms_p95"], "%.2f")),
+                    _fmt(r["compile_s"], "%.2f"), _fmt(r["peak_rss_mb"], "%.0f"),
+                    _fmt(r["device_peak_mb"], "%.0f"), _fmt(r["roofline_pct"], "%.2f"),
+                    str(int(r["repeats"]))])
+            parts.append("### %s, %s, batch %s, %s\n\n" % (task, model, batch, device) + _md_table(
+                ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
+                 "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
+                 "peak RSS MB", "device peak MB", "roofline %", "repeats"], rows))
+    skipped = [r for r in records if r["status"] != "ok"]
+    if skipped:
+        rows = [[r["framework"], r["model"], r["strategy"], r["task"], r["device"],
+                 r["status"], r.get("reason", "")] for r in skipped]
+        parts.append("### Cells not timed\n\n" + _md_table(
+            ["framework", "model", "strategy", "task", "device", "status", "reason"], rows))
+    return "\n\n".join(parts) if parts else "_no timed cells_"
+
+
+def accuracy_table(df):
+    """Mean and std of accuracy over seeds for cells that ran an accuracy budget."""
+    acc = df[(df["status"] == "ok") & df["accuracy"].notna()]
+    if acc.empty:
+        return acc
+    grouped = acc.groupby(["task", "model", "framework", "strategy"])
+    out = grouped.agg(test_mean=("accuracy", "mean"), test_std=("accuracy", "std"),
+                      dev_mean=("dev_accuracy", "mean"), dev_std=("dev_accuracy", "std"),
+                      seeds=("seed", "nunique")).reset_index()
+    return out
+
+
+def _accuracy_section(df, records) -> str:
+    acc = accuracy_table(df)
+    if acc.empty:
+        return "_no cell in this run trained for accuracy (see the `parity` preset)_"
+    modes = {(r["task"], r["model"]): (r.get("config") or {}).get("loss_mode", "root")
+             for r in records if r.get("accuracy")}
+    epochs = {(r["task"], r["model"]): (r.get("accuracy") or {}).get("epochs")
+              for r in records if r.get("accuracy")}
+    rows = [[r["task"], r["model"], modes.get((r["task"], r["model"]), "root"),
+             _fmt(epochs.get((r["task"], r["model"])), "%g"), r["framework"], r["strategy"],
+             "%.1f ± %.1f" % (100 * r["dev_mean"], 100 * (r["dev_std"] if r["dev_std"] == r["dev_std"] else 0)),
+             "%.1f ± %.1f" % (100 * r["test_mean"], 100 * (r["test_std"] if r["test_std"] == r["test_std"] else 0)),
+             int(r["seeds"])] for _, r in acc.iterrows()]
+    return _md_table(["task", "model", "loss", "epochs", "framework", "strategy",
+                      "dev accuracy %", "test accuracy %", "seeds"], rows)
+
+
+def plots(df, out_dir: str) -> List[str]:
+    """PNG plots; returns the file names written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    ok = df[(df["status"] == "ok") & df["train_samples_per_s"].notna()]
+
+    # 1. Throughput by framework and strategy, on the most common (task, batch, device).
+    if not ok.empty:
+        main = ok.groupby(["task", "batch_size", "device"]).size().idxmax()
+        sub = ok[(ok["task"] == main[0]) & (ok["batch_size"] == main[1]) & (ok["device"] == main[2])]
+        models = [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(sub["model"])]
+        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            m = sub[sub["model"] == model].sort_values(["framework", "strategy"])
+            labels = ["%s\n%s" % (a, b) for a, b in zip(m["framework"], m["strategy"])]
+            ax.bar(range(len(m)), m["train_samples_per_s"], color="tab:blue", label="train")
+            ax.bar(range(len(m)), m["infer_samples_per_s"], color="tab:orange", alpha=0.45,
+                   label="inference")
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(m)))
+            ax.set_xticklabels(labels, rotation=70, fontsize=7)
+            ax.set_title(model)
+            ax.set_ylabel("examples / s (log)")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("Throughput: %s, batch %s, %s (median of repeats)" % main)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=110)
+        plt.close(fig)
+        written.append("throughput.png")
+
+    # 2. Throughput against batch size.
+    bs = ok[ok["task"] == "sst"]
+    multi = bs.groupby(["framework", "model", "strategy", "device"])["batch_size"].nunique()
+    if not multi.empty and multi.max() > 1:
+        models = [m for m in ("lstm", "treelstm", "elman", "rvnn") if m in set(bs["model"])]
+        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for (fw, st, dev), g in bs[bs["model"] == model].groupby(["framework", "strategy", "device"]):
+                if g["batch_size"].nunique() > 1:
+                    g = g.sort_values("batch_size")
+                    ax.plot(g["batch_size"], g["train_samples_per_s"], marker="o",
+                            label="%s/%s (%s)" % (fw, st, dev))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size (examples)")
+            ax.set_ylabel("train examples / s")
+            ax.set_title("%s on SST" % model)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "batch_size.png"), dpi=110)
+        plt.close(fig)
+        written.append("batch_size.png")
+
+    # 3. Throughput against tree size / sequence length (synthetic sweep).
+    syn = ok[ok["task"].str.startswith("synth-")].copy()
+    if not syn.empty:
+        syn["shape"] = syn["task"].str.split("-").str[1]
+        syn["leaves"] = syn["task"].str.split("-").str[2].astype(int)
+        shapes = sorted(set(syn["shape"]))
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            for (fw, model, st), g in syn[syn["shape"] == shape].groupby(["framework", "model", "strategy"]):
+                g = g.sort_values("leaves")
+                ax.plot(g["leaves"], g["train_samples_per_s"] * g["leaves"], marker="o",
+                        label="%s/%s/%s" % (fw, model, st))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens per example (tree leaves = sequence length)")
+            ax.set_ylabel("train tokens / s")
+            ax.set_title("%s trees" % shape)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "tree_size.png"), dpi=110)
+        plt.close(fig)
+        written.append("tree_size.png")
+
+    # 4. Accuracy by framework.
+    acc = accuracy_table(df)
+    if not acc.empty:
+        groups = list(acc.groupby(["task"]))
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+        for ax, (task, g) in zip(axes[0], groups):
+            g = g.sort_values(["model", "framework"])
+            labels = ["%s\n%s" % (m, f) for m, f in zip(g["model"], g["framework"])]
+            ax.bar(range(len(g)), 100 * g["test_mean"], yerr=100 * g["test_std"].fillna(0),
+                   capsize=3, color="tab:green")
+            ax.set_xticks(range(len(g)))
+            ax.set_xticklabels(labels, rotation=70, fontsize=7)
+            ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+            ax.set_title(task if isinstance(task, str) else task[0])
+            ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=110)
+        plt.close(fig)
+        written.append("accuracy.png")
+    return written
+
+
+def _coverage_section(records) -> str:
+    rows = coverage_rows(records)
+    header = ["framework", "entries", "RNN", "RvNN", "equivalence verified", "CPU timed",
+              "GPU timed", "status / reason"]
+    return _md_table(header, [[r[h] for h in header] for r in rows])
+
+
+def write_report(run_dir: str, out_dir: str) -> str:
+    """Write report.md, summary.csv and plots into out_dir; returns the report's path."""
+    records, envs = load_run(run_dir)
+    if not records:
+        raise SystemExit("no records under %s (expected %s files)" % (run_dir, RECORDS))
+    os.makedirs(out_dir, exist_ok=True)
+    df = summarise(records)
+    df.to_csv(os.path.join(out_dir, "summary.csv"), index=False, float_format="%.6g")
+    images = plots(df, out_dir)
+    counts = df["status"].value_counts().to_dict()
+    md = ["# Benchmark report", "",
+          "Built from `%s` by `python -m bench report`; every number below comes from the raw "
+          "records beside it. Throughputs are medians over repeats with the interquartile range; "
+          "speedups are over the framework's own baseline strategy (`loop` / `recursive`); "
+          "roofline %% is achieved matmul FLOP/s over the same framework's GEMM peak in the same "
+          "cell (float32, same threads). Only cells that passed the equivalence check against "
+          "the NumPy reference are timed." % os.path.basename(os.path.abspath(run_dir)), "",
+          "Cells: " + ", ".join("%s %d" % kv for kv in sorted(counts.items())), "",
+          "## Environment", "", _env_section(envs), "",
+          "## Coverage", "", _coverage_section(records), "",
+          "## Results", "", _results_section(df, records), "",
+          "## Accuracy", "", _accuracy_section(df, records), ""]
+    if images:
+        md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(md) + "\n")
+    print("wrote %s, summary.csv and %d plots" % (path, len(images)))
+    return path
