@@ -99,10 +99,20 @@ def tests(session):
         session.install(*(CORE + REPORT + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark"]))
         session.run("python", "-m", "pip", "check")
         required = "numpy,torch,jax,tensorflow"
-    session.run("python", "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider",
+    bench_flags = [] if session.python == "3.8" else ["--benchmark-disable"]
+    session.run("python", "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider", *bench_flags,
                 *session.posargs,
                 env={"PYTHONPATH": ROOT, "BENCH_REQUIRE_FRAMEWORKS": required,
                      "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@nox.session(python="3.11")
+def perf(session):
+    """pytest-benchmark per implementation; compare with a saved run (see README)."""
+    session.install(*(CORE + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark"]))
+    session.run("python", "-m", "pytest", "-q", "tests/perf", "--benchmark-autosave",
+                "--benchmark-columns=min,median,iqr,rounds", *session.posargs,
+                env={"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 @nox.session(python="3.11")

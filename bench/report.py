@@ -213,10 +213,14 @@ def plots(df, out_dir: str) -> List[str]:
         models = [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(sub["model"])]
         fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False)
         for ax, model in zip(axes[0], models):
-            m = sub[sub["model"] == model].sort_values(["framework", "strategy"])
+            # one bar pair per framework/strategy (seeds and accuracy runs folded by median)
+            m = (sub[sub["model"] == model]
+                 .groupby(["framework", "strategy"], as_index=False)[
+                     ["train_samples_per_s", "infer_samples_per_s"]].median())
             labels = ["%s\n%s" % (a, b) for a, b in zip(m["framework"], m["strategy"])]
-            ax.bar(range(len(m)), m["train_samples_per_s"], color="tab:blue", label="train")
-            ax.bar(range(len(m)), m["infer_samples_per_s"], color="tab:orange", alpha=0.45,
+            x = np.arange(len(m))
+            ax.bar(x - 0.2, m["train_samples_per_s"], width=0.4, color="tab:blue", label="train")
+            ax.bar(x + 0.2, m["infer_samples_per_s"], width=0.4, color="tab:orange",
                    label="inference")
             ax.set_yscale("log")
             ax.set_xticks(range(len(m)))
@@ -249,7 +253,8 @@ def plots(df, out_dir: str) -> List[str]:
             ax.set_ylabel("train examples / s")
             ax.set_title("%s on SST" % model)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+            if ax.get_lines():
+                ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "batch_size.png"), dpi=110)
         plt.close(fig)

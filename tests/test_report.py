@@ -1,0 +1,76 @@
+"""Reports are derived from records only: golden records in, known tables out."""
+
+import os
+import shutil
+
+import pytest
+
+pd = pytest.importorskip("pandas")
+pytest.importorskip("matplotlib")
+
+from bench.coverage import SEED_FRAMEWORKS  # noqa: E402
+from bench.report import SUMMARY_COLUMNS, summarise, write_report  # noqa: E402
+from bench.runner import read_records  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN_DIR = os.path.join(ROOT, "tests", "data", "golden")
+CONTRACT = ["framework", "model", "strategy", "task", "device", "batch_size", "threads", "status",
+            "train_samples_per_s", "infer_samples_per_s", "latency_ms_p50", "compile_s",
+            "peak_rss_mb", "speedup_vs_baseline", "roofline_pct", "accuracy"]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report"))
+    run = os.path.join(out, "run", "torch")
+    os.makedirs(run)
+    for name in ("records.jsonl", "env.json"):
+        shutil.copy(os.path.join(GOLDEN_DIR, name), run)
+    write_report(os.path.join(out, "run"), out)
+    return out
+
+
+def test_summary_csv_keeps_its_column_contract(report_dir):
+    df = pd.read_csv(os.path.join(report_dir, "summary.csv"))
+    assert list(df.columns[:len(CONTRACT)]) == CONTRACT
+    assert list(df.columns) == SUMMARY_COLUMNS
+    assert len(df) == len(read_records(os.path.join(GOLDEN_DIR, "records.jsonl")))
+
+
+def test_medians_speedups_and_roofline():
+    df = summarise(read_records(os.path.join(GOLDEN_DIR, "records.jsonl")))
+    row = lambda fw, m, s, b=25: df[(df.framework == fw) & (df.model == m) & (df.strategy == s)  # noqa: E731
+                                    & (df.batch_size == b) & df.accuracy.isna()].iloc[0]
+    lv = row("torch", "treelstm", "levels")
+    assert lv.train_samples_per_s == 200 and lv.infer_samples_per_s == 800
+    assert lv.speedup_vs_baseline == pytest.approx(20.0)     # 200 / median 10 of recursive
+    assert lv.infer_speedup_vs_baseline == pytest.approx(20.0)
+    # roofline: 200 ex/s * 3e6 flop/ex / 1e10 flop/s = 6 %
+    assert lv.roofline_pct == pytest.approx(6.0)
+    assert row("jax", "treelstm", "compiled").speedup_vs_baseline == pytest.approx(30.0)
+    # no baseline in the same group: no speedup rather than a wrong one
+    assert pd.isna(row("torch", "lstm", "fused", b=100).speedup_vs_baseline)
+    failed = df[(df.strategy == "compiled") & (df.framework == "torch")].iloc[0]
+    assert failed.status == "failed" and pd.isna(failed.train_samples_per_s)
+
+
+def test_report_markdown_has_every_section_and_only_verified_numbers(report_dir):
+    text = open(os.path.join(report_dir, "report.md")).read()
+    for heading in ("## Environment", "## Coverage", "## Results", "## Accuracy", "## Plots"):
+        assert heading in text
+    assert "Golden CPU (2 cores)" in text
+    # the failed (not equivalent) cell appears only in the not-timed table, with its reason
+    assert "not equivalent: logits differ by 0.1" in text
+    results = text.split("## Results")[1].split("### Cells not timed")[0]
+    assert "| torch | compiled |" not in results
+    # accuracy over three seeds: mean 47.0 +- 1.0 on test
+    assert "47.0 ± 1.0" in text
+    for name in SEED_FRAMEWORKS:
+        assert "| %s |" % name in text
+
+
+def test_plots_are_written(report_dir):
+    for name in ("throughput.png", "batch_size.png", "accuracy.png"):
+        path = os.path.join(report_dir, name)
+        assert os.path.getsize(path) > 5000
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
