@@ -73,6 +73,19 @@ def bench(session, framework):
     _bench(session, framework)
 
 
+@nox.session
+@nox.parametrize("python,framework", [(py, fw) for fw, (py, _) in FRAMEWORKS.items() if fw != "numpy"],
+                 ids=["framework='%s'" % fw for fw in FRAMEWORKS if fw != "numpy"])
+def parity(session, framework):
+    """Learning parity (3 seeds, same budget), with the fastest strategy of the last bench run."""
+    session.install(*(CORE + FRAMEWORKS[framework][1]))
+    fastest = os.path.join(LATEST, framework)
+    args = ["--fastest-from", fastest] if os.path.isdir(fastest) else []
+    session.run("python", "-m", "bench", "run", "--preset", "parity", "--frameworks", framework,
+                "--out", os.path.join("results", "latest-parity", framework), *args,
+                *session.posargs, env={"PYTHONPATH": ROOT})
+
+
 @nox.session(python="3.11")
 def report(session):
     """report.md, summary.csv and plots for everything under results/latest."""

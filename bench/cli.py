@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import List, Optional
 
 from . import registry
-from .config import PRESETS, CellConfig, preset
+from .config import PREFERENCE, PRESETS, CellConfig, preset
 from .interface import STRATEGIES
 from .params import MODELS
 from .tasks import check_task_name
@@ -89,6 +89,8 @@ def _cells(args) -> List[CellConfig]:
         overrides["timeout_s"] = args.timeout
     if overrides:
         cells = [replace(c, **overrides) for c in cells]
+    if args.fastest_from or args.preset == "parity":
+        cells = _keep_fastest(cells, args.fastest_from)
     if not cells:
         raise SystemExit("no cells match the filters")
     for t in sorted({c.task for c in cells}):
@@ -97,6 +99,39 @@ def _cells(args) -> List[CellConfig]:
         except ValueError as exc:
             raise SystemExit(str(exc))
     return cells
+
+
+def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str]) -> List[CellConfig]:
+    """One strategy per (framework, model): the fastest ok one in RUN_DIR's records.
+
+    Training throughput decides (inference where a cell has none). Without a
+    run directory, or for a pair it did not time, the first strategy of
+    PREFERENCE that is not statically not-applicable is kept.
+    """
+    best = {}
+    if run_dir:
+        from .report import load_run, _median
+        records, _ = load_run(run_dir)
+        if not records:
+            raise SystemExit("--fastest-from %s: no records there" % run_dir)
+        for r in records:
+            if r.get("status") != "ok":
+                continue
+            speed = _median(r.get("train_samples_per_s")) or _median(r.get("infer_samples_per_s"))
+            key = (r["framework"], r["model"], r["device"])
+            if speed and speed > best.get(key, ("", 0.0))[1]:
+                best[key] = (r["strategy"], speed)
+    out = []
+    for c in cells:
+        chosen = best.get((c.framework, c.model, c.device), (None,))[0]
+        if chosen is None:
+            for s in PREFERENCE:
+                if s in STRATEGIES[c.family] and not registry.not_applicable(c.framework, c.model, s):
+                    chosen = s
+                    break
+        if c.strategy == chosen:
+            out.append(c)
+    return out
 
 
 def cmd_run(args) -> int:
@@ -160,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=int, help="seconds per cell")
     s.add_argument("--out", default=os.path.join("results", "latest"))
     s.add_argument("--resume", action="store_true", help="skip cells already in DIR/records.jsonl")
+    s.add_argument("--fastest-from", metavar="RUN_DIR",
+                   help="keep one strategy per framework and model: the fastest in that run")
     s.add_argument("--dry-run", action="store_true", help="print the cells and stop")
     s.set_defaults(fn=cmd_run)
 

@@ -63,8 +63,11 @@ class CellConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        return "%s/%s/%s %s b%d %s" % (self.framework, self.model, self.strategy, self.task,
+        text = "%s/%s/%s %s b%d %s" % (self.framework, self.model, self.strategy, self.task,
                                       self.batch_size, self.device)
+        if self.epochs:
+            text += " %gep seed%d" % (self.epochs, self.seed)
+        return text
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -76,40 +79,54 @@ class CellConfig:
 
 
 @dataclass(frozen=True)
-class Grid:
-    """Axes of a run; ``cells()`` expands them. ``sweeps`` add extra (model, task, batch) cells."""
+class Block:
+    """A cross product of axes; ``overrides`` replace fields of the base cell."""
 
-    frameworks: Tuple[str, ...]
     models: Tuple[str, ...] = MODELS
-    strategies: Optional[Tuple[str, ...]] = None      # None: every strategy of the family
     tasks: Tuple[str, ...] = ("sst",)
     batch_sizes: Optional[Tuple[int, ...]] = None     # None: the base cell's batch size
-    # extra cells: (models, tasks, batch sizes) crossed, for sweeps on a subset
-    sweeps: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]], ...] = ()
+    strategies: Optional[Tuple[str, ...]] = None      # None: every strategy of the family
+    seeds: Optional[Tuple[int, ...]] = None           # None: the base cell's seed
+    overrides: Tuple[Tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The cells of a run: every block crossed with every framework, duplicates dropped."""
+
+    frameworks: Tuple[str, ...]
+    blocks: Tuple[Block, ...] = (Block(),)
     base: CellConfig = field(default_factory=lambda: CellConfig("numpy", "lstm", "loop"))
 
     def cells(self) -> List[CellConfig]:
         out: List[CellConfig] = []
         seen = set()
-        blocks = [(self.models, self.tasks, self.batch_sizes or (self.base.batch_size,))]
-        blocks += list(self.sweeps)
-        for models, tasks, batch_sizes in blocks:
+        for blk in self.blocks:
+            base = replace(self.base, **dict(blk.overrides))
             for fw in self.frameworks:
-                for model in models:
+                for model in blk.models:
                     for strategy in STRATEGIES[family(model)]:
-                        if self.strategies is not None and strategy not in self.strategies:
+                        if blk.strategies is not None and strategy not in blk.strategies:
                             continue
-                        for task in tasks:
-                            for b in batch_sizes:
-                                cell = replace(self.base, framework=fw, model=model,
-                                               strategy=strategy, task=task, batch_size=b)
-                                if cell.key() not in seen:
-                                    seen.add(cell.key())
-                                    out.append(cell)
+                        for task in blk.tasks:
+                            for b in blk.batch_sizes or (base.batch_size,):
+                                for seed in blk.seeds or (base.seed,):
+                                    cell = replace(base, framework=fw, model=model, strategy=strategy,
+                                                   task=task, batch_size=b, seed=seed)
+                                    if cell.key() not in seen:
+                                        seen.add(cell.key())
+                                        out.append(cell)
         return out
 
 
 DEFAULT_FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
+RNN_MODELS = ("elman", "lstm")
+TREE_MODELS = ("rvnn", "treelstm")
+SYNTH_SWEEP = tuple("synth-%s-%d" % (shape, n) for shape in ("balanced", "left")
+                    for n in (8, 32, 128, 512))
+FAST = ("fused", "compiled", "levels")   # strategies that batch work; `loop`/`recursive` are slow
+# Strategy preference when no earlier run says which is fastest (the parity preset).
+PREFERENCE = ("compiled", "levels", "fused", "loop", "recursive")
 
 
 def smoke(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
@@ -126,19 +143,57 @@ def quick(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
 
 
 def full(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
-    """Quick, plus ListOps, batch-size and tree-size sweeps, more repeats."""
+    """Quick on SST and ListOps, plus batch-size and synthetic tree-size sweeps."""
     base = CellConfig("numpy", "lstm", "loop", repeats=10)
-    synth = tuple("synth-%s-%d" % (shape, n) for shape in ("balanced", "left")
-                  for n in (8, 32, 128, 512))
-    return Grid(tuple(frameworks), tasks=("sst", "listops"), base=base,
-                sweeps=((("lstm", "treelstm"), ("sst",), (1, 25, 100, 400)),
-                        (("lstm", "treelstm"), synth, (25,))))
+    return Grid(tuple(frameworks), base=base, blocks=(
+        Block(tasks=("sst", "listops")),
+        Block(models=("lstm", "treelstm"), batch_sizes=(1, 25, 100, 400), strategies=FAST),
+        Block(models=("lstm", "treelstm"), tasks=SYNTH_SWEEP),
+    ))
 
 
-PRESETS = {"smoke": smoke, "quick": quick, "full": full}
+def parity(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
+    """Learning parity: the same training budget in every framework, three seeds.
+
+    SST 5-class (tree models train on every labelled node, as in the Tree-LSTM
+    and RNTN papers; RNNs on the root label) and ListOps (root labels). Adam,
+    lr 2e-3, batch 25, for every framework alike. Timing is kept minimal; the
+    runner's ``--fastest-from`` keeps one strategy per framework and model.
+    """
+    base = CellConfig("numpy", "lstm", "loop", optimizer="adam", lr=2e-3, pool_batches=1,
+                      repeats=2, warmup_passes=0, latency_samples=2, timeout_s=3600)
+    seeds = (0, 1, 2)
+    return Grid(tuple(frameworks), base=base, blocks=(
+        Block(models=RNN_MODELS, tasks=("sst",), seeds=seeds, overrides=(("epochs", 2.0),)),
+        Block(models=TREE_MODELS, tasks=("sst",), seeds=seeds,
+              overrides=(("epochs", 2.0), ("loss_mode", "all"))),
+        Block(tasks=("listops",), seeds=seeds, overrides=(("epochs", 5.0),)),
+    ))
+
+
+def gpu(frameworks: Sequence[str] = ("torch", "jax")) -> Grid:
+    """One GPU run in at most ~7 minutes: SST quick sizes, batch sweep, tree-size sweep.
+
+    Every model and strategy at batch 25; the sweeps keep to the strategies
+    that need no compile per shape (cuDNN ``fused`` and dynamic-batching
+    ``levels``): per-node ``loop``/``recursive`` cells would take minutes at
+    batch 400, and ``torch.compile`` costs tens of seconds per new shape.
+    """
+    base = CellConfig("numpy", "lstm", "loop", device="gpu", repeats=5, latency_samples=10,
+                      timeout_s=240)
+    synth = tuple("synth-%s-%d" % (shape, n) for shape in ("balanced", "left") for n in (8, 64, 512))
+    return Grid(tuple(frameworks), base=base, blocks=(
+        Block(),
+        Block(models=("lstm", "treelstm"), batch_sizes=(1, 25, 100, 400),
+              strategies=("fused", "levels")),
+        Block(models=("lstm", "treelstm"), tasks=synth, strategies=("fused", "levels")),
+    ))
+
+
+PRESETS = {"smoke": smoke, "quick": quick, "full": full, "parity": parity, "gpu": gpu}
 
 
 def preset(name: str, frameworks: Optional[Sequence[str]] = None) -> Grid:
     if name not in PRESETS:
         raise ValueError("unknown preset %r (one of %s)" % (name, ", ".join(PRESETS)))
-    return PRESETS[name](tuple(frameworks) if frameworks else DEFAULT_FRAMEWORKS)
+    return PRESETS[name](tuple(frameworks)) if frameworks else PRESETS[name]()
