@@ -22,7 +22,7 @@ SEED_FRAMEWORKS = OrderedDict([
     ("Chainer", (("chainer",), "", "setuptools<70, pip install --no-build-isolation chainer==7.8.1, numpy<2")),
     ("Deeplearning4j", ((), "Maven Central is unreachable from this machine",
                         "Maven: org.deeplearning4j:deeplearning4j-core with nd4j-native-platform")),
-    ("DyNet", (("dynet",), "", "Python 3.8 venv, pip install dynet==2.1.2")),
+    ("DyNet", (("dynet", "dynet-autobatch"), "", "Python 3.8 venv, pip install dynet==2.1.2")),
     ("Flux", ((), "no Julia here (not in Debian 12; Julia's package server is unreachable)",
               "install Julia 1.x, then `using Pkg; Pkg.add(\"Flux\")`")),
     ("JAX", (("jax",), "", "pip install 'jax[cpu]' optax")),

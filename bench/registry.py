@@ -42,6 +42,14 @@ FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
     Framework("paddle", "impls.paddle_impl", "paddle"),
     Framework("pytensor", "impls.pytensor_impl", "pytensor"),
     Framework("theano", "impls.theano_impl", "theano"),
+    Framework("chainer", "impls.chainer_impl", "chainer"),
+    Framework("mxnet", "impls.mxnet_impl", "mxnet"),
+    # DyNet's autobatching is a process-wide switch, so it is its own entry.
+    Framework("dynet", "impls.dynet_impl", "dynet", env=(("BENCH_DYNET_AUTOBATCH", "0"),)),
+    Framework("dynet-autobatch", "impls.dynet_impl", "dynet", env=(("BENCH_DYNET_AUTOBATCH", "1"),)),
+    # Python 3.6 / 3.9 frameworks behind a worker process (see their packages).
+    Framework("cntk", "impls.cntk_impl", "impls.cntk_impl.worker_probe"),
+    Framework("caffe", "impls.caffe_impl", "impls.caffe_impl.worker_probe"),
 ])
 
 
