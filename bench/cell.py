@@ -29,7 +29,7 @@ import numpy as np
 from . import registry, verify
 from .batches import batch_examples, batch_stream, hash_batches, make_seq_batch, make_tree_batch
 from .config import SCHEMA_VERSION, CellConfig
-from .environment import machine, peak_rss_mb
+from .environment import limit_blas_threads, machine, peak_rss_mb
 from .flops import forward_flops, train_flops
 from .interface import NotApplicable, Unavailable
 from .params import ModelConfig, init_params
@@ -188,6 +188,8 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
         rec["status"], rec["reason"] = "unavailable", str(exc)
         return
 
+    # After the framework import (which may load its own BLAS), before any work.
+    rec["info"]["blas_threads"] = limit_blas_threads(cfg.threads)
     params = init_params(model_cfg, cfg.seed)
     impl.load_params(params)
 
@@ -270,5 +272,5 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
 
     peak = impl.device_peak_bytes()
     rec["device_peak_mb"] = peak / 2 ** 20 if peak is not None else None
-    rec["info"] = impl.info()
+    rec["info"].update(impl.info())
     rec["status"] = "ok"

@@ -27,6 +27,21 @@ def thread_env(threads: int) -> Dict[str, str]:
     return env
 
 
+def limit_blas_threads(threads: int):
+    """Cap BLAS/OpenMP pools already loaded in this process (threadpoolctl, when installed).
+
+    The environment variables set before the process started do the same for
+    pools loaded later; this call also covers libraries that ignore them.
+    Returns what threadpoolctl reports afterwards, or a note that it is absent.
+    """
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        return "threadpoolctl not installed; thread environment variables only"
+    threadpool_limits(limits=threads)
+    return sorted({"%s=%s" % (i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()})
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
