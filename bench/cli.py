@@ -164,8 +164,10 @@ def cmd_probe(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .report import update_readme, write_report
     write_report(args.run_dir, args.out or args.run_dir)
+    if args.readme:
+        update_readme(args.readme, [args.run_dir] + (args.also or []))
     return 0
 
 
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="report.md, summary.csv and plots from a run directory")
     s.add_argument("run_dir")
     s.add_argument("--out")
+    s.add_argument("--readme", help="also rewrite this README's generated tables from the run")
+    s.add_argument("--also", nargs="+", help="more run directories for the README tables")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("compare", help="regression check of NEW against BASE")

@@ -25,6 +25,7 @@ class Framework:
     package: str     # impls sub-package
     probe: str       # module(s), comma-separated, whose import proves the framework is installed
     env: Tuple[Tuple[str, str], ...] = ()  # environment set before the cell's process starts
+    dist: str = ""   # distribution whose metadata version is exact where __version__ is not
 
 
 _QUIET_TF = ("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,8 +46,10 @@ FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
     Framework("chainer", "impls.chainer_impl", "chainer"),
     Framework("mxnet", "impls.mxnet_impl", "mxnet"),
     # DyNet's autobatching is a process-wide switch, so it is its own entry.
-    Framework("dynet", "impls.dynet_impl", "dynet", env=(("BENCH_DYNET_AUTOBATCH", "0"),)),
-    Framework("dynet-autobatch", "impls.dynet_impl", "dynet", env=(("BENCH_DYNET_AUTOBATCH", "1"),)),
+    Framework("dynet", "impls.dynet_impl", "dynet", env=(("BENCH_DYNET_AUTOBATCH", "0"),),
+              dist="dyNET"),
+    Framework("dynet-autobatch", "impls.dynet_impl", "dynet",
+              env=(("BENCH_DYNET_AUTOBATCH", "1"),), dist="dyNET"),
     # Python 3.6 / 3.9 frameworks behind a worker process (see their packages).
     Framework("cntk", "impls.cntk_impl", "impls.cntk_impl.worker_probe"),
     Framework("caffe", "impls.caffe_impl", "impls.caffe_impl.worker_probe"),
@@ -94,6 +97,12 @@ def probe(framework: str) -> Tuple[bool, str]:
         except Exception as exc:  # a broken install is as unavailable as a missing one
             return False, "%s does not import: %s" % (module, _one_line(exc))
         version = str(getattr(mod, "__version__", "unknown"))
+    if fw.dist:
+        try:
+            from importlib.metadata import version as dist_version
+            version = dist_version(fw.dist)
+        except Exception:  # metadata missing: keep __version__
+            pass
     return True, version
 
 

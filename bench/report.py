@@ -342,3 +342,41 @@ def write_report(run_dir: str, out_dir: str) -> str:
         fh.write("\n".join(md) + "\n")
     print("wrote %s, summary.csv and %d plots" % (path, len(images)))
     return path
+
+
+def readme_blocks(run_dirs: List[str]) -> Dict[str, str]:
+    """Markdown blocks for the README, generated from published runs."""
+    records: List[Dict] = []
+    for d in run_dirs:
+        records.extend(load_run(d)[0])
+    df = summarise(records)
+    ok = df[(df["status"] == "ok") & df["accuracy"].isna() & (df["batch_size"] == 25)
+            & (df["task"] == "sst")]
+    rows = []
+    for (model, device), g in ok.groupby(["model", "device"], sort=False):
+        g = g.sort_values("train_samples_per_s", ascending=False)
+        best = g.iloc[0]
+        slow = g[g["strategy"] == BASELINE_STRATEGY[family(model)]]
+        rows.append([model, device, "%s/%s" % (best["framework"], best["strategy"]),
+                     _fmt(best["train_samples_per_s"], "%.0f"),
+                     _fmt(best["infer_samples_per_s"], "%.0f"),
+                     ", ".join("%s %.0f" % (r["framework"], r["train_samples_per_s"])
+                               for _, r in slow.iterrows() if r["train_samples_per_s"]) or "-"])
+    summary = _md_table(["model", "device", "fastest framework/strategy (train)", "train ex/s",
+                         "infer ex/s", "baseline strategy train ex/s (loop/recursive)"], rows)
+    return {"coverage": _coverage_section(records), "summary": summary}
+
+
+def update_readme(readme: str, run_dirs: List[str]) -> None:
+    """Rewrite the README's generated blocks (between <!-- NAME:start --> and <!-- NAME:end -->)."""
+    with open(readme, encoding="utf-8") as fh:
+        text = fh.read()
+    for name, block in readme_blocks(run_dirs).items():
+        start, end = "<!-- %s:start -->" % name, "<!-- %s:end -->" % name
+        if start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + start + "\n" + block + "\n" + end + tail
+    with open(readme, "w", encoding="utf-8") as fh:
+        fh.write(text)
