@@ -167,19 +167,21 @@ class TreeBatch:
                            self.root.copy(), self.label[self.root].copy(), n_pad)
 
     def padded_bucketed(self) -> PaddedTrees:
-        """Padded to bucket sizes (next power of two), so few distinct shapes occur."""
+        """Padded to bucket sizes (next power of two), so few distinct shapes occur.
+
+        Never zero-sized: a batch of one-leaf trees gets one all-padding level
+        (some compilers treat a 0 in a shape as unknown).
+        """
         o = self.level_offsets
         widths = np.diff(o)[1:]
         return self.padded(num_nodes=_bucket(self.num_nodes), num_leaves=_bucket(int(o[1])),
                            num_levels=_bucket(self.num_levels - 1),
-                           width=_bucket(int(widths.max()) if widths.size else 0))
+                           width=_bucket(int(widths.max()) if widths.size else 1))
 
 
 def _bucket(n: int) -> int:
-    """Next power of two >= n (0 stays 0... but a shape of 0 is fine for levels)."""
-    if n <= 0:
-        return 0
-    return 1 << (int(n) - 1).bit_length()
+    """Next power of two >= max(n, 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def make_seq_batch(examples: Sequence[Example]) -> SeqBatch:

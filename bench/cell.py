@@ -133,7 +133,7 @@ def _accuracy(impl, model_cfg, family, dataset, cfg: CellConfig) -> Dict:
             loss = impl.train_step(impl.prepare(_make_batch(family, group)))
             steps += 1
             if steps % 50 == 0 or steps == steps_total:
-                losses.append(float(np.asarray(impl.to_numpy(loss))))
+                losses.append(float(np.asarray(impl.to_numpy(loss)).reshape(-1)[0]))
         epoch += 1
     impl.sync()
     out = {"epochs": cfg.epochs, "steps": steps, "train_s": time.perf_counter() - t0,

@@ -1,6 +1,33 @@
+"""Test-session setup: import path, and which frameworks this session covers.
+
+BENCH_FRAMEWORKS (comma-separated registry names) restricts the framework
+tests to those frameworks: each nox session covers the frameworks of its own
+venv, so one framework's tests never need another installed. Unset: all.
+"""
+
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from bench import registry  # noqa: E402
+
+SELECTED = [f for f in os.environ.get("BENCH_FRAMEWORKS", "").split(",") if f] or \
+    list(registry.FRAMEWORKS)
+
+# framework-specific test files, by the registry names they exercise
+_SPECIFIC = {
+    "test_torch_specific.py": ("torch",),
+    "test_jax_specific.py": ("jax",),
+    "test_tf_specific.py": ("tensorflow",),
+    "test_keras_specific.py": ("keras-torch", "keras-jax", "keras-tensorflow"),
+    "test_paddle_specific.py": ("paddle",),
+    "test_pytensor_specific.py": ("pytensor",),
+    "test_theano_specific.py": ("theano",),
+    "test_chainer_specific.py": ("chainer",),
+    "test_mxnet_specific.py": ("mxnet",),
+    "test_dynet_specific.py": ("dynet", "dynet-autobatch"),
+}
+collect_ignore = [name for name, fws in _SPECIFIC.items() if not set(fws) & set(SELECTED)]

@@ -107,6 +107,7 @@ def test_drop_last_and_one_leaf_trees():
     b = make_tree_batch(exs[:2])
     assert b.num_levels == 1 and b.root.tolist() == [0, 1]
     pad = b.padded_bucketed()
-    assert pad.level_node.shape[0] == 0
+    assert pad.level_node.shape == (1, 1) and (pad.level_node == pad.sink).all()
+    assert (pad.level_left == pad.zero).all()
     deep = make_tree_batch([Example(tuple(range(1, 52)), build_tree("left", list(range(1, 52))), 0)])
     assert deep.num_levels == 51

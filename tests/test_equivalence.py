@@ -1,8 +1,9 @@
 """Every registered implementation computes the reference's function.
 
-Parametrised over the registry: a framework that does not import here is
-skipped with its reason, unless BENCH_REQUIRE_FRAMEWORKS names it (the nox
-sessions do), in which case its absence fails the run.
+Parametrised over the registry (restricted to BENCH_FRAMEWORKS when set): a
+framework that does not import here is skipped with its reason, unless
+BENCH_REQUIRE_FRAMEWORKS names it (the nox sessions do), in which case its
+absence fails the run.
 """
 
 import os
@@ -16,13 +17,16 @@ from bench.interface import NotApplicable, Unavailable
 from bench.params import ModelConfig, init_params
 from bench.tasks import Example, load_listops, load_sst
 from bench.trees import Tree, build_tree
+from conftest import SELECTED
 
 TOL = verify.TOLERANCE
 REQUIRED = [f for f in os.environ.get("BENCH_REQUIRE_FRAMEWORKS", "").split(",") if f]
-ENTRIES = registry.entries()
+ENTRIES = registry.entries(frameworks=SELECTED)
 
 
 def _make(fw, model, strategy, cfg):
+    # This framework's environment (KERAS_BACKEND, BENCH_DYNET_AUTOBATCH, ...), as a cell would get it.
+    os.environ.update(dict(registry.FRAMEWORKS[fw].env))
     ok, why = registry.probe(fw)
     if not ok:
         if fw in REQUIRED:

@@ -7,6 +7,8 @@ In ``nox -s tests`` it runs with ``--benchmark-disable``: each body once, as a
 check that every benchmark still works.
 """
 
+import os
+
 import pytest
 
 pytest.importorskip("pytest_benchmark")
@@ -16,6 +18,7 @@ from bench.batches import batch_stream  # noqa: E402
 from bench.interface import NotApplicable, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import load_sst  # noqa: E402
+from conftest import SELECTED  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +27,7 @@ def sst():
 
 
 def _impl(fw, model, strategy, sst):
+    os.environ.update(dict(registry.FRAMEWORKS[fw].env))
     ok, why = registry.probe(fw)
     if not ok:
         pytest.skip(why)
@@ -42,7 +46,7 @@ def _impl(fw, model, strategy, sst):
     return impl, ready
 
 
-@pytest.mark.parametrize("fw,model,strategy", registry.entries())
+@pytest.mark.parametrize("fw,model,strategy", registry.entries(frameworks=SELECTED))
 def test_train_step(benchmark, fw, model, strategy, sst):
     impl, ready = _impl(fw, model, strategy, sst)
     try:
@@ -60,7 +64,7 @@ def test_train_step(benchmark, fw, model, strategy, sst):
     assert float(impl.to_numpy(loss)) > 0
 
 
-@pytest.mark.parametrize("fw,model,strategy", registry.entries())
+@pytest.mark.parametrize("fw,model,strategy", registry.entries(frameworks=SELECTED))
 def test_inference(benchmark, fw, model, strategy, sst):
     impl, ready = _impl(fw, model, strategy, sst)
     impl.logits(ready)
