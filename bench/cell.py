@@ -19,6 +19,7 @@ Order of work, and what is timed:
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 import traceback
@@ -37,6 +38,14 @@ from .stats import percentile
 from .tasks import load_task
 
 DATA_SEED = 0  # ListOps/synthetic content never depends on the model seed
+
+
+def _loadavg() -> Optional[float]:
+    """Other work on the machine shows up here; figures from a busy machine are noisier."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def base_record(cfg: CellConfig) -> Dict:
@@ -77,6 +86,7 @@ def base_record(cfg: CellConfig) -> Dict:
         "gemm_flops": None,
         "accuracy": None,
         "python_version": platform.python_version(),
+        "load_avg_1m_at_start": _loadavg(),
         "machine": machine(),
         "info": {},
         "config": cfg.to_dict(),

@@ -110,5 +110,6 @@ def describe(frameworks: Dict[str, str], threads: int, root: str) -> Dict:
         "threads": threads,
         "thread_env": thread_env(threads),
         "git_commit": git_commit(root),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "frameworks": frameworks,
     }

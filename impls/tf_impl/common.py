@@ -1,0 +1,414 @@
+"""Shared TensorFlow plumbing for both families.
+
+Process setup (threads, devices, log noise), canonical parameters held as
+``tf.Variable``s, the Keras optimisers, the masked cross-entropy loss, the
+eager-or-``tf.function`` execution of logits / gradients / training steps, and
+the measurement helpers (GEMM FLOP/s, device peak memory).
+
+A subclass supplies the model: ``_make_variables`` (only if the variables live
+somewhere special, e.g. inside a Keras layer), ``prepare``, ``_signature`` (for
+graph strategies), ``_logits(prepared) -> [B, C]`` and ``_loss(prepared) -> []``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import NOT_APPLICABLE  # also sets the log environment before TF is imported
+
+# Known lines TF's C++ side writes where TF_CPP_MIN_LOG_LEVEL=2 cannot hold
+# them back: the start-up banner (printed before TF's logging is initialised;
+# TF_ENABLE_ONEDNN_OPTS=0 would silence it only by switching oneDNN off) and an
+# ERROR-level notice on the first bool transpose (Keras' RNN mask), which says
+# oneDNN falls back to Eigen for that op.
+_KNOWN_NOISE = ("All log messages before absl::InitializeLog() is called",
+                "oneDNN custom operations are on",
+                "oneDNN supports DT_BOOL only on platforms with AVX-512")
+
+
+@contextlib.contextmanager
+def known_noise_filtered():
+    """Capture file descriptor 2 for the block; write back every line except _KNOWN_NOISE."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode("utf-8", "replace").splitlines()
+                    if line.strip() and not any(n in line for n in _KNOWN_NOISE)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+
+
+def _import_tensorflow():
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with known_noise_filtered():
+        import tensorflow
+    return tensorflow
+
+
+tf = _import_tensorflow()
+import keras  # noqa: E402
+
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable  # noqa: E402
+
+
+def _quiet() -> None:
+    """Silence Python-side TF/absl logging (C++ noise is TF_CPP_MIN_LOG_LEVEL's job)."""
+    try:
+        import absl.logging
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    tf.get_logger().setLevel(logging.ERROR)
+    tf.autograph.set_verbosity(0)
+
+
+_quiet()
+
+def setup(device: str, threads: int) -> Dict:
+    """Apply thread counts and device visibility; return what actually applies.
+
+    Must run before TF executes any op. Afterwards TF refuses changes with a
+    RuntimeError: that is caught and ``info()`` reports the values in force.
+    intra-op = ``threads`` (the pool one op parallelises over); inter-op = 1
+    (graph ops run one at a time), the suite's policy (bench.environment sets
+    TF_NUM_INTEROP_THREADS=1 too), so a cell never computes on more than
+    ``threads`` cores.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "gpu" and not gpus:
+        raise Unavailable("no GPU visible to TensorFlow")
+    notes = []
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        notes.append("thread pools were fixed when TF started earlier in this process")
+    if device == "gpu":
+        for gpu in gpus:
+            try:
+                # Grow on demand so the reported peak is what the model used, not
+                # TF's default grab of nearly all device memory.
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except (RuntimeError, ValueError):
+                notes.append("GPU memory growth could not be set (runtime already started)")
+    elif gpus:
+        try:
+            # Keras picks cuDNN whenever a GPU is visible; hide it for CPU cells.
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:
+            notes.append("GPUs stay visible (runtime already started); ops are pinned to the CPU")
+    return {"notes": notes, "gpus_visible": len(gpus)}
+
+
+def device_name(device: str) -> str:
+    return "/GPU:0" if device == "gpu" else "/CPU:0"
+
+
+def make_optimizer(cfg):
+    """The stock Keras optimiser named by cfg with the suite's shared hyper-parameters.
+
+    Keras' own formulas: Adam adds epsilon to sqrt(v) before the step size's
+    bias correction (``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``),
+    Adagrad inside the root (``g / sqrt(acc + eps)``). PyTorch and optax put
+    epsilon after the root of the corrected v / of acc: for Adagrad (acc >=
+    0.1) the difference is ~1e-8; for Adam it shows on entries whose |g| is
+    near eps / sqrt(1 - b2^t), i.e. small embedding gradients.
+    """
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=0.0, nesterov=False)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],
+                                     beta_2=ADAM["beta2"], epsilon=ADAM["eps"])
+    if cfg.optimizer == "adagrad":
+        return keras.optimizers.Adagrad(learning_rate=cfg.lr,
+                                        initial_accumulator_value=ADAGRAD["initial_accumulator"],
+                                        epsilon=ADAGRAD["eps"])
+    raise ValueError("unknown optimizer %r" % cfg.optimizer)
+
+
+def masked_xent(logits, labels):
+    """Mean softmax cross-entropy over rows with label >= 0 (divided by max(1, count)).
+
+    logits float32[R, C], labels int32[R] -> float32[].
+    """
+    keep = labels >= 0
+    safe = tf.where(keep, labels, tf.zeros_like(labels))
+    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
+    weight = tf.cast(keep, logits.dtype)
+    return tf.reduce_sum(xent * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
+
+
+def dense(grad, var):
+    """A gradient as a dense tensor shaped like ``var`` (None -> zeros)."""
+    if grad is None:
+        return tf.zeros_like(var)
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.math.unsorted_segment_sum(grad.values, grad.indices, tf.shape(var)[0])
+    return grad
+
+
+def to_numpy(value) -> np.ndarray:
+    if hasattr(value, "numpy"):
+        return value.numpy()
+    return np.asarray(value)
+
+
+def gemm_flops(device: str, n: int = 512, repeats: int = 10) -> float:
+    """Median achieved FLOP/s of an n x n x n float32 matmul, materialised each repeat.
+
+    A repeat runs enough matmuls back to back to last >= ~5 ms, so the eager
+    dispatch and the device round trip are a small part of it on fast GPUs.
+    """
+    with tf.device(device_name(device)):
+        a = tf.random.stateless_normal((n, n), seed=(1, 2), dtype=tf.float32)
+        b = tf.random.stateless_normal((n, n), seed=(3, 4), dtype=tf.float32)
+
+        def run(k):
+            start = time.perf_counter()
+            out = None
+            for _ in range(k):
+                out = tf.matmul(a, b)
+            out[0, 0].numpy()  # waits for the queued matmuls (GPU execution is async)
+            return time.perf_counter() - start
+
+        run(2)
+        single = run(1)
+        inner = max(1, int(math.ceil(0.005 / max(single, 1e-7))))
+        times = [run(inner) / inner for _ in range(max(1, repeats))]
+    return 2.0 * n ** 3 / float(np.median(times))
+
+
+def peak_bytes(device: str) -> Optional[int]:
+    """Peak device memory TF's allocator has handed out (GPU only; None on the CPU)."""
+    if device != "gpu":
+        return None
+    try:
+        return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+    except (ValueError, RuntimeError):
+        return None
+
+
+class TFImplementation(Implementation):
+    """Parameters, optimiser and execution shared by every TF strategy.
+
+    ``self.graph``: run logits / gradients / train steps as ``tf.function`` with
+    ``self._signature()`` as input signature (one trace for every batch of the
+    same structure); ``self.xla``: compile those functions with XLA.
+    """
+
+    framework = "tensorflow"
+
+    def __init__(self, cfg, strategy, device="cpu", threads=1):
+        super().__init__(cfg, strategy, device, threads)
+        reason = (NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
+                  or NOT_APPLICABLE.get((cfg.model, "*")))
+        if reason:
+            raise NotApplicable(reason)
+        self._setup = setup(device, threads)
+        self._device = device_name(device)
+        self.graph = False
+        self.xla = False
+        self._vars = None           # OrderedDict canonical name -> tf.Variable
+        self._var_list: List = []
+        self._opt = None
+        self._opt_initial = []
+        self._traces: Dict[str, int] = {}
+        self._fns = {}
+        self._last = None
+
+    # --- hooks for subclasses ---
+    def _make_variables(self, params) -> "OrderedDict[str, tf.Variable]":
+        """Canonical name -> variable holding ``_to_storage(name, value)``."""
+        return OrderedDict((k, tf.Variable(self._to_storage(k, v), name=k, dtype=tf.float32))
+                           for k, v in params.items())
+
+    def _to_storage(self, name, value: np.ndarray) -> np.ndarray:
+        """Canonical layout -> the layout the variable holds (identity unless a layer differs)."""
+        return value
+
+    def _from_storage(self, name, value: np.ndarray) -> np.ndarray:
+        return value
+
+    def _signature(self):
+        raise NotImplementedError
+
+    def _logits(self, prepared):
+        raise NotImplementedError
+
+    def _loss(self, prepared):
+        raise NotImplementedError
+
+    # --- parameters ---
+    def load_params(self, params):
+        params = self._checked(params)
+        with tf.device(self._device):
+            if self._vars is None:
+                self._vars = self._make_variables(params)
+                self._var_list = list(self._vars.values())
+                self._opt = make_optimizer(self.cfg)
+                # Built eagerly so tf.function never creates variables, and so the
+                # freshly built state can be restored on the next load.
+                self._opt.build(self._var_list)
+                self._opt_initial = [(v, v.numpy()) for v in self._opt.variables]
+                self._build_functions()
+            else:
+                # Assign in place: traced functions keep capturing the same variables.
+                for name, var in self._vars.items():
+                    var.assign(self._to_storage(name, params[name]))
+                for var, value in self._opt_initial:
+                    var.assign(value)
+
+    def export_params(self):
+        self._need_params()
+        return OrderedDict((k, np.array(self._from_storage(k, v.numpy()), dtype=np.float32))
+                           for k, v in self._vars.items())
+
+    def _need_params(self):
+        if self._vars is None:
+            raise RuntimeError("load_params first")
+
+    # --- execution ---
+    def _build_functions(self):
+        impls = {"logits": self._logits_body, "grads": self._grads_body, "train": self._train_body}
+        for name, body in impls.items():
+            if self.graph:
+                self._fns[name] = tf.function(self._counted(name, body),
+                                              input_signature=[self._signature()],
+                                              jit_compile=self.xla, autograph=False)
+            else:
+                self._fns[name] = body
+
+    def _counted(self, name, body):
+        def traced(prepared):
+            # Runs only while tracing: counts how often tf.function (re)traced.
+            self._traces[name] = self._traces.get(name, 0) + 1
+            with tf.device(self._device):
+                return body(prepared)
+        return traced
+
+    def _logits_body(self, prepared):
+        return self._logits(prepared)
+
+    def _tape_loss(self, prepared):
+        with tf.GradientTape() as tape:
+            loss = self._loss(prepared)
+        return loss, tape.gradient(loss, self._var_list)
+
+    def _grads_body(self, prepared):
+        loss, grads = self._tape_loss(prepared)
+        return loss, [dense(g, v) for g, v in zip(grads, self._var_list)]
+
+    def _grads_numpy(self, grads):
+        """Dense gradients in storage layout -> canonical NumPy."""
+        return OrderedDict((name, np.asarray(self._from_storage(name, g.numpy()), np.float32))
+                           for name, g in zip(self._vars, grads))
+
+    def _train_body(self, prepared):
+        loss, grads = self._tape_loss(prepared)
+        self._opt.apply_gradients(zip(self._for_optimizer(grads), self._var_list))
+        return loss
+
+    def _for_optimizer(self, grads):
+        """Gradients as the optimiser should see them.
+
+        The embedding gradient is tf.IndexedSlices (rows of E that were read).
+        SGD applies it sparsely (a scatter-subtract, exact: duplicate rows add
+        as a dense update would). Adagrad needs one row per index (its square
+        of a sum is not the sum of squares) and is exact sparse after that:
+        untouched rows get g = 0, which changes neither them nor their
+        accumulator. Adam's moments decay on every row, so it gets a dense
+        gradient, as in the other frameworks.
+        """
+        out = []
+        for g, var in zip(grads, self._var_list):
+            if isinstance(g, tf.IndexedSlices):
+                if self.cfg.optimizer == "adagrad":
+                    rows, where = tf.unique(g.indices)
+                    g = tf.IndexedSlices(tf.math.unsorted_segment_sum(g.values, where, tf.shape(rows)[0]),
+                                         rows, g.dense_shape)
+                elif self.cfg.optimizer != "sgd":
+                    g = dense(g, var)
+            elif g is None:
+                g = tf.zeros_like(var)
+            out.append(g)
+        return out
+
+    def logits(self, prepared):
+        self._need_params()
+        with tf.device(self._device):
+            out = self._fns["logits"](prepared)
+        self._last = out
+        return out
+
+    def loss_and_grads(self, prepared):
+        self._need_params()
+        with tf.device(self._device):
+            loss, grads = self._fns["grads"](prepared)
+        return float(loss.numpy()), self._grads_numpy(grads)
+
+    def train_step(self, prepared):
+        self._need_params()
+        with tf.device(self._device):
+            loss = self._fns["train"](prepared)
+        self._last = loss
+        return loss
+
+    def sync(self):
+        if self._last is not None:
+            self._last.numpy()
+        if self.device == "gpu":
+            # The loss can be ready while the optimiser's updates are still queued.
+            tf.test.experimental.sync_devices()
+
+    def to_numpy(self, value):
+        return to_numpy(value)
+
+    # --- measurement ---
+    def device_peak_bytes(self):
+        return peak_bytes(self.device)
+
+    def gemm_flops(self, n=512, repeats=10):
+        return gemm_flops(self.device, n, repeats)
+
+    def info(self):
+        out = {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "device": self._device,
+            "threads_requested": self.threads,
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "setup_notes": list(self._setup["notes"]),
+            "graph": self.graph,
+            "xla": self.xla,
+            "traces": dict(self._traces),
+            "embedding_update": {"sgd": "sparse", "adagrad": "sparse (deduplicated rows)",
+                                 "adam": "dense"}[self.cfg.optimizer],
+            "optimizer": type(self._opt).__name__ if self._opt is not None else self.cfg.optimizer,
+        }
+        if self.device == "gpu":
+            try:
+                details = tf.config.experimental.get_device_details(
+                    tf.config.list_physical_devices("GPU")[0])
+                out["gpu"] = details.get("device_name")
+            except (IndexError, RuntimeError, ValueError):
+                pass
+        return out
