@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import registry, verify
-from .batches import batch_examples, batch_stream, hash_batches, make_seq_batch, make_tree_batch
+from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_batch
 from .config import SCHEMA_VERSION, CellConfig
 from .environment import limit_blas_threads, machine, peak_rss_mb
 from .flops import forward_flops, train_flops

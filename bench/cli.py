@@ -97,7 +97,7 @@ def _cells(args) -> List[CellConfig]:
         try:
             check_task_name(t)
         except ValueError as exc:
-            raise SystemExit(str(exc))
+            raise SystemExit(str(exc)) from None
     return cells
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Threshold:
         try:
             value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
         except ValueError:
-            raise ValueError("threshold %r is not a number or percentage" % text)
+            raise ValueError("threshold %r is not a number or percentage" % text) from None
         if not 0 < value < 1:
             raise ValueError("threshold must be between 0 and 100%%, got %r" % text)
         return cls(value)

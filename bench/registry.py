@@ -113,7 +113,7 @@ def load(framework: str, model: str) -> type:
         module = importlib.import_module("%s.%s" % (fw.package, family(model)))
     except ModuleNotFoundError as exc:
         if exc.name and (exc.name.startswith(fw.package) or fw.package.startswith(exc.name)):
-            raise Unavailable("no implementation package %s in this checkout" % fw.package)
+            raise Unavailable("no implementation package %s in this checkout" % fw.package) from exc
         raise
     cls = getattr(module, "RNN" if family(model) == "rnn" else "RvNN")
     if not issubclass(cls, Implementation):

@@ -181,6 +181,11 @@ def accuracy_table(df):
     return out
 
 
+def _nan0(x) -> float:
+    """The std of a single seed is NaN; show it as 0."""
+    return 0.0 if x != x else float(x)
+
+
 def _accuracy_section(df, records) -> str:
     acc = accuracy_table(df)
     if acc.empty:
@@ -191,8 +196,8 @@ def _accuracy_section(df, records) -> str:
               for r in records if r.get("accuracy")}
     rows = [[r["task"], r["model"], modes.get((r["task"], r["model"]), "root"),
              _fmt(epochs.get((r["task"], r["model"])), "%g"), r["framework"], r["strategy"],
-             "%.1f ± %.1f" % (100 * r["dev_mean"], 100 * (r["dev_std"] if r["dev_std"] == r["dev_std"] else 0)),
-             "%.1f ± %.1f" % (100 * r["test_mean"], 100 * (r["test_std"] if r["test_std"] == r["test_std"] else 0)),
+             "%.1f ± %.1f" % (100 * r["dev_mean"], 100 * _nan0(r["dev_std"])),
+             "%.1f ± %.1f" % (100 * r["test_mean"], 100 * _nan0(r["test_std"])),
              int(r["seeds"])] for _, r in acc.iterrows()]
     return _md_table(["task", "model", "loss", "epochs", "framework", "strategy",
                       "dev accuracy %", "test accuracy %", "seeds"], rows)
