@@ -1,0 +1,26 @@
+"""JAX (with optax) as a framework: RNN and RvNN families, every strategy JAX can express.
+
+Strategies, as implemented here:
+
+* RNN ``loop``: a jitted cell called from a Python loop over time steps;
+  gradients come from ``jax.value_and_grad`` over that Python loop.
+* RNN ``compiled``: ``jax.lax.scan`` over time under one ``jit`` (forward,
+  backward and optimiser update together), time padded to a multiple of 8.
+* RNN ``fused``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU only.
+* RvNN ``recursive``: one jitted call per tree node, following each tree.
+* RvNN ``levels``: one jitted call per tree height, widths padded to powers of two.
+* RvNN ``compiled``: ``lax.scan`` over a static schedule of node groups under one ``jit``.
+
+Threads: XLA's CPU client sizes its thread pool from the environment variable
+``PJRT_NPROC`` when the backend starts, so the runner should export
+``PJRT_NPROC=<threads>`` for each cell's process; the constructor sets it too
+when JAX's backend has not started yet, and ``info()`` says what was applied.
+
+This module must not import jax: the registry reads ``NOT_APPLICABLE`` without
+loading the framework.
+"""
+
+NOT_APPLICABLE = {
+    ("elman", "fused"): "jax.experimental.rnn wraps only cuDNN's LSTM; JAX has no fused "
+                        "Elman (tanh RNN) layer",
+}

@@ -1,0 +1,315 @@
+"""Shared by the JAX RNN and RvNN classes: threads, device, parameters, optimiser, bookkeeping.
+
+Subclasses supply three things and get the whole interface:
+
+* ``_loss(params, prepared) -> scalar``: differentiable in ``params``;
+* ``_logits(params, prepared) -> [B, C]``;
+* ``jit_strategies``: the strategies for which those two are pure functions of array pytrees that
+  can run under a single ``jax.jit`` (``compiled``, ``fused``); for the others
+  they are Python code calling smaller jitted pieces (``loop``, ``recursive``,
+  ``levels``), in which case ``jax.value_and_grad`` runs over the Python code
+  and only the optimiser update is jitted.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections import Counter
+from typing import Dict, Optional
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+
+from . import NOT_APPLICABLE
+
+# --- threads: XLA's CPU client reads PJRT_NPROC once, when the backend starts ---
+
+_THREADS: Dict = {}
+_COMPILES = {"count": 0, "seconds": 0.0}
+_LOCK = threading.Lock()
+
+
+def _backend_started() -> Optional[bool]:
+    try:
+        from jax._src import xla_bridge  # no public query exists in jax 0.10
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # an internal that moved: say we do not know
+        return None
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int) -> Dict:
+    """Size XLA's CPU thread pool to ``threads`` if JAX's backend has not started yet.
+
+    Returns what the process actually runs with: ``requested``, ``applied``
+    (the pool size XLA was started with, as far as it can be known),
+    ``matched`` and ``how``. The first call in a process decides; later calls
+    with another count report a mismatch instead of pretending.
+    """
+    with _LOCK:
+        if not _THREADS:
+            started = _backend_started()
+            if started is False:
+                before = os.environ.get("PJRT_NPROC")
+                os.environ["PJRT_NPROC"] = str(int(threads))
+                jax.devices()  # start the backend now so the pool size is pinned and known
+                how = "PJRT_NPROC=%d set before XLA's backend started" % threads
+                if before not in (None, str(threads)):
+                    how += " (replacing PJRT_NPROC=%s from the environment)" % before
+                _THREADS.update(applied=int(threads), how=how)
+            else:
+                env = os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")
+                try:
+                    applied, how = int(env), "backend already started; PJRT_NPROC/NPROC=%s" % env
+                except (TypeError, ValueError):
+                    applied = _cpu_count()
+                    how = "backend already started without PJRT_NPROC: XLA's default, one per core"
+                if started is None:
+                    how += " (could not tell whether the backend had started)"
+                _THREADS.update(applied=applied, how=how)
+            _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        out = dict(_THREADS)
+    out["requested"] = int(threads)
+    out["matched"] = out["applied"] == int(threads)
+    return out
+
+
+def _count_compiles(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["count"] += 1
+        _COMPILES["seconds"] += float(duration)
+
+
+def _install_compile_listener():
+    if not _COMPILES.get("installed"):
+        jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+        _COMPILES["installed"] = True
+
+
+def pick_device(device: str):
+    """The jax device for 'cpu' or 'gpu'; Unavailable when JAX has no GPU backend."""
+    if device == "cpu":
+        return jax.devices("cpu")[0]
+    try:
+        gpus = jax.devices("gpu")
+    except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
+        raise Unavailable("no GPU device: %s" % _one_line(exc)) from None
+    if not gpus:
+        raise Unavailable("no GPU device: jax lists none")
+    return gpus[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- optimiser ---
+
+def make_optimizer(cfg):
+    """optax transformation for cfg.optimizer with the suite's shared hyper-parameters.
+
+    Note optax's Adagrad adds eps inside the square root (g / sqrt(acc + eps)),
+    PyTorch and Keras outside it (g / (sqrt(acc) + eps)); with eps=1e-7 and the
+    accumulator >= 0.1 the two differ by under 1e-6 relative.
+    """
+    if cfg.optimizer == "sgd":
+        return optax.sgd(cfg.lr)
+    if cfg.optimizer == "adam":
+        return optax.adam(cfg.lr, b1=ADAM["beta1"], b2=ADAM["beta2"], eps=ADAM["eps"])
+    if cfg.optimizer == "adagrad":
+        return optax.adagrad(cfg.lr, initial_accumulator_value=ADAGRAD["initial_accumulator"],
+                             eps=ADAGRAD["eps"])
+    raise ValueError("unknown optimizer %r" % cfg.optimizer)
+
+
+# --- losses shared by both families ---
+
+def softmax_xent(logits, labels):
+    """Mean cross-entropy over rows with label >= 0 (logits [M, C], labels int32[M])."""
+    keep = labels >= 0
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(keep, labels, 0)[:, None], axis=-1)[:, 0]
+    count = jnp.maximum(jnp.sum(keep), 1).astype(logits.dtype)
+    return -jnp.sum(jnp.where(keep, picked, 0.0)) / count
+
+
+def classify(W_o, b_o, h):
+    """Logits [M, C] from hidden states h [M, H]."""
+    return h @ W_o + b_o
+
+
+# --- the base class ---
+
+class JaxImplementation(Implementation):
+    framework = "jax"
+    jit_strategies: tuple = ()  # strategies whose whole step runs under one jax.jit
+
+    @property
+    def whole_jit(self) -> bool:
+        return self.strategy in self.jit_strategies
+
+    def __init__(self, cfg, strategy, device="cpu", threads=1):
+        super().__init__(cfg, strategy, device, threads)
+        self._refuse()
+        self._thread_info = configure_threads(threads)
+        _install_compile_listener()
+        # TF32 would otherwise be JAX's default for float32 matmuls on recent GPUs;
+        # the suite compares float32 with float32.
+        jax.config.update("jax_default_matmul_precision", "highest")
+        self.dev = pick_device(device)
+        self.opt = make_optimizer(cfg)
+        self.params = None
+        self.opt_state = None
+        self.traces: Counter = Counter()
+        self._last = None
+        self._build_jits()
+
+    # -- subclass hooks --
+    def _refuse(self):
+        """Raise NotApplicable for what this class cannot express (before JAX starts)."""
+        reason = NOT_APPLICABLE.get((self.cfg.model, self.strategy)) \
+            or NOT_APPLICABLE.get(("*", self.strategy))
+        if reason:
+            raise NotApplicable(reason)
+
+    def _loss(self, params, prepared):
+        raise NotImplementedError
+
+    def _logits(self, params, prepared):
+        raise NotImplementedError
+
+    def _traced(self, name, fn):
+        """fn, counting in self.traces[name] each time JAX traces it."""
+        def wrapper(*args, **kwargs):
+            self.traces[name] += 1
+            return fn(*args, **kwargs)
+        wrapper.__name__ = name
+        return wrapper
+
+    def _build_jits(self):
+        opt = self.opt
+
+        def apply(params, opt_state, grads):
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        if self.whole_jit:
+            loss = self._loss
+
+            def step(params, opt_state, prepared):
+                value, grads = jax.value_and_grad(loss)(params, prepared)
+                params, opt_state = apply(params, opt_state, grads)
+                return value, params, opt_state
+
+            self._value_and_grad = jax.jit(self._traced("value_and_grad",
+                                                        jax.value_and_grad(loss)))
+            self._train = jax.jit(self._traced("train_step", step), donate_argnums=(0, 1))
+            self._logits_call = jax.jit(self._traced("logits", self._logits))
+        else:
+            self._value_and_grad = jax.value_and_grad(self._loss)
+            update = jax.jit(self._traced("optimizer_update", apply), donate_argnums=(0, 1))
+            vg = self._value_and_grad
+
+            def step(params, opt_state, prepared):
+                value, grads = vg(params, prepared)
+                params, opt_state = update(params, opt_state, grads)
+                return value, params, opt_state
+
+            self._train = step
+            self._logits_call = self._logits
+
+    # -- parameters --
+    def load_params(self, params):
+        checked = self._checked(params)
+        # Private copies: device_put may alias host memory on the CPU, and the
+        # jitted update donates (overwrites) its parameter buffers.
+        self.params = {k: jax.device_put(np.array(v, np.float32, copy=True), self.dev)
+                       for k, v in checked.items()}
+        with jax.default_device(self.dev):
+            self.opt_state = self.opt.init(self.params)
+        self._last = None
+
+    def export_params(self):
+        return {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.params.items()}
+
+    # -- work --
+    def logits(self, prepared):
+        with jax.default_device(self.dev):
+            out = self._logits_call(self.params, prepared)
+        self._last = out
+        return out
+
+    def loss_and_grads(self, prepared):
+        with jax.default_device(self.dev):
+            value, grads = self._value_and_grad(self.params, prepared)
+        return float(value), {k: np.array(g, dtype=np.float32) for k, g in grads.items()}
+
+    def train_step(self, prepared):
+        with jax.default_device(self.dev):
+            value, self.params, self.opt_state = self._train(self.params, self.opt_state,
+                                                             prepared)
+        self._last = value
+        return value
+
+    def sync(self):
+        jax.block_until_ready((self._last, self.params))
+
+    def to_numpy(self, value):
+        return np.asarray(jax.device_get(value))
+
+    def _put(self, array, dtype=np.int32):
+        return jax.device_put(np.ascontiguousarray(array, dtype=dtype), self.dev)
+
+    # -- measurement helpers --
+    def device_peak_bytes(self):
+        if self.device != "gpu":
+            return None
+        stats = self.dev.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return int(peak) if peak is not None else None
+
+    def info(self):
+        import jaxlib
+        return {
+            "jax_version": jax.__version__,
+            "jaxlib_version": getattr(jaxlib, "__version__", "unknown"),
+            "optax_version": optax.__version__,
+            "python": platform.python_version(),
+            "platform": self.dev.platform,
+            "device_kind": getattr(self.dev, "device_kind", str(self.dev)),
+            "x64": bool(jax.config.jax_enable_x64),
+            "matmul_precision": jax.config.jax_default_matmul_precision,
+            "threads": self._thread_info,
+            "traces": dict(self.traces),
+            "traces_total": int(sum(self.traces.values())),
+            "xla_compiles_in_process": _COMPILES["count"],
+            "xla_compile_seconds_in_process": round(_COMPILES["seconds"], 3),
+        }
+
+    def gemm_flops(self, n=512, repeats=10):
+        rng = np.random.default_rng(0)
+        a = jax.device_put(rng.standard_normal((n, n)).astype(np.float32), self.dev)
+        b = jax.device_put(rng.standard_normal((n, n)).astype(np.float32), self.dev)
+        matmul = jax.jit(jnp.matmul)
+        matmul(a, b).block_until_ready()
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return 2.0 * n ** 3 / float(np.median(times))

@@ -1,0 +1,188 @@
+"""Elman RNN and LSTM in JAX: strategies ``loop``, ``compiled`` and ``fused``.
+
+Shapes: B batch, T time steps (Tb after bucketing), D embedding, H hidden,
+G = H (Elman) or 4H (LSTM, gate blocks [i, f, g, o]), C classes.
+
+* ``loop``: a jitted cell ``(state, x[B, Tb, D], live[Tb, B, 1], t) -> state`` (state
+  ``(h,)`` or ``(h, c)``, each [B, H]) called from a Python loop over t;
+  ``jax.value_and_grad`` differentiates the loop.
+* ``compiled``: ``lax.scan`` over time under one ``jit``; T is padded up to a
+  multiple of 8 so batches of similar length share one trace.
+* ``fused``: cuDNN's LSTM through ``jax.experimental.rnn.lstm`` (CUDA only).
+  The canonical LSTM maps onto it exactly: cuDNN's ``W_ih``/``W_hh`` are
+  ``W_x.T``/``W_h.T`` with the same gate order, ``b_ih = b``, ``b_hh = 0``, and
+  per-example ``seq_lengths`` make cuDNN return the state at the last real
+  token. There is no fused Elman layer in JAX and no fused kernel on the CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bench.batches import SeqBatch
+from bench.interface import NotApplicable, Unavailable
+
+from .common import JaxImplementation, classify, softmax_xent
+
+TIME_BUCKET = 8
+
+
+def time_bucket(t: int) -> int:
+    """Padded time length: the next multiple of TIME_BUCKET."""
+    return max(TIME_BUCKET, -(-int(t) // TIME_BUCKET) * TIME_BUCKET)
+
+
+def cell(model, W_h, state, zx, live):
+    """One step for the batch.
+
+    zx [B, G] is ``x_t W_x + b`` (the input projection), state is (h,) or
+    (h, c) with each [B, H], live [B, 1] bool: padded steps keep the state.
+    """
+    h = state[0]
+    z = zx + h @ W_h
+    if model == "elman":
+        return (jnp.where(live, jnp.tanh(z), h),)
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c_new = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    return jnp.where(live, h_new, h), jnp.where(live, c_new, state[1])
+
+
+def cudnn_lstm_weights(W_x, W_h, b):
+    """Canonical LSTM weights as the flat vector jax.experimental.rnn.lstm takes.
+
+    cuDNN's layout for one unidirectional layer: W_ih [4H, D], W_hh [4H, H],
+    b_ih [4H], b_hh [4H], row-major, gates [i, f, g, o] like the canonical
+    blocks; the canonical single bias goes into b_ih and b_hh is zero.
+    """
+    return jnp.concatenate([W_x.T.reshape(-1), W_h.T.reshape(-1), b, jnp.zeros_like(b)])
+
+
+class RNN(JaxImplementation):
+    family = "rnn"
+    jit_strategies = ("compiled", "fused")
+
+    def _refuse(self):
+        super()._refuse()
+        if self.strategy == "fused" and self.device == "cpu":
+            raise NotApplicable("JAX has no fused LSTM kernel for the CPU: "
+                                "jax.experimental.rnn lowers only to cuDNN (CUDA) and MIOpen (ROCm)")
+
+    def __init__(self, cfg, strategy, device="cpu", threads=1):
+        super().__init__(cfg, strategy, device, threads)
+        if strategy == "fused":
+            self._check_cudnn()
+        if strategy == "loop":
+            model = cfg.model
+
+            def embed(E, tokens):
+                return E[tokens]
+
+            def step(W_x, W_h, b, state, x, live, t):
+                return cell(model, W_h, state, x[:, t] @ W_x + b, live[t])
+
+            def loss_head(W_o, b_o, h, labels):
+                return softmax_xent(classify(W_o, b_o, h), labels)
+
+            self._embed = jax.jit(self._traced("embed", embed))
+            self._cell = jax.jit(self._traced("cell", step))
+            self._readout = jax.jit(self._traced("readout", classify))
+            self._loss_head = jax.jit(self._traced("loss_head", loss_head))
+
+    def _check_cudnn(self):
+        try:
+            from jax._src.lib import gpu_rnn
+        except ImportError as exc:
+            raise Unavailable("jaxlib has no GPU RNN module: %s" % exc) from None
+        # Device.platform says 'gpu' for CUDA and ROCm alike; the plugin modules tell them apart.
+        if not (getattr(gpu_rnn, "_cuda_rnn", None) or getattr(gpu_rnn, "_hip_rnn", None)):
+            raise Unavailable("this jax install has no cuDNN/MIOpen RNN kernels (jax-cuda plugin "
+                              "without its _rnn module)")
+
+    # --- preparation (untimed) ---
+    def prepare(self, batch: SeqBatch):
+        if not isinstance(batch, SeqBatch):
+            raise TypeError("the RNN family takes a SeqBatch, not %s" % type(batch).__name__)
+        tokens, lengths, labels = batch.tokens, batch.lengths, batch.labels
+        T = tokens.shape[1]
+        padded = np.zeros((tokens.shape[0], time_bucket(T)), np.int32)
+        padded[:, :T] = tokens
+        if self.strategy == "loop":
+            # The loop runs the T real steps; padding T only keeps the shapes the
+            # jitted cell sees (x [B, Tb, D]) to a few buckets.
+            live = (np.arange(padded.shape[1])[:, None] < lengths[None, :])[:, :, None]
+            return {"tokens": self._put(padded), "labels": self._put(labels),
+                    "live": self._put(live, bool), "steps": T}
+        return {"tokens": self._put(padded), "lengths": self._put(lengths),
+                "labels": self._put(labels)}
+
+    # --- the three ways to get the last hidden state [B, H] ---
+    def _hidden_loop(self, p, prep):
+        # One lookup for the batch, then each step reads its column inside the
+        # jitted cell (t is traced: one compile for every step).
+        x = self._embed(p["E"], prep["tokens"])             # [B, Tb, D]
+        B, H = x.shape[0], self.cfg.hidden
+        zeros = jnp.zeros((B, H), jnp.float32)
+        state = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
+        for t in range(prep["steps"]):
+            state = self._cell(p["W_x"], p["W_h"], p["b"], state, x, prep["live"], t)
+        return state[0]
+
+    def _hidden_scan(self, p, prep):
+        tokens, lengths = prep["tokens"], prep["lengths"]
+        B, Tb = tokens.shape
+        H = self.cfg.hidden
+        # The input projection of every step is one [B*Tb, D] x [D, G] matmul
+        # outside the recurrence; only h W_h stays inside the scan.
+        zx = jnp.swapaxes(p["E"][tokens] @ p["W_x"] + p["b"], 0, 1)      # [Tb, B, G]
+        live = (jnp.arange(Tb)[:, None] < lengths[None, :])[:, :, None]  # [Tb, B, 1]
+        zeros = jnp.zeros((B, H), jnp.float32)
+        init = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
+        model, W_h = self.cfg.model, p["W_h"]
+
+        def step(state, inputs):
+            return cell(model, W_h, state, *inputs), None
+
+        state, _ = lax.scan(step, init, (zx, live))
+        return state[0]
+
+    def _hidden_fused(self, p, prep):
+        from jax.experimental import rnn as jrnn
+        tokens, lengths = prep["tokens"], prep["lengths"]
+        B = tokens.shape[0]
+        D, H = self.cfg.embed_dim, self.cfg.hidden
+        weights = cudnn_lstm_weights(p["W_x"], p["W_h"], p["b"])
+        zeros = jnp.zeros((1, B, H), jnp.float32)
+        _, h_n, _ = jrnn.lstm(p["E"][tokens], zeros, zeros, weights, lengths,
+                              input_size=D, hidden_size=H, num_layers=1, dropout=0.0,
+                              bidirectional=False, precision=lax.Precision.HIGHEST)
+        return h_n[0]
+
+    def _hidden(self, p, prep):
+        if self.strategy == "loop":
+            return self._hidden_loop(p, prep)
+        if self.strategy == "compiled":
+            return self._hidden_scan(p, prep)
+        return self._hidden_fused(p, prep)
+
+    # --- hooks for the base class ---
+    def _logits(self, p, prep):
+        h = self._hidden(p, prep)
+        if self.strategy == "loop":
+            return self._readout(p["W_o"], p["b_o"], h)
+        return classify(p["W_o"], p["b_o"], h)
+
+    def _loss(self, p, prep):
+        if self.strategy == "loop":
+            return self._loss_head(p["W_o"], p["b_o"], self._hidden(p, prep), prep["labels"])
+        return softmax_xent(self._logits(p, prep), prep["labels"])
+
+    def info(self):
+        out = super().info()
+        out["time_bucket"] = "multiple of %d" % TIME_BUCKET
+        if self.strategy == "fused":
+            out["kernel"] = "jax.experimental.rnn.lstm (cuDNN), TF32 off"
+        return out

@@ -1,0 +1,297 @@
+"""RvNN and Tree-LSTM in PyTorch: strategies ``recursive``, ``levels`` and ``compiled``.
+
+Shapes: B trees, N nodes in the batch (TreeBatch order: by height, children
+first), Lf leaves (nodes ``0..Lf-1``), D embedding, H hidden; a node's
+children are read as ``hlr = [h_l; h_r]`` ([2H] or [n, 2H]).
+
+* ``recursive``: one call per node, tree by tree in post-order (children,
+  then parent), as a recursive implementation visits them; the order is
+  precomputed in ``prepare`` so deep trees do not hit Python's recursion
+  limit. Each node computes its own h (and c) from [D] / [2H] vectors. The
+  embedding rows of all leaves are fetched with one gather first: a per-leaf
+  lookup would make autograd build a dense [V, D] gradient per leaf.
+* ``levels``: dynamic batching. Level 0 (all leaves of the batch): one
+  gather from E and one product. Level k: one gather of the children's rows
+  (left/right interleaved, so ``[2n, H]`` views as ``[n, 2H]``), one
+  product, and the new rows appended with ``torch.cat`` (no in-place writes:
+  autograd sees plain values).
+* ``compiled``: the levels schedule on ``TreeBatch.padded_bucketed()`` under
+  ``torch.compile``: node buffer ``[N' + 2, H]`` (rows ``zero`` and ``sink``),
+  every level ``W'`` wide, written with out-of-place ``index_copy``. The
+  levels run in compiled chunks of ``LEVEL_CHUNK`` (level count padded with
+  all-padding levels), so one graph serves every bucket; shapes are dynamic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.batches import TreeBatch
+
+from .common import TorchImplementation, compile_scope, long_tensor
+
+# Levels per compiled call (a 30-level SST batch is 32 padded levels: 8 calls).
+# A chunk's compile time grows with its unroll length; the call overhead it
+# saves is tens of microseconds against a level's [W', 2H] x [2H, 5H] product.
+LEVEL_CHUNK = 4
+
+
+# --- cells: work on one node ([D] / [2H]) or on rows ([n, D] / [n, 2H]) ---
+# Fewer, fused kernels matter in both strategies (eager cost is per op):
+# addmm/addmv instead of product + bias, addcmul for the forget terms, and
+# gate blocks taken with split/chunk, whose backward is one cat (a slice's
+# backward zero-fills a full-width gradient per slice).
+
+def affine(x, W, b):
+    return torch.addmm(b, x, W) if x.dim() == 2 else torch.addmv(b, W.t(), x)
+
+
+def rvnn_leaf(x, W_leaf, b_leaf):
+    return torch.tanh(affine(x, W_leaf, b_leaf)), None
+
+
+def rvnn_node(hlr, c_l, c_r, W, b):
+    return torch.tanh(affine(hlr, W, b)), None
+
+
+def treelstm_leaf(x, W_leaf, b_leaf):
+    z = affine(x, W_leaf, b_leaf)
+    H = z.shape[-1] // 3
+    z_io, z_u = z.split([2 * H, H], dim=-1)
+    i, o = torch.sigmoid(z_io).chunk(2, dim=-1)
+    c = i * torch.tanh(z_u)
+    return o * torch.tanh(c), c
+
+
+def treelstm_node(hlr, c_l, c_r, U, b_U):
+    z = affine(hlr, U, b_U)
+    H = z.shape[-1] // 5
+    z_g, z_u = z.split([4 * H, H], dim=-1)
+    i, f_l, f_r, o = torch.sigmoid(z_g).chunk(4, dim=-1)   # one kernel for four gates
+    c = torch.addcmul(torch.addcmul(i * torch.tanh(z_u), f_l, c_l), f_r, c_r)
+    return o * torch.tanh(c), c
+
+
+CELLS = {
+    "rvnn": (rvnn_leaf, rvnn_node, ("W_leaf", "b_leaf"), ("W", "b")),
+    "treelstm": (treelstm_leaf, treelstm_node, ("W_leaf", "b_leaf"), ("U", "b_U")),
+}
+
+
+# --- compiled pieces: one top-level function per model, so each has its own
+# code object and so its own dynamo cache (closures would share one) ---
+
+def _rvnn_leaves(E, W_leaf, b_leaf, leaf_token, leaf_node, rows):
+    h, _ = rvnn_leaf(F.embedding(leaf_token, E), W_leaf, b_leaf)
+    return h.new_zeros(rows, h.shape[1]).index_copy(0, leaf_node, h)
+
+
+def _treelstm_leaves(E, W_leaf, b_leaf, leaf_token, leaf_node, rows):
+    h, c = treelstm_leaf(F.embedding(leaf_token, E), W_leaf, b_leaf)
+    zeros = h.new_zeros(rows, h.shape[1])
+    return zeros.index_copy(0, leaf_node, h), zeros.index_copy(0, leaf_node, c)
+
+
+def _rvnn_levels(hbuf, level_node, level_lr, W, b):
+    # level_node [K, W'], level_lr [K, 2W'] (left, right interleaved)
+    H = hbuf.shape[1]
+    for k in range(level_node.shape[0]):
+        h, _ = rvnn_node(hbuf.index_select(0, level_lr[k]).view(-1, 2 * H), None, None, W, b)
+        hbuf = hbuf.index_copy(0, level_node[k], h)
+    return hbuf
+
+
+def _treelstm_levels(hbuf, cbuf, level_node, level_lr, U, b_U):
+    H = hbuf.shape[1]
+    for k in range(level_node.shape[0]):
+        lr = level_lr[k]
+        clr = cbuf.index_select(0, lr).view(-1, 2, H)
+        h, c = treelstm_node(hbuf.index_select(0, lr).view(-1, 2 * H), clr[:, 0], clr[:, 1],
+                             U, b_U)
+        hbuf = hbuf.index_copy(0, level_node[k], h)
+        cbuf = cbuf.index_copy(0, level_node[k], c)
+    return hbuf, cbuf
+
+
+_COMPILED = {}
+
+
+def compiled_tree_fns(model: str):
+    """(leaves, levels) compiled once per process: instances share their graphs."""
+    if model not in _COMPILED:
+        fns = {"rvnn": (_rvnn_leaves, _rvnn_levels),
+               "treelstm": (_treelstm_leaves, _treelstm_levels)}[model]
+        _COMPILED[model] = tuple(torch.compile(f, dynamic=True) for f in fns)
+    return _COMPILED[model]
+
+
+@dataclass
+class PreparedTrees:
+    labels: torch.Tensor            # int64[P]: labels at the classification points
+    count: float                    # labelled points, at least 1
+    points: Optional[torch.Tensor]  # int64[P] rows of the node buffer; None: all rows
+    roots: torch.Tensor             # int64[B]
+    leaf_token: torch.Tensor        # int64[Lf] (compiled: [Lf'])
+    # recursive
+    order: Optional[List[Tuple[int, int, int]]] = None   # (node, left, right), post-order
+    num_nodes: int = 0
+    root_list: Optional[List[int]] = None
+    # levels
+    level_lr: Optional[List[torch.Tensor]] = None        # per level >= 1: int64[2n]
+    # compiled
+    leaf_node: Optional[torch.Tensor] = None             # int64[Lf']
+    level_node: Optional[torch.Tensor] = None            # int64[L'', W']
+    level_lr_padded: Optional[torch.Tensor] = None       # int64[L'', 2W']
+    rows: int = 0                                        # N' + 2
+
+
+class RvNN(TorchImplementation):
+    family = "rvnn"
+
+    def __init__(self, cfg, strategy, device="cpu", threads=1):
+        super().__init__(cfg, strategy, device, threads)
+        self.params = self._canonical_parameters()
+        self._leaf, self._node, self._leaf_names, self._node_names = CELLS[cfg.model]
+        if strategy == "compiled":
+            self._c_leaves, self._c_levels = compiled_tree_fns(cfg.model)
+
+    # --- data ---
+    def prepare(self, batch: TreeBatch) -> PreparedTrees:
+        if not isinstance(batch, TreeBatch):
+            raise TypeError("the RvNN family needs a TreeBatch, got %s" % type(batch).__name__)
+        dev = self.dev
+        root_mode = self.cfg.loss_mode == "root"
+        if self.strategy == "compiled":
+            return self._prepare_padded(batch, root_mode)
+        labels = batch.label[batch.root] if root_mode else batch.label
+        n_leaves = int(batch.level_offsets[1])
+        out = PreparedTrees(labels=long_tensor(labels, dev),
+                            count=float(max(1, int((labels >= 0).sum()))),
+                            points=long_tensor(batch.root, dev) if root_mode else None,
+                            roots=long_tensor(batch.root, dev),
+                            leaf_token=long_tensor(batch.token[:n_leaves], dev))
+        if self.strategy == "recursive":
+            left, right = batch.left.tolist(), batch.right.tolist()
+            order = []
+            for r in batch.root.tolist():
+                # iterative post-order of one tree
+                stack = [(r, False)]
+                while stack:
+                    n, expanded = stack.pop()
+                    if left[n] < 0 or expanded:
+                        order.append((n, left[n], right[n]))
+                    else:
+                        stack += [(n, True), (right[n], False), (left[n], False)]
+            out.order = order
+            out.num_nodes = batch.num_nodes
+            out.root_list = batch.root.tolist()
+        else:
+            o = batch.level_offsets
+            out.level_lr = [long_tensor(np.stack([batch.left[o[k]:o[k + 1]],
+                                                  batch.right[o[k]:o[k + 1]]], 1).reshape(-1), dev)
+                            for k in range(1, batch.num_levels)]
+        return out
+
+    def _prepare_padded(self, batch, root_mode):
+        dev = self.dev
+        p = batch.padded_bucketed()
+        levels = p.level_node.shape[0]
+        chunks = -(-levels // LEVEL_CHUNK) * LEVEL_CHUNK
+        width = p.level_node.shape[1]
+        # extra all-padding levels: write the sink, read the zero row
+        node = np.full((chunks, width), p.sink, np.int64)
+        lr = np.full((chunks, width, 2), p.zero, np.int64)
+        node[:levels] = p.level_node
+        lr[:levels, :, 0] = p.level_left
+        lr[:levels, :, 1] = p.level_right
+        labels = p.root_label if root_mode else p.label
+        return PreparedTrees(labels=long_tensor(labels, dev),
+                             count=float(max(1, int((labels >= 0).sum()))),
+                             points=long_tensor(p.root, dev) if root_mode else None,
+                             roots=long_tensor(p.root, dev),
+                             leaf_token=long_tensor(p.leaf_token, dev),
+                             leaf_node=long_tensor(p.leaf_node, dev),
+                             level_node=long_tensor(node, dev),
+                             level_lr_padded=long_tensor(lr.reshape(chunks, 2 * width), dev),
+                             rows=p.num_nodes + 2)
+
+    # --- forward: the hidden state of every node ([N, H] / [N' + 2, H]) ---
+    def _recursive(self, ready: PreparedTrees) -> List[torch.Tensor]:
+        p = self.params
+        W_leaf, b_leaf = (p[n] for n in self._leaf_names)
+        W, b = (p[n] for n in self._node_names)
+        leaf, node = self._leaf, self._node
+        xs = F.embedding(ready.leaf_token, p["E"]).unbind(0)
+        hs: List[Optional[torch.Tensor]] = [None] * ready.num_nodes
+        cs: List[Optional[torch.Tensor]] = [None] * ready.num_nodes
+        for n, l, r in ready.order:
+            if l < 0:
+                hs[n], cs[n] = leaf(xs[n], W_leaf, b_leaf)
+            else:
+                hs[n], cs[n] = node(torch.cat([hs[l], hs[r]]), cs[l], cs[r], W, b)
+        return hs
+
+    def _levels(self, ready: PreparedTrees) -> torch.Tensor:
+        p = self.params
+        H = self.cfg.hidden
+        W, b = (p[n] for n in self._node_names)
+        h_all, c_all = self._leaf(F.embedding(ready.leaf_token, p["E"]),
+                                  *(p[n] for n in self._leaf_names))
+        for lr in ready.level_lr:
+            hlr = h_all.index_select(0, lr).view(-1, 2 * H)
+            if c_all is None:
+                h, _ = self._node(hlr, None, None, W, b)
+                h_all = torch.cat([h_all, h])
+            else:
+                clr = c_all.index_select(0, lr).view(-1, 2, H)
+                h, c = self._node(hlr, clr[:, 0], clr[:, 1], W, b)
+                h_all, c_all = torch.cat([h_all, h]), torch.cat([c_all, c])
+        return h_all
+
+    def _compiled(self, ready: PreparedTrees) -> torch.Tensor:
+        p = self.params
+        W, b = (p[n] for n in self._node_names)
+        leaf_args = (p["E"], *(p[n] for n in self._leaf_names), ready.leaf_token,
+                     ready.leaf_node, ready.rows)
+        with compile_scope():
+            if self.cfg.model == "rvnn":
+                hbuf = self._c_leaves(*leaf_args)
+                for s in range(0, ready.level_node.shape[0], LEVEL_CHUNK):
+                    hbuf = self._c_levels(hbuf, ready.level_node[s:s + LEVEL_CHUNK],
+                                          ready.level_lr_padded[s:s + LEVEL_CHUNK], W, b)
+            else:
+                hbuf, cbuf = self._c_leaves(*leaf_args)
+                for s in range(0, ready.level_node.shape[0], LEVEL_CHUNK):
+                    hbuf, cbuf = self._c_levels(hbuf, cbuf, ready.level_node[s:s + LEVEL_CHUNK],
+                                                ready.level_lr_padded[s:s + LEVEL_CHUNK], W, b)
+        return hbuf
+
+    def _hidden_at(self, ready: PreparedTrees, idx: Optional[torch.Tensor],
+                   rows: Optional[List[int]]) -> torch.Tensor:
+        if self.strategy == "recursive":
+            hs = self._recursive(ready)
+            return torch.stack(hs if rows is None else [hs[r] for r in rows])
+        h = self._levels(ready) if self.strategy == "levels" else self._compiled(ready)
+        return h if idx is None else h.index_select(0, idx)
+
+    def _points(self, ready):
+        rows = ready.root_list if ready.points is not None else None
+        return self._hidden_at(ready, ready.points, rows), ready.labels, ready.count
+
+    def _logits_rows(self, ready):
+        return self._hidden_at(ready, ready.roots, ready.root_list)
+
+    def info(self):
+        out = super().info()
+        out["strategy_detail"] = {
+            "recursive": "one call per node, per-tree post-order, leaf embeddings in one gather",
+            "levels": "one gather + product + cat per tree height",
+            "compiled": "torch.compile(dynamic=True): leaves + %d-level chunks on "
+                        "padded_bucketed()" % LEVEL_CHUNK,
+        }[self.strategy]
+        return out
