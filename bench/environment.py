@@ -18,11 +18,11 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 def thread_env(threads: int) -> Dict[str, str]:
     """Environment that caps every thread pool we know of, set before a cell's process starts.
 
-    XLA's CPU client has no exact knob for its intra-op pool: eigen
-    multi-threading is switched on or off (one thread) and the count is recorded.
+    XLA's CPU client (JAX) sizes its pool from PJRT_NPROC when its backend starts.
     """
     env = {name: str(threads) for name in THREAD_ENV_VARS}
     env["TF_NUM_INTEROP_THREADS"] = "1"
+    env["PJRT_NPROC"] = str(threads)
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=%s" % ("true" if threads > 1 else "false")
     return env
 

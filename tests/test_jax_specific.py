@@ -245,3 +245,39 @@ def test_wide_groups_give_the_level_schedule_and_the_same_logits(sst):
         out[schedule] = impl.to_numpy(impl.logits(impl.prepare(b)))
     assert np.abs(out["packed"] - out["heights"]).max() < 1e-6
     assert np.abs(out["packed"] - reference.logits(cfg, params, b)).max() < 1e-4
+
+
+# -- on a GPU machine: every strategy, fused included, on the device --
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no GPU backend in this jax")
+@pytest.mark.parametrize("model,strategy", [
+    ("elman", "loop"), ("elman", "compiled"), ("lstm", "loop"), ("lstm", "compiled"),
+    ("lstm", "fused"), ("rvnn", "recursive"), ("rvnn", "levels"), ("rvnn", "compiled"),
+    ("treelstm", "recursive"), ("treelstm", "levels"), ("treelstm", "compiled")])
+def test_gpu_matches_the_reference(model, strategy, sst):
+    from bench import verify
+    cfg = ModelConfig(model, vocab_size=len(sst.vocab), embed_dim=32, hidden=24, num_classes=5,
+                      lr=0.5)
+    impl = (RNN if cfg.family == "rnn" else RvNN)(cfg, strategy, device="gpu", threads=2)
+    params = init_params(cfg, seed=7)
+    impl.load_params(params)
+    batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(sst.train[:8])
+    result = verify.check(impl, cfg, params, batch)
+    assert result["ok"], result
+    ready = impl.prepare(batch)
+    assert all(a.devices() == {impl.dev} for a in jax.tree.leaves(ready) if hasattr(a, "devices"))
+    impl.train_step(ready)
+    impl.sync()
+    _, g = reference.loss_and_grads(cfg, params, batch)
+    want = reference.sgd_step({k: v.astype(np.float64) for k, v in params.items()}, g, cfg.lr)
+    got = impl.export_params()
+    assert max(verify.max_abs(got[k], want[k]) for k in want) <= verify.TOLERANCE["param_abs"]
+    assert isinstance(impl.device_peak_bytes(), int)
+    assert impl.info()["platform"] == "gpu"
