@@ -186,6 +186,15 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
         json.dump(env, fh, indent=2, sort_keys=True)
 
     out = stream or sys.stderr
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt  # unwinds through run_in_subprocess, which kills the cell
+
+    if hasattr(signal, "SIGTERM"):
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (e.g. called from a test helper thread)
+            pass
     if resume and len(todo) < len(cells):
         out.write("resume: %d of %d cells already recorded\n" % (len(cells) - len(todo), len(cells)))
     progress = Progress(len(todo), stream=out)
