@@ -32,7 +32,9 @@ _QUIET_TF = ("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
     Framework("numpy", "impls.numpy_impl", "numpy"),
-    Framework("torch", "impls.torch_impl", "torch"),
+    # Inductor's on-disk caches would make compile_s measure a warm cache from an earlier cell.
+    Framework("torch", "impls.torch_impl", "torch",
+              env=(("TORCHINDUCTOR_FX_GRAPH_CACHE", "0"), ("TORCHINDUCTOR_AUTOGRAD_CACHE", "0"))),
     Framework("jax", "impls.jax_impl", "jax"),
     Framework("tensorflow", "impls.tf_impl", "tensorflow", env=(_QUIET_TF,)),
     # One Keras 3 implementation, three backends (chosen before keras is imported).

@@ -300,6 +300,12 @@ class TorchImplementation(Implementation):
             now = dynamo_counts()
             out["compile"] = {k: now[k] - self._dynamo_start[k] for k in now}
             out["compile"]["scope"] = "process-wide dynamo counters since construction"
+            # with these on, a warm on-disk cache makes the first call cheaper than a cold compile
+            from torch._functorch import config as functorch_config
+            from torch._inductor import config as inductor_config
+            out["compile"]["fx_graph_cache"] = bool(inductor_config.fx_graph_cache)
+            out["compile"]["autograd_cache"] = bool(getattr(functorch_config,
+                                                            "enable_autograd_cache", False))
         return out
 
     def gemm_flops(self, n=512, repeats=10):

@@ -59,19 +59,18 @@ class PreparedSeq:
 
 
 # --- one time step, shared by loop and compiled ---
+# addmm folds the input term into the product; gate blocks come from chunk,
+# whose backward is one cat (a slice's backward zero-fills the full width).
 
 def _elman_step(xp_t, h, c, W_h):
-    return torch.tanh(xp_t + h @ W_h), c
+    return torch.tanh(torch.addmm(xp_t, h, W_h)), c
 
 
 def _lstm_step(xp_t, h, c, W_h):
-    z = xp_t + h @ W_h
-    H = h.shape[1]
-    # one sigmoid over all four blocks is fewer kernels than three slices
-    s = torch.sigmoid(z)
-    i, f, o = s[:, :H], s[:, H:2 * H], s[:, 3 * H:]
-    g = torch.tanh(z[:, 2 * H:3 * H])
-    c_new = f * c + i * g
+    z = torch.addmm(xp_t, h, W_h)
+    i, f, _, o = torch.sigmoid(z).chunk(4, 1)   # one kernel for the three sigmoid gates
+    g = torch.tanh(z.chunk(4, 1)[2])
+    c_new = torch.addcmul(i * g, f, c)
     return o * torch.tanh(c_new), c_new
 
 
@@ -188,7 +187,8 @@ class RNN(TorchImplementation):
             # fresh contiguous tensors: a view would give dynamo a different
             # stride pattern to guard on, and so a graph of its own
             out.live_chunks = [
-                torch.as_tensor(live[k * CHUNK:(k + 1) * CHUNK, :n].copy(), device=dev).unsqueeze(-1)
+                torch.as_tensor(live[k * CHUNK:(k + 1) * CHUNK, :n].copy(),
+                                device=dev).unsqueeze(-1)
                 for k, n in enumerate(out.active)]
         return out
 
@@ -260,8 +260,9 @@ class RNN(TorchImplementation):
             "loop": "eager time loop, input projection hoisted, where-masked padding",
             "fused": "torch.nn.%s on a PackedSequence" % ("LSTM" if self.cfg.model == "lstm"
                                                          else "RNN"),
-            "compiled": "torch.compile(dynamic=True) of %d-step chunks, T padded to a "
-                        "multiple of %d" % (CHUNK, CHUNK),
+            "compiled": "torch.compile(dynamic=True) of %d-step chunks over the examples "
+                        "still running (sorted by length), T padded to a multiple of %d"
+                        % (CHUNK, CHUNK),
         }[self.strategy]
         if self.strategy == "fused" and self.dev.type == "cuda":
             out["cudnn_rnn"] = bool(torch.backends.cudnn.enabled

@@ -229,11 +229,11 @@ class RvNN(TorchImplementation):
         xs = F.embedding(ready.leaf_token, p["E"]).unbind(0)
         hs: List[Optional[torch.Tensor]] = [None] * ready.num_nodes
         cs: List[Optional[torch.Tensor]] = [None] * ready.num_nodes
-        for n, l, r in ready.order:
-            if l < 0:
+        for n, left, right in ready.order:
+            if left < 0:
                 hs[n], cs[n] = leaf(xs[n], W_leaf, b_leaf)
             else:
-                hs[n], cs[n] = node(torch.cat([hs[l], hs[r]]), cs[l], cs[r], W, b)
+                hs[n], cs[n] = node(torch.cat([hs[left], hs[right]]), cs[left], cs[right], W, b)
         return hs
 
     def _levels(self, ready: PreparedTrees) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""PyTorch-only properties the generic equivalence tests do not reach.
+
+* the nn.RNN / nn.LSTM layout mapping is exact both ways and keeps bias_hh
+  a frozen zero through training;
+* Adam and Adagrad use the suite's constants (one step against a NumPy update);
+* torch.compile graphs stay bounded over batches of varying shape, while
+  still computing the reference's function;
+* an all-unlabelled batch gives loss 0 and zero gradients, not NaN;
+* a chain far deeper than Python's recursion limit runs in ``recursive``.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench import reference, verify  # noqa: E402
+from bench.batches import make_seq_batch, make_tree_batch  # noqa: E402
+from bench.interface import ADAGRAD, ADAM, Unavailable  # noqa: E402
+from bench.params import ModelConfig, init_params  # noqa: E402
+from bench.tasks import Example  # noqa: E402
+from bench.trees import build_tree  # noqa: E402
+from impls.torch_impl import common  # noqa: E402
+from impls.torch_impl.rnn import CHUNK, RNN  # noqa: E402
+from impls.torch_impl.rvnn import RvNN  # noqa: E402
+
+
+def _examples(lengths, seed=0, vocab=20, shape="random", label=1):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        tree = build_tree(shape, [int(t) for t in rng.integers(1, vocab, size=n)], rng=rng)
+        out.append(Example(tuple(tree.tokens()), tree, label))
+    return out
+
+
+def test_fused_mapping_roundtrip_and_layout():
+    cfg = ModelConfig("lstm", vocab_size=10, embed_dim=4, hidden=3)
+    p = init_params(cfg, seed=0)
+    cell = {k: p[k] for k in ("W_x", "W_h", "b")}
+    torch_side = common.fused_from_canonical(cell)
+    assert torch_side["weight_ih_l0"].shape == (4 * 3, 4)       # torch's (4H, D)
+    np.testing.assert_array_equal(torch_side["weight_ih_l0"], p["W_x"].T)
+    np.testing.assert_array_equal(torch_side["bias_hh_l0"], 0)
+    back = common.fused_to_canonical(torch_side)
+    for k in cell:
+        np.testing.assert_array_equal(back[k], cell[k])
+
+
+@pytest.mark.parametrize("model", ["elman", "lstm"])
+def test_fused_bias_hh_stays_frozen_zero(model):
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=5, hidden=4, num_classes=3, lr=0.5)
+    impl = RNN(cfg, "fused", device="cpu", threads=1)
+    params = init_params(cfg, seed=3)
+    impl.load_params(params)
+    batch = make_seq_batch(_examples([3, 7, 5]))
+    ready = impl.prepare(batch)
+    _, grads = impl.loss_and_grads(ready)
+    impl.train_step(ready)
+    assert float(impl.layer.bias_hh_l0.abs().max()) == 0.0
+    # the effective bias moved by exactly one step of its gradient
+    np.testing.assert_allclose(impl.export_params()["b"], params["b"] - cfg.lr * grads["b"],
+                               atol=1e-6)
+
+
+def _numpy_adam(p, g, lr):
+    b1, b2, eps = ADAM["beta1"], ADAM["beta2"], ADAM["eps"]
+    m, v = (1 - b1) * g, (1 - b2) * g * g
+    return p - lr * (m / (1 - b1)) / (np.sqrt(v / (1 - b2)) + eps)
+
+
+def _numpy_adagrad(p, g, lr):
+    acc = ADAGRAD["initial_accumulator"] + g * g
+    return p - lr * g / (np.sqrt(acc) + ADAGRAD["eps"])
+
+
+@pytest.mark.parametrize("optimizer,update", [("adam", _numpy_adam), ("adagrad", _numpy_adagrad)])
+@pytest.mark.parametrize("model,strategy", [("lstm", "fused"), ("treelstm", "levels")])
+def test_optimizer_constants(optimizer, update, model, strategy):
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=5, hidden=4, num_classes=3,
+                      optimizer=optimizer, lr=0.01)
+    cls = RNN if cfg.family == "rnn" else RvNN
+    impl = cls(cfg, strategy, device="cpu", threads=1)
+    params = init_params(cfg, seed=1)
+    impl.load_params(params)
+    examples = _examples([4, 6, 3], seed=2)
+    batch = make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    impl.train_step(impl.prepare(batch))
+    _, grads = reference.loss_and_grads(cfg, params, batch)
+    got = impl.export_params()
+    for name in params:
+        want = update(params[name].astype(np.float64), grads[name], cfg.lr)
+        assert verify.max_abs(got[name], want) <= 1e-5, name
+    # load_params resets the optimiser: a second identical step lands at the same place
+    impl.load_params(params)
+    impl.train_step(impl.prepare(batch))
+    for name, value in impl.export_params().items():
+        np.testing.assert_array_equal(value, got[name])
+
+
+def test_compiled_rnn_graphs_are_bounded():
+    """Lengths 1..40 and batch sizes 1..9 (each batch a new shape): a handful of
+    graphs in all, and every batch still matches the reference."""
+    cfg = ModelConfig("lstm", vocab_size=20, embed_dim=5, hidden=4, num_classes=3)
+    impl = RNN(cfg, "compiled", device="cpu", threads=1)
+    params = init_params(cfg, seed=0)
+    impl.load_params(params)
+    rng = np.random.default_rng(0)
+    shapes = set()
+    for i in range(10):
+        lengths = [int(n) for n in rng.integers(1, 41, size=1 + i % 9)]
+        batch = make_seq_batch(_examples(lengths, seed=i))
+        shapes.add(batch.tokens.shape)
+        ready = impl.prepare(batch)
+        got = impl.to_numpy(impl.logits(ready))
+        assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= 1e-4
+        impl.loss_and_grads(ready)
+    assert len(shapes) >= 8
+    compiled = impl.info()["compile"]
+    # {grad, no grad} x {2+ examples running, 1 running (dynamo specialises size 1)}
+    assert compiled["graphs"] <= 4, compiled
+    assert compiled["graph_breaks"] == 0, compiled
+    assert CHUNK >= 2
+
+
+def test_compiled_rvnn_graphs_are_bounded():
+    cfg = ModelConfig("treelstm", vocab_size=20, embed_dim=5, hidden=4, num_classes=3,
+                      loss_mode="all")
+    impl = RvNN(cfg, "compiled", device="cpu", threads=1)
+    params = init_params(cfg, seed=0)
+    impl.load_params(params)
+    rng = np.random.default_rng(1)
+    keys = set()
+    for i in range(8):
+        lengths = [int(n) for n in rng.integers(2, 60, size=2 + i % 5)]
+        batch = make_tree_batch(_examples(lengths, seed=i))
+        keys.add(batch.padded_bucketed().shape_key)
+        ready = impl.prepare(batch)
+        got = impl.to_numpy(impl.logits(ready))
+        assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= 1e-4
+        impl.loss_and_grads(ready)
+    assert len(keys) >= 4
+    compiled = impl.info()["compile"]
+    # leaves and level-chunk functions, each with and without grad
+    assert compiled["graphs"] <= 4, compiled
+    assert compiled["graph_breaks"] == 0, compiled
+
+
+@pytest.mark.parametrize("model,strategy", [("lstm", "loop"), ("treelstm", "recursive"),
+                                            ("rvnn", "levels"), ("treelstm", "compiled")])
+def test_unlabelled_batch_gives_zero_loss(model, strategy):
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=5, hidden=4, num_classes=3)
+    cls = RNN if cfg.family == "rnn" else RvNN
+    impl = cls(cfg, strategy, device="cpu", threads=1)
+    impl.load_params(init_params(cfg, seed=0))
+    examples = _examples([3, 5], label=-1)
+    batch = make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    loss, grads = impl.loss_and_grads(impl.prepare(batch))
+    assert loss == 0.0
+    assert all(np.all(g == 0) for g in grads.values())
+
+
+def test_recursive_survives_a_chain_deeper_than_the_recursion_limit():
+    import sys
+    n = sys.getrecursionlimit() + 200
+    cfg = ModelConfig("rvnn", vocab_size=20, embed_dim=3, hidden=2, num_classes=2)
+    impl = RvNN(cfg, "recursive", device="cpu", threads=1)
+    params = init_params(cfg, seed=0)
+    impl.load_params(params)
+    batch = make_tree_batch(_examples([n], shape="left"))
+    got = impl.to_numpy(impl.logits(impl.prepare(batch)))
+    assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= 1e-4
+
+
+def test_threads_are_recorded_and_gpu_is_reported_unavailable():
+    cfg = ModelConfig("elman", vocab_size=10, embed_dim=3, hidden=2, num_classes=2)
+    info = RNN(cfg, "loop", device="cpu", threads=1).info()
+    assert info["intra_op_threads"] == 1 and info["threads_requested"] == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(Unavailable):
+            RNN(cfg, "fused", device="gpu", threads=1)
