@@ -90,15 +90,25 @@ def probe(framework: str) -> Tuple[bool, str]:
         found = False
     if not found:
         return False, "no implementation package %s in this checkout" % fw.package
+    # The entry's environment applies during the import only: a probe must not
+    # change what later code in this process (or its children) sees.
+    saved = {name: os.environ.get(name) for name, _ in fw.env}
     for name, value in fw.env:
         os.environ.setdefault(name, value)
     version = "unknown"
-    for module in fw.probe.split(","):  # the last module named gives the version
-        try:
-            mod = importlib.import_module(module)
-        except Exception as exc:  # a broken install is as unavailable as a missing one
-            return False, "%s does not import: %s" % (module, _one_line(exc))
-        version = str(getattr(mod, "__version__", "unknown"))
+    try:
+        for module in fw.probe.split(","):  # the last module named gives the version
+            try:
+                mod = importlib.import_module(module)
+            except Exception as exc:  # a broken install is as unavailable as a missing one
+                return False, "%s does not import: %s" % (module, _one_line(exc))
+            version = str(getattr(mod, "__version__", "unknown"))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if fw.dist:
         try:
             from importlib.metadata import version as dist_version

@@ -63,6 +63,11 @@ def _import_tensorflow():
     return tensorflow
 
 
+# Keras layers and optimisers here run on TensorFlow whatever the caller's
+# environment says (a Keras-on-torch setting would silently change the backend);
+# importing tensorflow already imports keras, so this goes first.
+if "keras" not in sys.modules:
+    os.environ["KERAS_BACKEND"] = "tensorflow"
 tf = _import_tensorflow()
 import keras  # noqa: E402
 
