@@ -366,7 +366,7 @@ def readme_blocks(run_dirs: List[str]) -> Dict[str, str]:
                      _fmt(best["train_samples_per_s"], "%.0f"),
                      _fmt(best["infer_samples_per_s"], "%.0f"),
                      ", ".join("%s %.0f" % (r["framework"], r["train_samples_per_s"])
-                               for _, r in slow.iterrows() if r["train_samples_per_s"]) or "-"])
+                               for _, r in slow.iterrows() if r["train_samples_per_s"] > 0) or "-"])
     summary = _md_table(["model", "device", "fastest framework/strategy (train)", "train ex/s",
                          "infer ex/s", "baseline strategy train ex/s (loop/recursive)"], rows)
     return {"coverage": _coverage_section(records), "summary": summary}
