@@ -26,6 +26,7 @@ _SPECIFIC = {
     "test_paddle_specific.py": ("paddle",),
     "test_pytensor_specific.py": ("pytensor",),
     "test_theano_specific.py": ("theano",),
+    "test_symbolic_specific.py": ("pytensor", "theano"),
     "test_chainer_specific.py": ("chainer",),
     "test_mxnet_specific.py": ("mxnet",),
     "test_dynet_specific.py": ("dynet", "dynet-autobatch"),

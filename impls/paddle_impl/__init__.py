@@ -1,0 +1,24 @@
+"""PaddlePaddle (3.x, dygraph) as a framework: RNN and RvNN families.
+
+Strategies, as implemented here:
+
+* RNN ``loop``: eager Python loop over time steps, one cell per step.
+* RNN ``fused``: ``paddle.nn.SimpleRNN`` / ``paddle.nn.LSTM``, whose forward is
+  Paddle's single ``rnn`` operator (a C++ kernel on the CPU, cuDNN on a GPU).
+  The canonical weights map onto it exactly (``common.py`` documents the map).
+* RNN ``compiled``: the same loop under ``paddle.jit.to_static`` (time padded
+  to a multiple of 8, so one static program serves a band of lengths).
+* RvNN ``recursive``: eager, one cell call per tree node.
+* RvNN ``levels``: eager, one cell call per tree height across the batch.
+* RvNN ``compiled``: ``levels`` on the padded static form
+  (``TreeBatch.padded_bucketed()``) under ``paddle.jit.to_static``.
+
+Threads: ``paddle.base.core.set_num_threads`` sizes the CPU math library's
+pool (MKL/oneDNN); the runner's OMP_NUM_THREADS caps OpenMP. ``info()``
+reports both.
+
+This module must not import paddle: the registry reads ``NOT_APPLICABLE``
+without loading the framework.
+"""
+
+NOT_APPLICABLE = {}
