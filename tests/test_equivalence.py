@@ -18,6 +18,7 @@ from bench.params import ModelConfig, init_params
 from bench.tasks import Example, load_listops, load_sst
 from bench.trees import Tree, build_tree
 from conftest import SELECTED
+from finite_diff import finite_difference_grads
 
 TOL = verify.TOLERANCE
 REQUIRED = [f for f in os.environ.get("BENCH_REQUIRE_FRAMEWORKS", "").split(",") if f]
@@ -74,26 +75,11 @@ def _can_train(impl, ready):
 _FD_CACHE = {}
 
 
-def _finite_difference_grads(cfg, params, batch, eps=1e-6):
+def _finite_difference_grads(cfg, params, batch):
     key = (cfg, id(batch))
-    if key in _FD_CACHE:
-        return _FD_CACHE[key]
-    p64 = {k: v.astype(np.float64) for k, v in params.items()}
-    grads = {}
-    for name, value in p64.items():
-        g = np.zeros_like(value)
-        flat, gflat = value.reshape(-1), g.reshape(-1)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + eps
-            up = reference.loss(cfg, p64, batch)
-            flat[i] = old - eps
-            down = reference.loss(cfg, p64, batch)
-            flat[i] = old
-            gflat[i] = (up - down) / (2 * eps)
-        grads[name] = g
-    _FD_CACHE[key] = grads
-    return grads
+    if key not in _FD_CACHE:
+        _FD_CACHE[key] = finite_difference_grads(cfg, params, batch)
+    return _FD_CACHE[key]
 
 
 _TINY_BATCHES = {}
