@@ -57,7 +57,7 @@ FRAMEWORKS = {
     "keras-jax": ("3.11", [KERAS + JAX]),
     "keras-tensorflow": ("3.11", [KERAS + TENSORFLOW]),
     "paddle": ("3.11", [["paddlepaddle==3.3.1"]]),
-    "pytensor": ("3.11", [["pytensor"]]),
+    "pytensor": ("3.11", [["pytensor==3.0.7"]]),
     "theano": ("3.10", [["Theano==1.0.5", "numpy<1.22", "scipy<1.8"]]),
     # Chainer's sdist needs an old setuptools and no build isolation.
     "chainer": ("3.11", [["setuptools<70", "wheel"], ["--no-build-isolation", "chainer==7.8.1"],

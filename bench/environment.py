@@ -23,6 +23,7 @@ def thread_env(threads: int) -> Dict[str, str]:
     env = {name: str(threads) for name in THREAD_ENV_VARS}
     env["TF_NUM_INTEROP_THREADS"] = "1"
     env["PJRT_NPROC"] = str(threads)
+    env["NUMBA_NUM_THREADS"] = str(threads)
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=%s" % ("true" if threads > 1 else "false")
     return env
 

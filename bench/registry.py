@@ -42,7 +42,7 @@ FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
     Framework("keras-jax", "impls.keras_impl", "jax,keras", env=(("KERAS_BACKEND", "jax"),)),
     Framework("keras-tensorflow", "impls.keras_impl", "tensorflow,keras",
               env=(("KERAS_BACKEND", "tensorflow"), _QUIET_TF)),
-    Framework("paddle", "impls.paddle_impl", "paddle"),
+    Framework("paddle", "impls.paddle_impl", "paddle", env=(("GLOG_minloglevel", "2"),)),
     Framework("pytensor", "impls.pytensor_impl", "pytensor"),
     Framework("theano", "impls.theano_impl", "theano"),
     Framework("chainer", "impls.chainer_impl", "chainer"),
