@@ -103,7 +103,8 @@ def _bench(session, framework):
     args = _selected(session, framework)
     _install(session, framework)
     # The report runs once, after every framework, even if a framework's run fails.
-    session.notify("report")
+    # Without posargs=[] the report would receive this session's runner options.
+    session.notify("report", posargs=[])
     if not any(a.startswith("--preset") for a in args):
         args = ["--preset", "quick"] + args
     session.run("python", "-m", "bench", "run", "--frameworks", framework,

@@ -3,15 +3,19 @@
 Order of work, and what is timed:
 
 1. data, batches and canonical parameters are built (not timed);
-2. equivalence against the NumPy reference on a few examples (not timed; a
-   cell that fails is recorded ``failed`` and never timed);
-3. every batch of the pool is prepared (host -> device, padding; not timed);
-4. the first train step and the first inference call are timed alone: that is
-   the first-call / compile time;
+2. every batch of the pool is prepared (host -> device, padding; not timed);
+3. the first train step and the first inference call are timed alone: that is
+   the first-call / compile time (before the check, so that lazy compilation
+   is not hidden inside it; the step is undone by reloading the parameters);
+4. equivalence against the NumPy reference on a few examples (a cell that
+   fails is recorded ``failed`` and keeps no timing);
 5. ``warmup_passes`` untimed passes over the pool (later bucket shapes compile here);
 6. ``repeats`` timed passes over the pool for training, then for inference,
    each ended by a device sync; one sample per pass;
-7. batch-1 latency: single examples, each call timed alone with a sync;
+7. batch-1 latency: single examples, each call timed alone with a sync
+   (6 and 7: an implementation whose work runs in another process times these
+   loops itself, ``Implementation.timed_passes`` / ``timed_calls``, so IPC
+   stays outside the clock);
 8. optionally, the accuracy budget: fresh parameters, ``epochs`` of training,
    root accuracy on dev and test.
 """
@@ -105,15 +109,23 @@ def _make_batch(family: str, examples):
 
 def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int],
                   repeats: int):
-    """Samples/s and tokens/s of each timed pass over the pool (sync inside the clock)."""
+    """Samples/s and tokens/s of each timed pass over the pool (sync inside the clock).
+
+    An implementation that times its own passes (``Implementation.timed_passes``
+    returns a list, e.g. a worker process, so that IPC stays outside the clock)
+    supplies the pass durations instead of this loop."""
     per_s, tok_s = [], []
     n_samples, n_tokens = sum(sizes), sum(tokens)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for ready in prepared:
-            call(ready)
-        impl.sync()
-        dt = time.perf_counter() - t0
+    durations = impl.timed_passes(call.__name__, prepared, repeats)
+    if durations is None:
+        durations = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for ready in prepared:
+                call(ready)
+            impl.sync()
+            durations.append(time.perf_counter() - t0)
+    for dt in durations:
         per_s.append(n_samples / dt)
         tok_s.append(n_tokens / dt)
     return per_s, tok_s
@@ -202,12 +214,25 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     rec["info"]["blas_threads"] = limit_blas_threads(cfg.threads)
     params = init_params(model_cfg, cfg.seed)
     impl.load_params(params)
+    prepared = [impl.prepare(b) for b in pool]
 
-    # Equivalence before any timing.
+    # The first calls come before the equivalence check: a framework that traces
+    # or compiles lazily would otherwise compile inside the check, and its first
+    # timed call would look free. The step they take is undone before the check.
+    can_train = True
+    try:
+        rec["compile_s"] = _first_call(impl, impl.train_step, prepared[0])
+    except NotImplementedError:
+        can_train = False
+    rec["first_infer_s"] = _first_call(impl, impl.logits, prepared[0])
+    if rec["compile_s"] is None:
+        rec["compile_s"] = rec["first_infer_s"]
+    impl.load_params(params)
+
+    # Equivalence before any timed pass; a cell that fails keeps no timing.
     check_batch = _make_batch(family, groups[0][:cfg.verify_examples])
     try:
-        result = verify.check(impl, model_cfg, params, check_batch, grads=True)
-        can_train = True
+        result = verify.check(impl, model_cfg, params, check_batch, grads=can_train)
     except NotImplementedError:
         result = verify.check(impl, model_cfg, params, check_batch, grads=False)
         can_train = False
@@ -216,23 +241,14 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     if not result["ok"]:
         rec["status"] = "failed"
         rec["reason"] = "not equivalent: " + "; ".join(result["problems"])
+        rec["compile_s"] = rec["first_infer_s"] = None
         return
 
-    prepared = [impl.prepare(b) for b in pool]
     sizes = [b.size for b in pool]
     tokens = [b.num_tokens for b in pool]
     n = float(sum(sizes))
     rec["infer_flops_per_sample"] = sum(forward_flops(model_cfg, b) for b in pool) / n
     rec["train_flops_per_sample"] = sum(train_flops(model_cfg, b) for b in pool) / n
-
-    if can_train:
-        try:
-            rec["compile_s"] = _first_call(impl, impl.train_step, prepared[0])
-        except NotImplementedError:
-            can_train = False
-    rec["first_infer_s"] = _first_call(impl, impl.logits, prepared[0])
-    if rec["compile_s"] is None:
-        rec["compile_s"] = rec["first_infer_s"]
 
     t0 = time.perf_counter()
     for _ in range(cfg.warmup_passes):
@@ -262,12 +278,16 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     for ready in singles:
         impl.logits(ready)
     impl.sync()
-    lat = []
-    for ready in singles:
-        t0 = time.perf_counter()
-        impl.logits(ready)
-        impl.sync()
-        lat.append((time.perf_counter() - t0) * 1000.0)
+    own = impl.timed_calls("logits", singles)   # seconds timed by the implementation, or None
+    if own is not None:
+        lat = [s * 1000.0 for s in own]
+    else:
+        lat = []
+        for ready in singles:
+            t0 = time.perf_counter()
+            impl.logits(ready)
+            impl.sync()
+            lat.append((time.perf_counter() - t0) * 1000.0)
     rec["latency_ms"] = lat
     rec["latency_ms_p50"] = percentile(lat, 50)
     rec["latency_ms_p95"] = percentile(lat, 95)

@@ -154,3 +154,41 @@ def test_parse_error_is_one_clean_line(tmp_path):
     with pytest.raises(Exception) as info:
         read_trees(str(bad))
     assert str(info.value).count("\n") == 0 and ":1:" in str(info.value)
+
+
+def _lazy_numpy_rnn(delay_s, wrong=False):
+    """The numpy RNN, as a framework that compiles on its first call (and optionally is wrong)."""
+    from impls.numpy_impl.rnn import RNN
+
+    class Lazy(RNN):
+        compiled = False
+
+        def logits(self, prepared):
+            if not self.compiled:
+                time.sleep(delay_s)
+                self.compiled = True
+            out = super().logits(prepared)
+            return out + 1.0 if wrong else out
+    return Lazy
+
+
+def test_lazy_compilation_is_charged_to_the_first_call_not_hidden_in_the_check(monkeypatch):
+    from bench import cell
+    monkeypatch.setattr(cell.registry, "load", lambda fw, model: _lazy_numpy_rnn(0.3))
+    cfg = CellConfig("numpy", "lstm", "loop", batch_size=4, hidden=4, embed_dim=4,
+                     pool_batches=1, repeats=1, warmup_passes=0, latency_samples=1)
+    rec = cell.run_cell(cfg)
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["first_infer_s"] >= 0.3
+    assert rec["verify_max_abs_diff"] < 1e-4
+
+
+def test_a_cell_that_is_not_equivalent_keeps_no_timing(monkeypatch):
+    from bench import cell
+    monkeypatch.setattr(cell.registry, "load", lambda fw, model: _lazy_numpy_rnn(0.0, wrong=True))
+    cfg = CellConfig("numpy", "lstm", "loop", batch_size=4, hidden=4, embed_dim=4,
+                     pool_batches=1, repeats=1, warmup_passes=0, latency_samples=1)
+    rec = cell.run_cell(cfg)
+    assert rec["status"] == "failed" and rec["reason"].startswith("not equivalent")
+    assert rec["compile_s"] is None and rec["first_infer_s"] is None
+    assert rec["infer_samples_per_s"] == [] and rec["latency_ms"] == []
