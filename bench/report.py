@@ -203,6 +203,59 @@ def _accuracy_section(df, records) -> str:
                       "dev accuracy %", "test accuracy %", "seeds"], rows)
 
 
+# Published anchors (Socher et al. 2013, SST root accuracy without pretrained vectors).
+ANCHORS = {("sst", "treelstm"): ("RNTN", 45.7), ("sst", "rvnn"): ("plain RvNN", 43.2)}
+BINARY_ANCHORS = "85.4 (Tree-LSTM vs RNTN) / 82.4 (RvNN) on binary SST"
+PARITY_SPREAD_POINTS = 1.0
+
+
+def anchors_rows(df) -> List[List[str]]:
+    """Each learning-parity goal with what this run measured and whether it is met."""
+    acc = accuracy_table(df)
+    if acc.empty:
+        return []
+    rows = []
+    for task in sorted(set(acc["task"])):
+        tree = acc[(acc["task"] == task) & (acc["model"] == "treelstm")]
+        if len(tree) > 1:
+            spread = 100 * (tree["test_mean"].max() - tree["test_mean"].min())
+            rows.append(["%s: every framework's Tree-LSTM within %g point of the others"
+                         % (task, PARITY_SPREAD_POINTS),
+                         "spread <= %g" % PARITY_SPREAD_POINTS, "spread %.1f (%s)" % (
+                             spread, ", ".join("%s %.1f" % (r["framework"], 100 * r["test_mean"])
+                                               for _, r in tree.iterrows())),
+                         "met" if spread <= PARITY_SPREAD_POINTS else "missed"])
+    for (task, model), (name, target) in ANCHORS.items():
+        g = acc[(acc["task"] == task) & (acc["model"] == model)]
+        for _, r in g.iterrows():
+            mean = 100 * r["test_mean"]
+            rows.append(["%s %s (%s) at or above %s" % (task, model, r["framework"], name),
+                         ">= %.1f" % target, "%.1f ± %.1f (%d seeds)" % (
+                             mean, 100 * _nan0(r["test_std"]), r["seeds"]),
+                         "met" if mean >= target else "missed"])
+    if not acc[acc["task"] == "sst2"].shape[0]:
+        rows.append(["binary SST anchors", BINARY_ANCHORS, "not measured (no sst2 parity cells)",
+                     "not measured"])
+    lo = acc[acc["task"] == "listops"]
+    for fw in sorted(set(lo["framework"])):
+        t = lo[(lo["framework"] == fw) & (lo["model"] == "treelstm")]
+        s = lo[(lo["framework"] == fw) & (lo["model"] == "lstm")]
+        if len(t) and len(s):
+            diff = 100 * (t["test_mean"].iloc[0] - s["test_mean"].iloc[0])
+            rows.append(["listops (%s): Tree-LSTM vs LSTM" % fw, "report the gap",
+                         "%+.1f points (%.1f vs %.1f)" % (diff, 100 * t["test_mean"].iloc[0],
+                                                          100 * s["test_mean"].iloc[0]),
+                         "tree better" if diff > 0 else "tree not better"])
+    return rows
+
+
+def _anchors_section(df) -> str:
+    rows = anchors_rows(df)
+    if not rows:
+        return "_no accuracy cells in this run_"
+    return _md_table(["goal", "target", "measured (test accuracy %)", "verdict"], rows)
+
+
 def plots(df, out_dir: str) -> List[str]:
     """PNG plots; returns the file names written."""
     import matplotlib
@@ -339,7 +392,8 @@ def write_report(run_dir: str, out_dir: str) -> str:
           "## Environment", "", _env_section(envs), "",
           "## Coverage", "", _coverage_section(records), "",
           "## Results", "", _results_section(df, records), "",
-          "## Accuracy", "", _accuracy_section(df, records), ""]
+          "## Accuracy", "", _accuracy_section(df, records), "",
+          "## Learning-parity goals", "", _anchors_section(df), ""]
     if images:
         md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
     path = os.path.join(out_dir, "report.md")
@@ -369,7 +423,8 @@ def readme_blocks(run_dirs: List[str]) -> Dict[str, str]:
                                for _, r in slow.iterrows() if r["train_samples_per_s"] > 0) or "-"])
     summary = _md_table(["model", "device", "fastest framework/strategy (train)", "train ex/s",
                          "infer ex/s", "baseline strategy train ex/s (loop/recursive)"], rows)
-    return {"coverage": _coverage_section(records), "summary": summary}
+    return {"coverage": _coverage_section(records), "summary": summary,
+            "accuracy": _accuracy_section(df, records), "anchors": _anchors_section(df)}
 
 
 def update_readme(readme: str, run_dirs: List[str]) -> None:

@@ -74,3 +74,33 @@ def test_plots_are_written(report_dir):
         path = os.path.join(report_dir, name)
         assert os.path.getsize(path) > 5000
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _acc_record(fw, model, task, test, seed=0):
+    from bench.cell import base_record
+    from bench.config import CellConfig
+    strategy = "levels" if model in ("rvnn", "treelstm") else "fused"
+    rec = base_record(CellConfig(fw, model, strategy, task=task, seed=seed, epochs=1.0))
+    rec.update(status="ok", train_samples_per_s=[10.0], infer_samples_per_s=[20.0],
+               accuracy={"epochs": 1.0, "dev": test, "test": test})
+    return rec
+
+
+def test_anchor_verdicts_follow_the_measured_accuracy():
+    from bench.report import anchors_rows, summarise
+    recs = [_acc_record("torch", "treelstm", "sst", 0.470), _acc_record("jax", "treelstm", "sst", 0.462),
+            _acc_record("torch", "rvnn", "sst", 0.400), _acc_record("jax", "rvnn", "sst", 0.440),
+            _acc_record("torch", "treelstm", "listops", 0.60), _acc_record("torch", "lstm", "listops", 0.50)]
+    rows = {r[0]: r for r in anchors_rows(summarise(recs))}
+    spread = rows["sst: every framework's Tree-LSTM within 1 point of the others"]
+    assert spread[2].startswith("spread 0.8") and spread[3] == "met"
+    assert rows["sst treelstm (torch) at or above RNTN"][3] == "met"
+    assert rows["sst treelstm (jax) at or above RNTN"][3] == "met"
+    assert rows["sst rvnn (torch) at or above plain RvNN"][3] == "missed"
+    assert rows["sst rvnn (jax) at or above plain RvNN"][3] == "met"
+    assert rows["listops (torch): Tree-LSTM vs LSTM"][2].startswith("+10.0 points")
+    assert rows["binary SST anchors"][3] == "not measured"
+    # a wider spread is a miss
+    recs[1] = _acc_record("jax", "treelstm", "sst", 0.450)
+    rows = {r[0]: r for r in anchors_rows(summarise(recs))}
+    assert rows["sst: every framework's Tree-LSTM within 1 point of the others"][3] == "missed"
