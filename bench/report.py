@@ -27,7 +27,7 @@ SUMMARY_COLUMNS = [
     "speedup_vs_baseline", "roofline_pct", "accuracy",
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
-    "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id",
+    "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
 ]
 
 
@@ -35,7 +35,10 @@ def load_run(run_dir: str) -> Tuple[List[dict], List[dict]]:
     """Records and env.json files of a run directory and its sub-directories."""
     recs, envs = [], []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", RECORDS), recursive=True)):
-        recs.extend(read_records(path))
+        where = os.path.relpath(os.path.dirname(path), run_dir)
+        # The same cell may come from several runs (a sweep repeats the quick
+        # preset's batch 25): tables name the run a row comes from.
+        recs.extend(dict(r, run=r.get("run", where)) for r in read_records(path))
         env_path = os.path.join(os.path.dirname(path), "env.json")
         if os.path.exists(env_path):
             with open(env_path, encoding="utf-8") as fh:
@@ -92,7 +95,7 @@ def summarise(records: List[Dict]):
             "infer_speedup_vs_baseline": None, "dev_accuracy": acc.get("dev"),
             "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
             "framework_version": r.get("framework_version"), "reason": r.get("reason", ""),
-            "cell_id": r.get("cell_id"), "_key": _group_key(r),
+            "cell_id": r.get("cell_id"), "run": r.get("run", "."), "_key": _group_key(r),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -101,7 +104,8 @@ def summarise(records: List[Dict]):
                   (df["strategy"] == BASELINE_STRATEGY[family(row["model"])])]
         if row["status"] != "ok" or base.empty:
             continue
-        b = base.iloc[0]
+        same_run = base[base["run"] == row["run"]]
+        b = (same_run if not same_run.empty else base).iloc[0]
         if row["train_samples_per_s"] and b["train_samples_per_s"]:
             df.at[i, "speedup_vs_baseline"] = row["train_samples_per_s"] / b["train_samples_per_s"]
         if row["infer_samples_per_s"] and b["infer_samples_per_s"]:
@@ -137,10 +141,22 @@ def _env_section(envs: List[Dict]) -> str:
     return _md_table(["run", "frameworks", "python", "CPU", "GPU", "threads", "commit", "time"], rows)
 
 
+def _task_order(task: str) -> Tuple:
+    """sst, sst2, listops, then synthetic tasks by shape and size (8 before 64 before 512)."""
+    if task.startswith("synth-"):
+        _, shape, n = task.split("-")
+        return (1, shape, int(n))
+    return (0, task, 0)
+
+
 def _results_section(df, records: List[Dict]) -> str:
     parts = []
     ok = df[df["status"] == "ok"]
-    for (task, device, batch), block in ok.groupby(["task", "device", "batch_size"], sort=True):
+    keys = sorted({(t, d, b) for t, d, b in zip(ok["task"], ok["device"], ok["batch_size"])},
+                  key=lambda k: (_task_order(k[0]), k[1], k[2]))
+    for task, device, batch in keys:
+        block = ok[(ok["task"] == task) & (ok["device"] == device) & (ok["batch_size"] == batch)]
+        several_runs = block["run"].nunique() > 1
         for model in [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(block["model"])]:
             sub = block[block["model"] == model].sort_values(
                 ["train_samples_per_s", "infer_samples_per_s"], ascending=False, na_position="last")
@@ -155,11 +171,12 @@ def _results_section(df, records: List[Dict]) -> str:
                     "%s / %s" % (_fmt(r["latency_ms_p50"], "%.2f"), _fmt(r["latency_ms_p95"], "%.2f")),
                     _fmt(r["compile_s"], "%.2f"), _fmt(r["peak_rss_mb"], "%.0f"),
                     _fmt(r["device_peak_mb"], "%.0f"), _fmt(r["roofline_pct"], "%.2f"),
-                    str(int(r["repeats"]))])
+                    str(int(r["repeats"]))] + ([r["run"]] if several_runs else []))
             parts.append("### %s, %s, batch %s, %s\n\n" % (task, model, batch, device) + _md_table(
                 ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
-                 "peak RSS MB", "device peak MB", "roofline %", "repeats"], rows))
+                 "peak RSS MB", "device peak MB", "roofline %", "repeats"]
+                + (["run"] if several_runs else []), rows))
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:
         rows = [[r["framework"], r["model"], r["strategy"], r["task"], r["device"],
@@ -334,7 +351,8 @@ def plots(df, out_dir: str) -> List[str]:
             ax.set_yscale("log")
             ax.set_xlabel("tokens per example (tree leaves = sequence length)")
             ax.set_ylabel("train tokens / s")
-            ax.set_title("%s trees" % shape)
+            ax.set_title("%s trees (synthetic)" % {"left": "left-branching",
+                                                   "right": "right-branching"}.get(shape, shape))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
         fig.tight_layout()
