@@ -28,6 +28,7 @@ SUMMARY_COLUMNS = [
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
+    "threads_applied",
 ]
 
 
@@ -67,6 +68,14 @@ def _group_key(r: Dict) -> Tuple:
             r.get("hidden"), r.get("seed"))
 
 
+def _threads_applied(r: Dict) -> Optional[int]:
+    """What the framework says it applied, where it says so (DyNet's CPU backend runs one)."""
+    t = (r.get("info") or {}).get("threads")
+    if isinstance(t, dict) and isinstance(t.get("applied"), int):
+        return t["applied"]
+    return None
+
+
 def summarise(records: List[Dict]):
     """The summary table: one row per cell, with medians, speedups and roofline."""
     import pandas as pd
@@ -96,6 +105,7 @@ def summarise(records: List[Dict]):
             "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
             "framework_version": r.get("framework_version"), "reason": r.get("reason", ""),
             "cell_id": r.get("cell_id"), "run": r.get("run", "."), "_key": _group_key(r),
+            "threads_applied": _threads_applied(r),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -149,6 +159,13 @@ def _task_order(task: str) -> Tuple:
     return (0, task, 0)
 
 
+def _threads_cell(r) -> str:
+    applied = r["threads_applied"]
+    if applied is None or applied != applied or int(applied) == int(r["threads"]):
+        return str(int(r["threads"]))
+    return "%d (%d applied)" % (int(r["threads"]), int(applied))
+
+
 def _results_section(df, records: List[Dict]) -> str:
     parts = []
     ok = df[df["status"] == "ok"]
@@ -171,11 +188,11 @@ def _results_section(df, records: List[Dict]) -> str:
                     "%s / %s" % (_fmt(r["latency_ms_p50"], "%.2f"), _fmt(r["latency_ms_p95"], "%.2f")),
                     _fmt(r["compile_s"], "%.2f"), _fmt(r["peak_rss_mb"], "%.0f"),
                     _fmt(r["device_peak_mb"], "%.0f"), _fmt(r["roofline_pct"], "%.2f"),
-                    str(int(r["repeats"]))] + ([r["run"]] if several_runs else []))
+                    _threads_cell(r), str(int(r["repeats"]))] + ([r["run"]] if several_runs else []))
             parts.append("### %s, %s, batch %s, %s\n\n" % (task, model, batch, device) + _md_table(
                 ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
-                 "peak RSS MB", "device peak MB", "roofline %", "repeats"]
+                 "peak RSS MB", "device peak MB", "roofline %", "threads", "repeats"]
                 + (["run"] if several_runs else []), rows))
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:

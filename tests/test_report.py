@@ -104,3 +104,12 @@ def test_anchor_verdicts_follow_the_measured_accuracy():
     recs[1] = _acc_record("jax", "treelstm", "sst", 0.450)
     rows = {r[0]: r for r in anchors_rows(summarise(recs))}
     assert rows["sst: every framework's Tree-LSTM within 1 point of the others"][3] == "missed"
+
+
+def test_threads_a_framework_did_not_apply_are_shown():
+    from bench.report import _results_section, summarise
+    rec = _acc_record("dynet", "treelstm", "sst", 0.4)
+    rec.update(accuracy=None, info={"threads": {"requested": 2, "applied": 1}})
+    df = summarise([rec])
+    assert df["threads_applied"].iloc[0] == 1
+    assert "| 2 (1 applied) |" in _results_section(df, [rec])
