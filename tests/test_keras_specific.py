@@ -1,7 +1,8 @@
 """Keras-specific checks, on whichever backend KERAS_BACKEND selects (run once per backend).
 
 The generic equivalence tests cover logits, gradients and the SGD step; these cover what
-only the Keras implementation has: Keras' Adam and Adagrad formulas (with repeated tokens,
+only the Keras implementation has: ``fused`` running Keras' own ``SimpleRNN`` / ``LSTM``
+with the canonical weights, Keras' Adam and Adagrad formulas (with repeated tokens,
 which TensorFlow's sparse embedding gradient would get wrong for Adagrad), optimiser
 state reset, one compile per time bucket, and torch's refusal of ``compiled``.
 """
@@ -72,6 +73,20 @@ def test_framework_names_the_backend(listops):
     _, impl, _, _ = _setup(listops, "lstm", "loop", "sgd")
     assert impl.framework == FRAMEWORK
     assert impl.info()["backend"] == BACKEND
+
+
+@pytest.mark.parametrize("model,layer", [("elman", "SimpleRNN"), ("lstm", "LSTM")])
+def test_fused_runs_keras_own_recurrent_layer(listops, model, layer):
+    _, impl, params, _ = _setup(listops, model, "fused", "sgd")
+    assert type(impl.model.rnn) is getattr(keras.layers, layer)
+    assert impl.info()["recurrent_layer"] == "keras.layers." + layer
+    # and its canonical W_x / W_h / b are that layer's cell weights
+    cell = impl.model.rnn.cell
+    canonical = impl._param_variables()
+    assert canonical["W_x"] is cell.kernel and canonical["W_h"] is cell.recurrent_kernel
+    assert canonical["b"] is cell.bias
+    impl.load_params(params)
+    np.testing.assert_array_equal(impl.to_numpy(cell.recurrent_kernel), params["W_h"])
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adagrad"])

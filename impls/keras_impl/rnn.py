@@ -22,9 +22,11 @@ block is reordered.
   lengths (padded steps keep the state; the layer's last output is the state at the last
   real token), run as Keras runs a model by default on the backend: eagerly on torch,
   under ``jax.jit`` on jax, in ``tf.function`` without XLA on tensorflow (CPU). Keras 3 has
-  no fused CPU kernel: with a mask it runs its generic per-backend RNN loop (torch: a Python
-  loop over ``LSTMCell``; jax: ``lax.scan``; tensorflow: ``tf.while_loop``); on a GPU without
-  a mask it may call cuDNN.
+  no fused CPU kernel: it runs its generic per-backend RNN loop (torch: a Python loop over
+  the cell; jax: ``lax.scan``; tensorflow: ``tf.while_loop``). On a GPU only tensorflow's
+  ``LSTM`` calls cuDNN (it accepts right-padded masks, as ours are); the jax and torch cuDNN
+  paths refuse any mask and fall back to the generic loop, and ``SimpleRNN`` has no cuDNN
+  path on any backend.
 * ``compiled``: the ``loop`` step as a custom cell (``StepCell``) inside
   ``keras.layers.RNN`` (Keras' documented way to write a custom recurrence) over the hoisted
   projections, with the same mask, the whole training step under the backend's compiler
@@ -82,8 +84,7 @@ class StepCell(keras.layers.Layer):
         z = z + ops.matmul(h, W_h)
         if self.cell_model == "elman":
             return ops.tanh(z), None
-        H = self.units
-        i, f, g, o = ops.split(z, [H, 2 * H, 3 * H], axis=-1)
+        i, f, g, o = ops.split(z, 4, axis=-1)
         c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
         return ops.sigmoid(o) * ops.tanh(c), c
 

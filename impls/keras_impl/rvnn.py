@@ -15,7 +15,7 @@ many nodes one call covers and who drives the schedule:
 
 * ``recursive``: eager, one node function call per node, in the TreeBatch's topological
   order (children before parents; the same calls as walking each tree in post-order, and no
-  recursion-depth limit on 1000-deep chains). Node states are [H] vectors. On jax each node
+  recursion-depth limit on 1000-deep chains). Node states are [1, H] rows. On jax each node
   function is one ``jax.jit`` call (``common.cell_function`` says why), a leaf reading its
   embedding row itself (``common.row_of``).
 * ``levels``: eager dynamic batching. All leaves in one call, then one call per height: a
@@ -61,13 +61,11 @@ def leaf_state(model, x, W_leaf, b_leaf):
     z = ops.matmul(x, W_leaf) + b_leaf
     if model == "rvnn":
         return ops.tanh(z), None
-    # Blocks [i, o | u]: one sigmoid and one tanh over contiguous blocks keep the op count,
-    # what eager per-node execution pays for, low.
-    H = ops.shape(W_leaf)[-1] // 3
-    gates, u = ops.split(z, [2 * H], axis=-1)
-    i, o = ops.split(ops.sigmoid(gates), 2, axis=-1)
-    c = i * ops.tanh(u)
-    return o * ops.tanh(c), c
+    # Equal-width splits: Keras' tensorflow split with explicit indices computes the sizes
+    # with several extra ops (~0.5 ms per call eagerly).
+    i, o, u = ops.split(z, 3, axis=-1)
+    c = ops.sigmoid(i) * ops.tanh(u)
+    return ops.sigmoid(o) * ops.tanh(c), c
 
 
 def node_state(model, hlr, W, b, c_l=None, c_r=None):
@@ -75,15 +73,13 @@ def node_state(model, hlr, W, b, c_l=None, c_r=None):
     z = ops.matmul(hlr, W) + b
     if model == "rvnn":
         return ops.tanh(z), None
-    H = ops.shape(W)[-1] // 5
-    gates, u = ops.split(z, [4 * H], axis=-1)
-    i, f_l, f_r, o = ops.split(ops.sigmoid(gates), 4, axis=-1)
-    c = i * ops.tanh(u) + f_l * c_l + f_r * c_r
-    return o * ops.tanh(c), c
+    i, f_l, f_r, o, u = ops.split(z, 5, axis=-1)
+    c = ops.sigmoid(i) * ops.tanh(u) + ops.sigmoid(f_l) * c_l + ops.sigmoid(f_r) * c_r
+    return ops.sigmoid(o) * ops.tanh(c), c
 
 
 def node_of_children(model, h_l, h_r, c_l, c_r, W, b):
-    """One node from its children's states ([H] vectors): (h, c)."""
+    """One node from its children's states ([1, H] each): (h, c)."""
     return node_state(model, ops.concatenate([h_l, h_r], axis=-1), W, b, c_l, c_r)
 
 
@@ -129,8 +125,9 @@ class TreeEncoder(keras.layers.Layer):
         self.cell_model, self.units, self.strategy = model, units, strategy
         # On jax each node is one jitted call; a leaf reads its own embedding row.
         self.jit_nodes = JIT_CELLS and strategy == "recursive"
-        self._leaf_fn = cell_function(lambda x, i, W, b: leaf_state(model, row_of(x, i), W, b),
-                                      self.jit_nodes)
+        self._leaf_fn = cell_function(
+            lambda x, i, W, b: leaf_state(model, ops.expand_dims(row_of(x, i), 0), W, b),
+            self.jit_nodes)
         self._node_fn = cell_function(lambda *args: node_of_children(model, *args),
                                       self.jit_nodes)
         # On jax each height is one jitted call over [S, H] node buffers (widths bucketed).
@@ -159,13 +156,15 @@ class TreeEncoder(keras.layers.Layer):
         if self.jit_nodes:
             states = [leaf_fn(x, i, W_leaf, b_leaf) for i in range(plan.n_leaves)]
         else:
+            # [1, D] rows in one op: Keras' tensorflow matmul takes a slow tensordot path
+            # for vectors.
             states = [leaf_state(self.cell_model, xi, W_leaf, b_leaf)
-                      for xi in ops.unstack(x, axis=0)]
+                      for xi in ops.split(x, plan.n_leaves, axis=0)]
         for n in range(plan.n_leaves, len(plan.left)):
             (h_l, c_l), (h_r, c_r) = states[plan.left[n]], states[plan.right[n]]
             states.append(node_fn(h_l, h_r, c_l, c_r, W, b))
         rows = range(len(states)) if plan.rows is None else plan.rows
-        return ops.stack([states[r][0] for r in rows], axis=0)
+        return ops.concatenate([states[r][0] for r in rows], axis=0)
 
     def _levels(self, x, structure, static, W_leaf, b_leaf, W, b):
         """structure = (rows int32[M] or None, ((pairs int32[2 W_k]) per height k >= 1));

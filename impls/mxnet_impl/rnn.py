@@ -12,8 +12,10 @@ throughout, MXNet's native RNN layout.
   imperatively: one fused ``RNN`` operator over the padded [T, B, D] input
   (oneDNN on the CPU, cuDNN on the GPU).
 * ``compiled``: the ``loop`` math as ``contrib.foreach`` inside a
-  ``HybridBlock``, hybridized (``static_alloc``): one cached graph for every
-  batch shape, the weights passed in as inputs.
+  ``HybridBlock``, hybridized (``static_alloc``, not ``static_shape``): one
+  cached graph (one ``CachedOp``) shared by every batch shape, whose shapes
+  and memory plan are re-inferred when the input shape changes; the weights
+  are passed in as inputs.
 
 In every strategy padded steps run on token 0 but are never read:
 ``SequenceLast`` takes each sequence's state at its own last real step, and

@@ -76,11 +76,20 @@ class Lib:
         return self.th.grad(cost, wrt, disconnected_inputs="ignore")
 
     def scan(self, fn, sequences, outputs_info, non_sequences=()):
-        """Scan returning a list of outputs (Theano returns a bare variable for one)."""
-        out, updates = self.th.scan(fn, sequences=sequences, outputs_info=outputs_info,
-                                    non_sequences=list(non_sequences), strict=True)
-        if updates:
-            raise AssertionError("a model scan must not update shared variables")
+        """Scan returning a list of outputs (Theano returns a bare variable for one).
+
+        A model scan never updates shared variables: PyTensor (which asks for
+        ``return_updates=False`` and then returns the outputs alone) raises if
+        one would, and Theano's updates are checked here.
+        """
+        kwargs = dict(sequences=sequences, outputs_info=outputs_info,
+                      non_sequences=list(non_sequences), strict=True)
+        if self.backend == "pytensor":
+            out = self.th.scan(fn, return_updates=False, **kwargs)
+        else:
+            out, updates = self.th.scan(fn, **kwargs)
+            if updates:
+                raise AssertionError("a model scan must not update shared variables")
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def describe(self) -> Dict:
