@@ -7,8 +7,11 @@ embedding, H hidden, G = H (Elman) or 4H (LSTM, gate blocks [i, f, g, o]), C cla
   keep the state (``live_t`` [B, 1]).
 * ``compiled``: ``paddle.jit.to_static`` programs of BLOCK = 8 unrolled steps
   (their input projection one ``[B*8, D] x [D, G]`` matmul), chained by a
-  Python loop over blocks; time is padded to a multiple of 8. One program per
-  batch size serves every length. Paddle 3.3.1 cannot compile the whole loop:
+  Python loop over blocks; time is padded to a multiple of 8, so programs
+  depend on the batch size only, never on the length: one for inference and,
+  for training, two (Paddle keys a program on its inputs' ``stop_gradient``,
+  set on the first block's zero state and not on the later blocks' states).
+  Paddle 3.3.1 cannot compile the whole loop:
   a ``for`` over a tensor-valued range becomes a PIR ``while`` whose backward
   fails ("The variable middle_0 should exist"), and unrolling every length
   costs a program per length (~15 s to build 40 LSTM steps here; a 1000-step

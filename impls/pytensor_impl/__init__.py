@@ -20,6 +20,10 @@ Strategies, as implemented here:
 * RvNN ``compiled``: ``scan`` over heights on the padded static form, with
   gathers and ``set_subtensor`` into a node buffer [N + 2, H].
 
+Compiled code: PyTensor 3's default mode links with numba (each function is
+JIT-compiled at its first call, which the runner's first-call time sees);
+Theano's default links its C backend (``cvm``). ``info()`` names the linker.
+
 Shapes: PyTensor and Theano compile shape-generic graphs (one compiled
 function serves every batch shape), so nothing is bucketed; the padded tree
 form is exact (``TreeBatch.padded()``), with at least one level.

@@ -2,11 +2,12 @@
 
 ``impls.pytensor_impl`` writes every graph against a small adapter
 (``pytensor_impl.common.Lib``); these classes only name Theano as the backend,
-so both frameworks run the same code where the APIs allow. The one API
-difference the adapter hides is the name of the sigmoid
-(``theano.tensor.nnet.sigmoid``); ``scan``, ``grad``, ``function`` with
-``givens`` and ``updates``, ``shared``, ``set_subtensor`` and integer-array
-indexing are the same.
+so both frameworks run the same code where the APIs allow. The API
+differences the adapter hides are the sigmoid's name
+(``theano.tensor.nnet.sigmoid``), ``scan``'s return value (PyTensor is asked
+for its outputs alone) and the name of the BLAS config key; ``grad``,
+``function`` with ``givens`` and ``updates``, ``shared``, ``set_subtensor``
+and integer-array indexing are the same.
 
 Strategies: as in ``impls.pytensor_impl`` (RNN ``compiled`` and ``loop``;
 RvNN ``compiled``, ``levels`` and ``recursive``); RNN ``fused`` is not
