@@ -66,6 +66,12 @@ FRAMEWORKS = {
     # DyNet publishes wheels for CPython 3.6-3.8 only.
     "dynet": ("3.8", [["dynet==2.1.2", "numpy<1.25"]]),
     "dynet-autobatch": ("3.8", [["dynet==2.1.2", "numpy<1.25"]]),
+    # Caffe 1.0 is Debian 11's python3-caffe (CPU, built for Python 3.9), unpacked into
+    # .deps/caffe (see _caffe_env); pip supplies the Python modules it imports.
+    "caffe": ("3.9", [["numpy<1.24", "protobuf<3.21", "scikit-image<0.20", "scipy<1.12", "six"]]),
+    # CNTK 2.7 (cp36 wheels only) runs in a Python 3.6 worker process set up by _cntk_env;
+    # the host side needs nothing beyond the core.
+    "cntk": ("3.11", []),
 }
 # The frameworks the tests-3.11 session installs together (one cross-framework venv).
 CROSS = ["numpy", "torch", "jax", "tensorflow"]
@@ -75,6 +81,122 @@ def _install(session, framework, extra=()):
     session.install(*CORE, *extra)
     for step in FRAMEWORKS[framework][1]:
         session.install(*step)
+
+
+def _caffe_env(session, env):
+    """Debian 11's Caffe, fetched and unpacked into .deps/caffe once (never installed system-wide:
+    impls/caffe_impl/fetch_debs.sh uses a private apt configuration), put on the paths."""
+    deps = os.path.join(ROOT, ".deps", "caffe")
+    site = os.path.join(deps, "root", "usr", "lib", "python3", "dist-packages")
+    if not os.path.isdir(os.path.join(site, "caffe")):
+        try:
+            session.run("bash", os.path.join(ROOT, "impls", "caffe_impl", "fetch_debs.sh"), deps,
+                        external=True)
+        except Exception as exc:  # the cells then record caffe as unavailable
+            session.warn("could not fetch Caffe's Debian packages: %s" % exc)
+            return env
+    lib = os.path.join(deps, "root", "usr", "lib")
+    paths = [os.path.join(lib, "x86_64-linux-gnu"), os.path.join(lib, "x86_64-linux-gnu",
+             "openblas-pthread"), os.path.join(deps, "root", "lib", "x86_64-linux-gnu"), lib]
+    if os.environ.get("LD_LIBRARY_PATH"):
+        paths.append(os.environ["LD_LIBRARY_PATH"])
+    return dict(env, LD_LIBRARY_PATH=os.pathsep.join(paths),
+                PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], site]))
+
+
+# CNTK 2.7 publishes wheels for CPython <= 3.6 only, so it runs in a Python 3.6 worker
+# process (impls/cntk_impl) beside the 3.11 host venv; the worker venv and the MPI
+# libraries live in .deps/cntk. CNTK links libmpi.so.12 / libmpi_cxx.so.1 (Open MPI 1.x
+# sonames); Debian 12's libopenmpi3 ships the .so.40 libraries, which serve CNTK (it only
+# starts MPI for distributed training) through two symlinks. The .debs come from the
+# Debian mirror through a private apt configuration, state and cache (the system's apt
+# sources and state are neither used nor changed) and are unpacked with dpkg-deb -x,
+# never installed.
+CNTK_DEPS = os.path.join(ROOT, ".deps", "cntk")
+CNTK_WORKER_PINS = ["cntk==2.7.post2", "numpy==1.19.5", "scipy==1.5.4"]
+# what libmpi.so.40 links that a Debian 12 base lacks (ldd); MPI's plugins never load
+CNTK_DEBS = ["libopenmpi3", "libhwloc15", "libevent-pthreads-2.1-7"]
+CNTK_APT_SOURCES = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def _stamp_is(path, text):
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        return fh.read() == text
+
+
+def _cntk_env(session, env):
+    """The CNTK worker: Open MPI from Debian .debs, a Python 3.6 venv with CNTK (each set up
+    once; a stamp file records what was set up). Adds BENCH_CNTK_PYTHON and LD_LIBRARY_PATH."""
+    libdir = os.path.join(CNTK_DEPS, "root", "usr", "lib", "x86_64-linux-gnu")
+    shim = os.path.join(CNTK_DEPS, "lib")
+    stamp = os.path.join(CNTK_DEPS, "debs.done")
+    if not _stamp_is(stamp, " ".join(CNTK_DEBS)):
+        apt = os.path.join(CNTK_DEPS, "apt")
+        debs = os.path.join(apt, "debs")
+        for sub in ("state/lists/partial", "cache/archives/partial", "sources.list.d", "debs"):
+            os.makedirs(os.path.join(apt, sub), exist_ok=True)
+        with open(os.path.join(apt, "sources.list.d", "debian.sources"), "w") as fh:
+            fh.write(CNTK_APT_SOURCES)
+        for name in ("sources.list", "status"):
+            open(os.path.join(apt, name), "w").close()
+        opts = []
+        for key, value in (("Dir::State", "state"), ("Dir::State::status", "status"),
+                           ("Dir::Cache", "cache"), ("Dir::Etc::sourcelist", "sources.list"),
+                           ("Dir::Etc::sourceparts", "sources.list.d")):
+            opts += ["-o", "%s=%s" % (key, os.path.join(apt, value))]
+        opts += ["-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=1"]
+        session.run("apt-get", *opts, "update", external=True)
+        for old in os.listdir(debs):
+            os.unlink(os.path.join(debs, old))
+        with session.chdir(debs):
+            session.run("apt-get", *opts, "download", *CNTK_DEBS, external=True)
+        for deb in sorted(os.listdir(debs)):
+            session.run("dpkg-deb", "-x", os.path.join(debs, deb), os.path.join(CNTK_DEPS, "root"),
+                        external=True)
+        os.makedirs(shim, exist_ok=True)
+        for link, target in (("libmpi.so.12", "libmpi.so.40"), ("libmpi_cxx.so.1", "libmpi_cxx.so.40")):
+            path = os.path.join(shim, link)
+            if os.path.lexists(path):
+                os.unlink(path)
+            os.symlink(os.path.join(libdir, target), path)
+        with open(stamp, "w") as fh:
+            fh.write(" ".join(CNTK_DEBS))
+    venv = os.path.join(CNTK_DEPS, "py36")
+    python = os.path.join(venv, "bin", "python")
+    stamp = os.path.join(CNTK_DEPS, "py36.done")
+    if not _stamp_is(stamp, " ".join(CNTK_WORKER_PINS)):
+        if not os.path.exists(python):
+            session.run("python3.6", "-m", "venv", venv, external=True)
+        session.run(python, "-m", "pip", "install", "--disable-pip-version-check", *CNTK_WORKER_PINS,
+                    external=True)
+        with open(stamp, "w") as fh:
+            fh.write(" ".join(CNTK_WORKER_PINS))
+    paths = [shim, libdir] + ([os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH")
+                              else [])
+    return dict(env, BENCH_CNTK_PYTHON=python, LD_LIBRARY_PATH=os.pathsep.join(paths))
+
+
+# framework -> function(session, env) -> env: libraries that come from outside pip
+SYSTEM_ENV = {"caffe": _caffe_env, "cntk": _cntk_env}
+
+
+def _env(session, framework, env):
+    hook = SYSTEM_ENV.get(framework)
+    return hook(session, env) if hook else env
 
 
 def _params(exclude=()):
@@ -109,7 +231,7 @@ def _bench(session, framework):
         args = ["--preset", "quick"] + args
     session.run("python", "-m", "bench", "run", "--frameworks", framework,
                 "--out", os.path.join(LATEST, framework), *args,
-                env={"PYTHONPATH": ROOT})
+                env=_env(session, framework, {"PYTHONPATH": ROOT}))
 
 
 @nox.session
@@ -130,7 +252,7 @@ def parity(session, framework):
         args = ["--fastest-from", fastest] + args
     session.run("python", "-m", "bench", "run", "--preset", "parity", "--frameworks", framework,
                 "--out", os.path.join("results", "latest-parity", framework), *args,
-                env={"PYTHONPATH": ROOT})
+                env=_env(session, framework, {"PYTHONPATH": ROOT}))
 
 
 @nox.session
@@ -138,12 +260,15 @@ def parity(session, framework):
 def test_framework(session, framework):
     """Equivalence and framework-specific tests for one framework, in its own venv."""
     _install(session, framework, extra=["pytest"])
-    specific = "tests/test_%s_specific.py" % {"dynet-autobatch": "dynet"}.get(
+    # PyTensor and Theano run one graph code base: their checks share one file.
+    stem = {"dynet-autobatch": "dynet", "pytensor": "symbolic", "theano": "symbolic"}.get(
         framework, framework.split("-")[0])
+    specific = "tests/test_%s_specific.py" % stem
     files = ["tests/test_equivalence.py"] + ([specific] if os.path.exists(specific) else [])
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *session.posargs,
-                env={"PYTHONPATH": ROOT, "BENCH_FRAMEWORKS": framework,
-                     "BENCH_REQUIRE_FRAMEWORKS": framework, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                env=_env(session, framework, {
+                    "PYTHONPATH": ROOT, "BENCH_FRAMEWORKS": framework,
+                    "BENCH_REQUIRE_FRAMEWORKS": framework, "TF_CPP_MIN_LOG_LEVEL": "2"}))
 
 
 @nox.session(python="3.11")

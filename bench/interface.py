@@ -17,7 +17,7 @@ Life of an implementation in a benchmark cell::
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -93,6 +93,19 @@ class Implementation:
 
     def sync(self) -> None:
         """Wait until all queued work is finished (device sync)."""
+
+    # --- optional: timing done by the implementation itself ---
+    # For implementations whose work runs in another process (a worker behind
+    # pipes), where a clock in this process would include the IPC. None (the
+    # default) means "time in-process": bench.cell then runs its own loops.
+    def timed_passes(self, call: str, prepared: List, repeats: int) -> Optional[List[float]]:
+        """Seconds of each of ``repeats`` passes over ``prepared`` (every item once, in order,
+        synced at the end), ``call`` being "train_step" or "logits"; or None."""
+        return None
+
+    def timed_calls(self, call: str, prepared: List) -> Optional[List[float]]:
+        """Seconds of each single ``call`` on each item of ``prepared``, timed alone; or None."""
+        return None
 
     def to_numpy(self, value) -> np.ndarray:
         return np.asarray(value)

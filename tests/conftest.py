@@ -30,5 +30,7 @@ _SPECIFIC = {
     "test_chainer_specific.py": ("chainer",),
     "test_mxnet_specific.py": ("mxnet",),
     "test_dynet_specific.py": ("dynet", "dynet-autobatch"),
+    "test_caffe_specific.py": ("caffe",),
+    "test_cntk_specific.py": ("cntk",),
 }
 collect_ignore = [name for name, fws in _SPECIFIC.items() if not set(fws) & set(SELECTED)]
