@@ -168,7 +168,9 @@ def _threads_cell(r) -> str:
 
 def _results_section(df, records: List[Dict]) -> str:
     parts = []
-    ok = df[df["status"] == "ok"]
+    # Accuracy cells (the parity preset) time a token pool with few repeats as a by-product
+    # of training; they are not throughput measurements and stay out of these tables.
+    ok = df[(df["status"] == "ok") & df["accuracy"].isna()]
     keys = sorted({(t, d, b) for t, d, b in zip(ok["task"], ok["device"], ok["batch_size"])},
                   key=lambda k: (_task_order(k[0]), k[1], k[2]))
     for task, device, batch in keys:
@@ -296,7 +298,7 @@ def plots(df, out_dir: str) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    ok = df[(df["status"] == "ok") & df["train_samples_per_s"].notna()]
+    ok = df[(df["status"] == "ok") & df["train_samples_per_s"].notna() & df["accuracy"].isna()]
 
     # 1. Throughput by framework and strategy, on the most common (task, batch, device).
     if not ok.empty:
@@ -331,12 +333,14 @@ def plots(df, out_dir: str) -> List[str]:
     bs = ok[ok["task"] == "sst"]
     multi = bs.groupby(["framework", "model", "strategy", "device"])["batch_size"].nunique()
     if not multi.empty and multi.max() > 1:
-        models = [m for m in ("lstm", "treelstm", "elman", "rvnn") if m in set(bs["model"])]
+        swept = set(m for (_, m, _, _), n in multi.items() if n > 1)
+        models = [m for m in ("lstm", "treelstm", "elman", "rvnn") if m in swept]
         fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
         for ax, model in zip(axes[0], models):
             for (fw, st, dev), g in bs[bs["model"] == model].groupby(["framework", "strategy", "device"]):
                 if g["batch_size"].nunique() > 1:
-                    g = g.sort_values("batch_size")
+                    # one point per batch size: the median over runs that measured it
+                    g = g.groupby("batch_size", as_index=False)["train_samples_per_s"].median()
                     ax.plot(g["batch_size"], g["train_samples_per_s"], marker="o",
                             label="%s/%s (%s)" % (fw, st, dev))
             ax.set_xscale("log")
@@ -361,7 +365,7 @@ def plots(df, out_dir: str) -> List[str]:
         fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
         for ax, shape in zip(axes[0], shapes):
             for (fw, model, st), g in syn[syn["shape"] == shape].groupby(["framework", "model", "strategy"]):
-                g = g.sort_values("leaves")
+                g = g.groupby("leaves", as_index=False)["train_samples_per_s"].median()
                 ax.plot(g["leaves"], g["train_samples_per_s"] * g["leaves"], marker="o",
                         label="%s/%s/%s" % (fw, model, st))
             ax.set_xscale("log")
