@@ -33,6 +33,14 @@ ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 ADAGRAD = {"initial_accumulator": 0.1, "eps": 1e-7}
 
 
+def not_applicable_reason(table: Dict, model: str, strategy: str) -> Optional[str]:
+    """The reason a framework's NOT_APPLICABLE table gives for (model, strategy), if any.
+
+    Keys are (model, strategy), ("*", strategy) or (model, "*"), most specific first.
+    """
+    return table.get((model, strategy)) or table.get(("*", strategy)) or table.get((model, "*"))
+
+
 class NotApplicable(Exception):
     """This framework cannot express this (model, strategy[, device]); the message says why."""
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .interface import STRATEGIES, Implementation, Unavailable
+from .interface import STRATEGIES, Implementation, Unavailable, not_applicable_reason
 from .params import MODELS, family
 
 
@@ -79,7 +79,7 @@ def not_applicable(framework: str, model: str, strategy: str) -> Optional[str]:
     except ImportError:
         return None  # the cell itself will fail and record why
     table: Dict = getattr(pkg, "NOT_APPLICABLE", {})
-    return table.get((model, strategy)) or table.get(("*", strategy)) or table.get((model, "*"))
+    return not_applicable_reason(table, model, strategy)
 
 
 def probe(framework: str) -> Tuple[bool, str]:

@@ -74,7 +74,8 @@ finally:
     if _CORETYPE:
         del os.environ["OPENBLAS_CORETYPE"]
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable  # noqa: E402
+from bench.interface import (ADAGRAD, ADAM, Implementation, NotApplicable,  # noqa: E402
+                             Unavailable, not_applicable_reason)
 from bench.params import schema  # noqa: E402
 
 from . import NOT_APPLICABLE  # noqa: E402
@@ -401,8 +402,7 @@ class CaffeImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = (NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
-                  or NOT_APPLICABLE.get((cfg.model, "*")))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         if device != "cpu":

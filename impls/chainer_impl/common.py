@@ -27,7 +27,7 @@ import numpy as np
 import chainer
 import chainer.functions as F
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
 
 from . import NOT_APPLICABLE
 
@@ -112,8 +112,7 @@ class ChainerImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = (NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
-                  or NOT_APPLICABLE.get((cfg.model, "*")))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         self._device = get_device(device)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
 
 from . import NOT_APPLICABLE
 
@@ -115,7 +115,7 @@ class DynetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         self.autobatch = autobatch_requested()

@@ -52,7 +52,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
 
 from . import NOT_APPLICABLE
 
@@ -281,7 +281,7 @@ class KerasImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         self.mode = self.modes[strategy]

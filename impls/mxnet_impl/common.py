@@ -33,7 +33,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
 
 from . import NOT_APPLICABLE
 
@@ -112,8 +112,7 @@ class MXNetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = (NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
-                  or NOT_APPLICABLE.get((cfg.model, "*")))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         self.ctx = get_context(device)

@@ -71,7 +71,8 @@ if "keras" not in sys.modules:
 tf = _import_tensorflow()
 import keras  # noqa: E402
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable  # noqa: E402
+from bench.interface import (ADAGRAD, ADAM, Implementation, NotApplicable,  # noqa: E402
+                             Unavailable, not_applicable_reason)
 
 
 def _quiet() -> None:
@@ -223,8 +224,7 @@ class TFImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = (NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
-                  or NOT_APPLICABLE.get((cfg.model, "*")))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         self._setup = setup(device, threads)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -176,8 +176,7 @@ class TorchImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = (NOT_APPLICABLE.get((cfg.model, strategy)) or NOT_APPLICABLE.get(("*", strategy))
-                  or NOT_APPLICABLE.get((cfg.model, "*")))
+        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
         if reason:
             raise NotApplicable(reason)
         self.dev = resolve_device(device)
