@@ -166,6 +166,41 @@ def _threads_cell(r) -> str:
     return "%d (%d applied)" % (int(r["threads"]), int(applied))
 
 
+# Frameworks that run on another one's backend: the cost of the wrapper is their ratio.
+WRAPPERS = {"keras-torch": "torch", "keras-jax": "jax", "keras-tensorflow": "tensorflow"}
+
+
+def wrapper_rows(df) -> List[List[str]]:
+    """Keras (per backend) against the raw backend, same model, strategy, task and batch."""
+    ok = df[(df["status"] == "ok") & df["accuracy"].isna()]
+    med = (ok.groupby(["framework", "model", "strategy", "task", "device", "batch_size"])
+           [["train_samples_per_s", "infer_samples_per_s"]].median())
+    rows = []
+    for key, r in med.iterrows():
+        fw, rest = key[0], key[1:]
+        raw = WRAPPERS.get(fw)
+        if raw is None or (raw,) + rest not in med.index:
+            continue
+        b = med.loc[(raw,) + rest]
+        ratio = lambda a, c: _fmt(c / a, "%.2fx") if a and c and a == a and c == c else "-"
+        rows.append(["%s vs %s" % (fw, raw), rest[0], rest[1], rest[2], str(rest[4]),
+                     "%s / %s" % (_fmt(r["train_samples_per_s"], "%.0f"),
+                                  _fmt(b["train_samples_per_s"], "%.0f")),
+                     ratio(r["train_samples_per_s"], b["train_samples_per_s"]),
+                     ratio(r["infer_samples_per_s"], b["infer_samples_per_s"])])
+    return rows
+
+
+def _wrapper_section(df) -> str:
+    rows = wrapper_rows(df)
+    if not rows:
+        return "_no Keras cell with a matching raw-backend cell in this run_"
+    return ("Raw backend time over Keras time per step (above 1x: the Keras layer costs that "
+            "factor; below 1x: Keras is faster).\n\n" + _md_table(
+                ["pair", "model", "strategy", "task", "batch", "train ex/s (Keras / raw)",
+                 "train cost", "infer cost"], rows))
+
+
 def _results_section(df, records: List[Dict]) -> str:
     parts = []
     # Accuracy cells (the parity preset) time a token pool with few repeats as a by-product
@@ -431,6 +466,7 @@ def write_report(run_dir: str, out_dir: str) -> str:
           "## Environment", "", _env_section(envs), "",
           "## Coverage", "", _coverage_section(records), "",
           "## Results", "", _results_section(df, records), "",
+          "## What Keras costs over its backend", "", _wrapper_section(df), "",
           "## Accuracy", "", _accuracy_section(df, records), "",
           "## Learning-parity goals", "", _anchors_section(df), ""]
     if images:

@@ -113,3 +113,15 @@ def test_threads_a_framework_did_not_apply_are_shown():
     df = summarise([rec])
     assert df["threads_applied"].iloc[0] == 1
     assert "| 2 (1 applied) |" in _results_section(df, [rec])
+
+
+def test_keras_cost_is_the_raw_backend_throughput_over_keras():
+    from bench.report import summarise, wrapper_rows
+    fast = _acc_record("jax", "treelstm", "sst", 0.4)
+    slow = _acc_record("keras-jax", "treelstm", "sst", 0.4)
+    alone = _acc_record("keras-torch", "treelstm", "sst", 0.4)   # no torch cell: no row
+    for rec, speed in ((fast, 300.0), (slow, 100.0), (alone, 50.0)):
+        rec.update(accuracy=None, train_samples_per_s=[speed], infer_samples_per_s=[2 * speed])
+    rows = wrapper_rows(summarise([fast, slow, alone]))
+    assert len(rows) == 1 and rows[0][0] == "keras-jax vs jax"
+    assert rows[0][6] == "3.00x" and rows[0][7] == "3.00x"
