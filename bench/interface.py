@@ -41,6 +41,13 @@ def not_applicable_reason(table: Dict, model: str, strategy: str) -> Optional[st
     return table.get((model, strategy)) or table.get(("*", strategy)) or table.get((model, "*"))
 
 
+def refuse_not_applicable(table: Dict, model: str, strategy: str) -> None:
+    """Raise NotApplicable with the table's reason, if it names (model, strategy)."""
+    reason = not_applicable_reason(table, model, strategy)
+    if reason:
+        raise NotApplicable(reason)
+
+
 class NotApplicable(Exception):
     """This framework cannot express this (model, strategy[, device]); the message says why."""
 

@@ -74,8 +74,7 @@ finally:
     if _CORETYPE:
         del os.environ["OPENBLAS_CORETYPE"]
 
-from bench.interface import (ADAGRAD, ADAM, Implementation, NotApplicable,  # noqa: E402
-                             Unavailable, not_applicable_reason)
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable  # noqa: E402
 from bench.params import schema  # noqa: E402
 
 from . import NOT_APPLICABLE  # noqa: E402
@@ -402,9 +401,7 @@ class CaffeImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         if device != "cpu":
             raise Unavailable("this Caffe is Debian's CPU_ONLY build (libcaffe1); a GPU needs a "
                               "CUDA build of Caffe")

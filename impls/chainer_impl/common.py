@@ -27,7 +27,7 @@ import numpy as np
 import chainer
 import chainer.functions as F
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -112,9 +112,7 @@ class ChainerImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self._device = get_device(device)
         self._threads = setup_threads(threads)
         self.xp = self._device.xp

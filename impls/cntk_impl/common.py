@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, refuse_not_applicable
 from bench.params import schema
 
 from . import NOT_APPLICABLE, wire
@@ -222,9 +222,7 @@ class CNTKImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self._client = client()
         spec = {
             "family": self.family, "model": cfg.model, "strategy": strategy, "device": device,

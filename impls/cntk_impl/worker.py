@@ -75,6 +75,12 @@ def _need_cntk():
 
 # --- the cells, on CNTK tensors whose last axis holds the features ---
 
+def _static(x):
+    """Drop the batch axis (one sample, so the sum is the identity): CNTK's gather wants a
+    reference without dynamic axes."""
+    return None if x is None else C.reduce_sum(x, axis=C.Axis.default_batch_axis())
+
+
 def _sl(x, begin, end):
     return C.slice(x, -1, begin, end)
 
@@ -368,18 +374,10 @@ class Model(object):
         z = C.times(C.splice(hl, hr, axis=-1), self.params["U"]) + self.params["b_U"]
         return treelstm_node(z, cl, cr, self.H)
 
-    def _build_levels(self, key):
-        """Dynamic batching: all leaves in one product, then one gather + product per height."""
-        _, n_leaves, widths, B, P = key
+    def _levels_up(self, inputs, hbuf, cbuf, widths):
+        """One gather + cell per level (``widths[k]`` nodes at level k), appended to the
+        node buffers; adds the index input ``lr<k>`` of each level to ``inputs``."""
         H = self.H
-        inputs = self._tree_io(P)
-        inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
-        inputs["roots"] = C.input_variable(B, name="roots")
-        # CNTK's gather wants a reference without dynamic axes (and its backprop fails when
-        # its output has none), so the node buffers drop the batch axis (one sample: the
-        # reduction is the identity) and the gathered rows have it again, from the indices.
-        static = lambda x: None if x is None else C.reduce_sum(x, axis=C.Axis.default_batch_axis())
-        hbuf, cbuf = map(static, self._leaf(C.gather(self.params["E"], inputs["leaf_tok"])))
         for k, n in enumerate(widths):
             idx = inputs["lr%d" % k] = C.input_variable(2 * n, name="lr%d" % k)
             hlr = C.reshape(C.gather(hbuf, idx), (n, 2 * H))
@@ -388,9 +386,22 @@ class Model(object):
                 clr = C.reshape(C.gather(cbuf, idx), (n, 2 * H))
                 cl, cr = _sl(clr, 0, H), _sl(clr, H, 2 * H)
             h, c = self._node(_sl(hlr, 0, H), _sl(hlr, H, 2 * H), cl, cr)
-            hbuf = C.splice(hbuf, static(h), axis=0)
+            hbuf = C.splice(hbuf, _static(h), axis=0)
             if cbuf is not None:
-                cbuf = C.splice(cbuf, static(c), axis=0)
+                cbuf = C.splice(cbuf, _static(c), axis=0)
+        return hbuf, cbuf
+
+    def _build_levels(self, key):
+        """Dynamic batching: all leaves in one product, then one gather + product per height."""
+        _, n_leaves, widths, B, P = key
+        inputs = self._tree_io(P)
+        inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
+        inputs["roots"] = C.input_variable(B, name="roots")
+        # CNTK's gather wants a reference without dynamic axes (and its backprop fails when
+        # its output has none), so the node buffers drop the batch axis (one sample: the
+        # reduction is the identity) and the gathered rows have it again, from the indices.
+        hbuf, cbuf = map(_static, self._leaf(C.gather(self.params["E"], inputs["leaf_tok"])))
+        hbuf, cbuf = self._levels_up(inputs, hbuf, cbuf, widths)
         logits = self._head(C.gather(hbuf, inputs["roots"]))
         points = logits if self.loss_mode == "root" else self._head(hbuf)
         return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
@@ -406,22 +417,11 @@ class Model(object):
         inputs = self._tree_io(B if self.loss_mode == "root" else 1 + n_leaves + n_levels * width)
         inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
         inputs["roots"] = C.input_variable(B, name="roots")
-        static = lambda x: None if x is None else C.reduce_sum(x, axis=C.Axis.default_batch_axis())
         zero = C.constant(np.zeros((1, H), np.float32))
         h, c = self._leaf(C.gather(self.params["E"], inputs["leaf_tok"]))
-        hbuf = C.splice(zero, static(h), axis=0)
-        cbuf = None if c is None else C.splice(zero, static(c), axis=0)
-        for k in range(n_levels):
-            idx = inputs["lr%d" % k] = C.input_variable(2 * width, name="lr%d" % k)
-            hlr = C.reshape(C.gather(hbuf, idx), (width, 2 * H))
-            cl = cr = None
-            if cbuf is not None:
-                clr = C.reshape(C.gather(cbuf, idx), (width, 2 * H))
-                cl, cr = _sl(clr, 0, H), _sl(clr, H, 2 * H)
-            h, c = self._node(_sl(hlr, 0, H), _sl(hlr, H, 2 * H), cl, cr)
-            hbuf = C.splice(hbuf, static(h), axis=0)
-            if cbuf is not None:
-                cbuf = C.splice(cbuf, static(c), axis=0)
+        hbuf = C.splice(zero, _static(h), axis=0)
+        cbuf = None if c is None else C.splice(zero, _static(c), axis=0)
+        hbuf, cbuf = self._levels_up(inputs, hbuf, cbuf, [width] * n_levels)
         logits = self._head(C.gather(hbuf, inputs["roots"]))
         points = logits if self.loss_mode == "root" else self._head(hbuf)
         return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))

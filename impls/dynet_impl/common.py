@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -115,9 +115,7 @@ class DynetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self.autobatch = autobatch_requested()
         dy = dynet()
         if device == "gpu" and not getattr(dy, "HAVE_CUDA", False):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -182,10 +182,7 @@ class JaxImplementation(Implementation):
     # -- subclass hooks --
     def _refuse(self):
         """Raise NotApplicable for what this class cannot express (before JAX starts)."""
-        reason = NOT_APPLICABLE.get((self.cfg.model, self.strategy)) \
-            or NOT_APPLICABLE.get(("*", self.strategy))
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, self.cfg.model, self.strategy)
 
     def _loss(self, params, prepared):
         raise NotImplementedError

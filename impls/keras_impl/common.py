@@ -52,7 +52,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -281,9 +281,7 @@ class KerasImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self.mode = self.modes[strategy]
         if BACKEND == "torch" and self.mode == "xla":
             raise NotApplicable(TORCH_COMPILE_REASON)

@@ -33,7 +33,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -112,9 +112,7 @@ class MXNetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self.ctx = get_context(device)
         self._threads = setup_threads(threads)
         self._params: "OrderedDict[str, gluon.Parameter]" = OrderedDict()

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from bench import reference
-from bench.interface import Implementation, NotApplicable, Unavailable
+from bench.interface import Implementation, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -18,9 +18,7 @@ class NumpyReference(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = NOT_APPLICABLE.get(("*", strategy))
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         if device != "cpu":
             raise Unavailable("numpy runs on the CPU only")
         self.params = None

@@ -23,7 +23,7 @@ from typing import Dict
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -141,9 +141,7 @@ class PaddleImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self._thread_info = setup(device, threads)
         self.layer = self._build()
         self.opt = None

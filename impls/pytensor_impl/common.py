@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -227,10 +227,7 @@ class SymbolicImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = (self.not_applicable.get((cfg.model, strategy))
-                  or self.not_applicable.get(("*", strategy)))
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(self.not_applicable, cfg.model, strategy)
         if device != "cpu":
             raise Unavailable("%s runs here on the CPU only (its GPU backends are not installed)"
                               % self.backend)

@@ -71,8 +71,7 @@ if "keras" not in sys.modules:
 tf = _import_tensorflow()
 import keras  # noqa: E402
 
-from bench.interface import (ADAGRAD, ADAM, Implementation, NotApplicable,  # noqa: E402
-                             Unavailable, not_applicable_reason)
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable  # noqa: E402
 
 
 def _quiet() -> None:
@@ -224,9 +223,7 @@ class TFImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self._setup = setup(device, threads)
         self._device = device_name(device)
         self.graph = False

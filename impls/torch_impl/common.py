@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, not_applicable_reason
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -176,9 +176,7 @@ class TorchImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        reason = not_applicable_reason(NOT_APPLICABLE, cfg.model, strategy)
-        if reason:
-            raise NotApplicable(reason)
+        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self.dev = resolve_device(device)
         self._precision = force_ieee_fp32() if self.dev.type == "cuda" else {}
         self._threads = apply_threads(threads)
