@@ -165,6 +165,27 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
     return rec
 
 
+def _merge_env(path: str, env: Dict) -> Dict:
+    """A resumed run may name other frameworks than the run it extends: keep both.
+
+    The frameworks (and their probes) recorded before stay unless probed again,
+    and each earlier start is listed, so a records file written in several
+    steps still names every framework version and commit that wrote it.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+    except (OSError, ValueError):
+        return env
+    for key in ("frameworks", "framework_probes"):
+        merged = dict(old.get(key) or {})
+        merged.update(env.get(key) or {})
+        env[key] = merged
+    env["earlier_starts"] = list(old.get("earlier_starts") or []) + [
+        {k: old.get(k) for k in ("time", "git_commit", "threads") if k in old}]
+    return env
+
+
 def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
         python: str = sys.executable, stream=None) -> int:
     """Run cells into ``out_dir``; returns the process exit code (1 if any cell failed)."""
@@ -182,7 +203,10 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
     env = describe({k: v.get("detail") if v.get("ok") else None for k, v in probes.items()},
                    threads[0] if len(threads) == 1 else threads, ROOT)
     env["framework_probes"] = probes
-    with open(os.path.join(out_dir, "env.json"), "w", encoding="utf-8") as fh:
+    env_path = os.path.join(out_dir, "env.json")
+    if resume:
+        env = _merge_env(env_path, env)
+    with open(env_path, "w", encoding="utf-8") as fh:
         json.dump(env, fh, indent=2, sort_keys=True)
 
     out = stream or sys.stderr
@@ -205,7 +229,7 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
             progress.start(label)
             t0 = time.time()
             probe = probes[cfg.framework]
-            static = registry.not_applicable(cfg.framework, cfg.model, cfg.strategy)
+            static = registry.not_applicable(cfg.framework, cfg.model, cfg.strategy, cfg.device)
             if not probe.get("ok"):
                 rec = base_record(cfg)
                 rec["status"], rec["reason"] = "unavailable", probe.get("detail", "")

@@ -79,6 +79,21 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     assert "already recorded" in res.stderr
 
 
+def test_a_resumed_run_keeps_the_frameworks_its_earlier_steps_recorded(tmp_path):
+    from bench.runner import _merge_env
+    path = tmp_path / "env.json"
+    path.write_text(json.dumps({"frameworks": {"torch": "2.11"}, "framework_probes": {"torch": {"ok": True}},
+                                "time": "T1", "git_commit": "abc", "threads": 2}))
+    env = _merge_env(str(path), {"frameworks": {"jax": "0.11"}, "framework_probes": {"jax": {"ok": True}},
+                                 "time": "T2", "git_commit": "def", "threads": 2})
+    assert env["frameworks"] == {"torch": "2.11", "jax": "0.11"}
+    assert set(env["framework_probes"]) == {"torch", "jax"}
+    assert env["time"] == "T2"
+    assert env["earlier_starts"] == [{"time": "T1", "git_commit": "abc", "threads": 2}]
+    # no earlier env.json: the new one as it is
+    assert _merge_env(str(tmp_path / "none.json"), {"frameworks": {}}) == {"frameworks": {}}
+
+
 def test_failures_are_recorded_and_make_the_exit_code_nonzero(tmp_path, monkeypatch):
     from bench import runner
     # a cell process that crashes, hangs or is killed: simulated with stand-in interpreters
