@@ -32,7 +32,11 @@ def _multi(values) -> Optional[List[str]]:
 
 
 def cmd_list(args) -> int:
-    """Every registry entry with available / unavailable / not-applicable and why."""
+    """Every registry entry with available / unavailable / not-applicable and why.
+
+    Availability is this machine's (the framework imports); refusals are those
+    the frameworks declare statically for ``--device``.
+    """
     probes = {}
     for fw in registry.FRAMEWORKS:
         probes[fw] = registry.probe(fw)
@@ -41,7 +45,7 @@ def cmd_list(args) -> int:
         if not ok:
             status = "unavailable: %s" % detail
         else:
-            static = registry.not_applicable(fw, model, strategy)
+            static = registry.not_applicable(fw, model, strategy, args.device)
             status = ("not-applicable: %s" % static) if static else "available (%s %s)" % (fw, detail)
         print("%-12s %-9s %-10s %s" % (fw, model, strategy, status))
     return 0
@@ -126,7 +130,8 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str]) -> List[CellC
         chosen = best.get((c.framework, c.model, c.device), (None,))[0]
         if chosen is None:
             for s in PREFERENCE:
-                if s in STRATEGIES[c.family] and not registry.not_applicable(c.framework, c.model, s):
+                if s in STRATEGIES[c.family] and not registry.not_applicable(
+                        c.framework, c.model, s, c.device):
                     chosen = s
                     break
         if c.strategy == chosen:
@@ -182,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("list", help="every (framework, model, strategy) and whether it can run here")
+    s.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="for refusals that only one device has (default: cpu)")
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("run", help="run a preset's cells, each in its own process")

@@ -33,17 +33,27 @@ ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 ADAGRAD = {"initial_accumulator": 0.1, "eps": 1e-7}
 
 
-def not_applicable_reason(table: Dict, model: str, strategy: str) -> Optional[str]:
+def not_applicable_reason(table: Dict, model: str, strategy: str,
+                          device: Optional[str] = None) -> Optional[str]:
     """The reason a framework's NOT_APPLICABLE table gives for (model, strategy), if any.
 
-    Keys are (model, strategy), ("*", strategy) or (model, "*"), most specific first.
+    Keys are (model, strategy), ("*", strategy) or (model, "*"); a key may add a
+    device, (model, strategy, "cpu"), for what only one device lacks. Device keys
+    are consulted only when a device is given.
     """
-    return table.get((model, strategy)) or table.get(("*", strategy)) or table.get((model, "*"))
+    keys = [(model, strategy), ("*", strategy), (model, "*")]
+    if device is not None:
+        keys = [k + (device,) for k in keys] + keys
+    for key in keys:
+        if key in table:
+            return table[key]
+    return None
 
 
-def refuse_not_applicable(table: Dict, model: str, strategy: str) -> None:
-    """Raise NotApplicable with the table's reason, if it names (model, strategy)."""
-    reason = not_applicable_reason(table, model, strategy)
+def refuse_not_applicable(table: Dict, model: str, strategy: str,
+                          device: Optional[str] = None) -> None:
+    """Raise NotApplicable with the table's reason, if it names (model, strategy[, device])."""
+    reason = not_applicable_reason(table, model, strategy, device)
     if reason:
         raise NotApplicable(reason)
 

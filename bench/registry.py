@@ -72,14 +72,21 @@ def entries(frameworks=None, models=None, strategies=None) -> List[Tuple[str, st
     return out
 
 
-def not_applicable(framework: str, model: str, strategy: str) -> Optional[str]:
-    """The static reason a framework cannot express a cell, from its package's NOT_APPLICABLE."""
+def not_applicable(framework: str, model: str, strategy: str,
+                   device: Optional[str] = None) -> Optional[str]:
+    """The static reason a framework cannot express a cell, from its package's tables.
+
+    ``NOT_APPLICABLE`` holds the package's refusals; a package shared by several
+    entries (Keras on three backends) adds ``NOT_APPLICABLE_BY_ENTRY[entry]``.
+    Without a device, refusals for one device only are not reported.
+    """
     try:
         pkg = importlib.import_module(FRAMEWORKS[framework].package)
     except ImportError:
         return None  # the cell itself will fail and record why
-    table: Dict = getattr(pkg, "NOT_APPLICABLE", {})
-    return not_applicable_reason(table, model, strategy)
+    table: Dict = dict(getattr(pkg, "NOT_APPLICABLE", {}))
+    table.update(getattr(pkg, "NOT_APPLICABLE_BY_ENTRY", {}).get(framework, {}))
+    return not_applicable_reason(table, model, strategy, device)
 
 
 def probe(framework: str) -> Tuple[bool, str]:

@@ -33,7 +33,7 @@ def _make(fw, model, strategy, cfg):
         if fw in REQUIRED:
             pytest.fail("required framework %s is unavailable: %s" % (fw, why))
         pytest.skip(why)
-    static = registry.not_applicable(fw, model, strategy)
+    static = registry.not_applicable(fw, model, strategy, "cpu")
     if static:
         pytest.skip("not applicable: " + static)
     try:
@@ -140,7 +140,7 @@ def test_export_roundtrip_is_exact():
     """load -> export gives back the same float32 arrays, for every available implementation."""
     checked = 0
     for fw, model, strategy in ENTRIES:
-        if not registry.probe(fw)[0] or registry.not_applicable(fw, model, strategy):
+        if not registry.probe(fw)[0] or registry.not_applicable(fw, model, strategy, "cpu"):
             continue
         cfg = ModelConfig(model, vocab_size=30, embed_dim=6, hidden=5, num_classes=3)
         try:

@@ -156,6 +156,19 @@ def test_list_is_accurate():
         assert all(("unavailable" in l) != ok for l in fw_lines), fw
 
 
+def test_refusals_that_depend_on_device_or_backend_are_static():
+    # JAX's fused LSTM exists only on a GPU (cuDNN); Keras refuses `compiled` on torch only.
+    cpu = registry.not_applicable("jax", "lstm", "fused", "cpu")
+    assert cpu and "cuDNN" in cpu
+    assert registry.not_applicable("jax", "lstm", "fused", "gpu") is None
+    assert registry.not_applicable("jax", "elman", "fused", "gpu")     # no fused Elman anywhere
+    assert "torch.compile" in registry.not_applicable("keras-torch", "treelstm", "compiled", "cpu")
+    for fw in ("keras-jax", "keras-tensorflow"):
+        assert registry.not_applicable(fw, "treelstm", "compiled", "cpu") is None
+    # without a device, only refusals that hold everywhere
+    assert registry.not_applicable("jax", "lstm", "fused") is None
+
+
 def test_cli_rejects_unknown_names():
     for args in (["--frameworks", "caffe3"], ["--models", "gru"], ["--tasks", "imdb"]):
         res = _bench("run", "--dry-run", *args, timeout=120)

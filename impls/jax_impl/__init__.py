@@ -23,4 +23,6 @@ loading the framework.
 NOT_APPLICABLE = {
     ("elman", "fused"): "jax.experimental.rnn wraps only cuDNN's LSTM; JAX has no fused "
                         "Elman (tanh RNN) layer",
+    ("lstm", "fused", "cpu"): "JAX has no fused LSTM kernel for the CPU: jax.experimental.rnn "
+                              "lowers only to cuDNN (CUDA) and MIOpen (ROCm)",
 }

@@ -182,7 +182,7 @@ class JaxImplementation(Implementation):
     # -- subclass hooks --
     def _refuse(self):
         """Raise NotApplicable for what this class cannot express (before JAX starts)."""
-        refuse_not_applicable(NOT_APPLICABLE, self.cfg.model, self.strategy)
+        refuse_not_applicable(NOT_APPLICABLE, self.cfg.model, self.strategy, self.device)
 
     def _loss(self, params, prepared):
         raise NotImplementedError

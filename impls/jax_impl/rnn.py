@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from bench.batches import SeqBatch
-from bench.interface import NotApplicable, Unavailable
+from bench.interface import Unavailable
 
 from .common import JaxImplementation, classify, softmax_xent
 
@@ -64,12 +64,6 @@ def cudnn_lstm_weights(W_x, W_h, b):
 class RNN(JaxImplementation):
     family = "rnn"
     jit_strategies = ("compiled", "fused")
-
-    def _refuse(self):
-        super()._refuse()
-        if self.strategy == "fused" and self.device == "cpu":
-            raise NotApplicable("JAX has no fused LSTM kernel for the CPU: "
-                                "jax.experimental.rnn lowers only to cuDNN (CUDA) and MIOpen (ROCm)")
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)

@@ -52,9 +52,9 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
 
-from . import NOT_APPLICABLE
+from . import NOT_APPLICABLE, NOT_APPLICABLE_BY_ENTRY
 
 BACKEND = keras.backend.backend()
 FRAMEWORK = "keras-" + BACKEND
@@ -69,14 +69,6 @@ elif BACKEND == "tensorflow":
 else:  # numpy / openvino backends have no gradients: nothing to benchmark
     raise ImportError("keras backend %r is not one of torch, jax, tensorflow" % BACKEND)
 
-TORCH_COMPILE_REASON = (
-    "Keras runs the torch backend eagerly; its only compiler is jit_compile=True, which wraps "
-    "the step in torch.compile. Measured here (LSTM, B 25, T 16, D 100, H 150): the Keras "
-    "forward traces to one graph without breaks and runs ~3x faster, but the first compile "
-    "takes over 2 minutes on this 2-core machine, the time loop (and the tree level loop) is "
-    "unrolled, and every new (batch size, length) shape recompiles until dynamo's recompile "
-    "limit (8), after which it silently runs eagerly; a cell meets 10-30 shapes (verify batch, "
-    "pool, batch-1 latency). Keras' own jit_compile='auto' keeps torch eager for this reason")
 
 MODES = ("eager", "graph", "xla")
 
@@ -281,10 +273,9 @@ class KerasImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
+        table = {**NOT_APPLICABLE, **NOT_APPLICABLE_BY_ENTRY.get("keras-" + BACKEND, {})}
+        refuse_not_applicable(table, cfg.model, strategy, device)
         self.mode = self.modes[strategy]
-        if BACKEND == "torch" and self.mode == "xla":
-            raise NotApplicable(TORCH_COMPILE_REASON)
         self._thread_info = configure_threads(threads)
         self._device = keras_device(device)
         self.traces: Counter = Counter()

@@ -34,7 +34,7 @@ block is reordered.
   ``tf.function(jit_compile=True)`` (a ``tf.while_loop`` with ``maximum_iterations``). Not
   ``keras.ops.scan``: on tensorflow it builds a ``tf.while_loop`` without
   ``maximum_iterations``, whose gradient XLA refuses to compile ("XLA compilation requires
-  a fixed tensor list size"). Not applicable on torch (``common.TORCH_COMPILE_REASON``).
+  a fixed tensor list size"). Not applicable on torch (``impls.keras_impl.TORCH_COMPILE_REASON``).
 
 Where the step is compiled per input shape (every jax strategy, tensorflow ``compiled``),
 ``prepare`` pads T up to a multiple of ``TIME_BUCKET`` with masked steps, so

@@ -34,7 +34,7 @@ many nodes one call covers and who drives the schedule:
   parents into [S, H] buffers (``height_step``); the whole training step under the
   backend's compiler with ``jit_compile`` (``jax.jit`` / ``tf.function(jit_compile=True)``),
   compiled once per bucket shape (``info()['traces']``). Not applicable on torch
-  (``common.TORCH_COMPILE_REASON``). Every height is computed at the bucketed width W, so
+  (``impls.keras_impl.TORCH_COMPILE_REASON``). Every height is computed at the bucketed width W, so
   this does more arithmetic than ``levels`` (on SST batches of 25, ~3-9x the real internal
   nodes).
 """

@@ -31,7 +31,7 @@ def _impl(fw, model, strategy, sst):
     ok, why = registry.probe(fw)
     if not ok:
         pytest.skip(why)
-    static = registry.not_applicable(fw, model, strategy)
+    static = registry.not_applicable(fw, model, strategy, "cpu")
     if static:
         pytest.skip(static)
     cfg = ModelConfig(model, vocab_size=len(sst.vocab), embed_dim=32, hidden=32,
