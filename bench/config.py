@@ -155,8 +155,9 @@ def full(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
 def parity(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
     """Learning parity: the same training budget in every framework, three seeds.
 
-    SST 5-class (tree models train on every labelled node, as in the Tree-LSTM
-    and RNTN papers; RNNs on the root label) and ListOps (root labels). Adam,
+    SST 5-class and binary (tree models train on every labelled node, as in the
+    Tree-LSTM and RNTN papers; RNNs on the root label) and ListOps (root
+    labels). Adam,
     lr 2e-3, batch 25, for every framework alike; 3 epochs of SST and 3 of
     ListOps (2000 training expressions). One thread per cell: accuracy does
     not depend on it, and a 1-thread process keeps its speed on a shared
@@ -172,16 +173,23 @@ def parity(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
         Block(models=TREE_MODELS, tasks=("sst",), seeds=seeds,
               overrides=(("epochs", 3.0), ("loss_mode", "all"))),
         Block(tasks=("listops",), seeds=seeds, overrides=(("epochs", 3.0),)),
+        Block(models=RNN_MODELS, tasks=("sst2",), seeds=seeds, overrides=(("epochs", 3.0),)),
+        Block(models=TREE_MODELS, tasks=("sst2",), seeds=seeds,
+              overrides=(("epochs", 3.0), ("loss_mode", "all"))),
     ))
 
 
 def gpu(frameworks: Sequence[str] = ("torch", "jax")) -> Grid:
-    """One GPU run in at most ~7 minutes: SST quick sizes, batch sweep, tree-size sweep.
+    """A GPU run: SST quick sizes, batch sweep, tree-size sweep.
 
     Every model and strategy at batch 25; the sweeps keep to the strategies
     that need no compile per shape (cuDNN ``fused`` and dynamic-batching
     ``levels``): per-node ``loop``/``recursive`` cells would take minutes at
     batch 400, and ``torch.compile`` costs tens of seconds per new shape.
+    Measured on an H200 (results/2026-11-26-gpu): torch cells take 8-30 s,
+    JAX cells 20-140 s (XLA compiles each new shape, 25 times per cell), so
+    the whole preset needs most of an hour; that folder's ``run.sh`` runs the
+    most telling cells first against a deadline, for short leases.
     """
     base = CellConfig("numpy", "lstm", "loop", device="gpu", repeats=5, latency_samples=10,
                       timeout_s=240)

@@ -99,11 +99,31 @@ def test_anchor_verdicts_follow_the_measured_accuracy():
     assert rows["sst rvnn (torch) at or above plain RvNN"][3] == "missed"
     assert rows["sst rvnn (jax) at or above plain RvNN"][3] == "met"
     assert rows["listops (torch): Tree-LSTM vs LSTM"][2].startswith("+10.0 points")
-    assert rows["binary SST anchors"][3] == "not measured"
+    assert rows["sst2 treelstm at or above RNTN (binary SST)"][3] == "not measured"
+    assert rows["sst2 rvnn at or above plain RvNN (binary SST)"][3] == "not measured"
     # a wider spread is a miss
     recs[1] = _acc_record("jax", "treelstm", "sst", 0.450)
     rows = {r[0]: r for r in anchors_rows(summarise(recs))}
     assert rows["sst: every framework's Tree-LSTM within 1 point of the others"][3] == "missed"
+
+
+def test_binary_sst_has_its_own_anchors():
+    from bench.report import anchors_rows, summarise
+    recs = [_acc_record("torch", "treelstm", "sst2", 0.860), _acc_record("torch", "rvnn", "sst2", 0.800)]
+    rows = {r[0]: r for r in anchors_rows(summarise(recs))}
+    assert rows["sst2 treelstm (torch) at or above RNTN"][1:] == [">= 85.4", "86.0 ± 0.0 (1 seeds)", "met"]
+    assert rows["sst2 rvnn (torch) at or above plain RvNN"][3] == "missed"
+    # the 5-class goals are still listed, as not measured, when only binary cells exist
+    assert rows["sst treelstm at or above RNTN (fine-grained SST)"][3] == "not measured"
+
+
+def test_env_table_names_frameworks_from_the_records_too():
+    from bench.report import _env_section
+    env = {"_dir": "gpu", "frameworks": {"jax": "0.11.2"}, "machine": {"cpu": "x", "cores": 16}}
+    recs = [{"run": "gpu", "framework": "torch", "framework_version": "2.11.0"},
+            {"run": "other", "framework": "tensorflow", "framework_version": "2.21.0"}]
+    text = _env_section([env], recs)
+    assert "jax 0.11.2, torch 2.11.0" in text and "tensorflow" not in text
 
 
 def test_threads_a_framework_did_not_apply_are_shown():
