@@ -20,13 +20,18 @@ The padded static form (``PaddedTrees``) has the same nodes plus two slots at
 the end of the node buffer: ``zero`` (always the zero vector; padding entries
 read it) and ``sink`` (padding entries write to it; nothing reads it). Reading
 only zeros keeps padded computations finite, so they never leak NaN into
-gradients.
+gradients. Its rows are *steps*: each step's nodes read only leaves and nodes
+written by earlier steps. ``padded()`` makes one step per height, as wide as
+the widest height; ``padded_packed()`` packs the nodes into narrower groups
+(``packed_groups``), so the few wide low heights do not make every narrow high
+one pay for their width. On SST batches of 25 the heights form is ~9x the real
+internal nodes once bucketed, the packed form ~2x, in about as many steps.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -61,9 +66,9 @@ class PaddedTrees:
 
     * ``leaf_node int32[Lf]`` / ``leaf_token int32[Lf]``: where each leaf goes
       and its token; padding writes token 0 to ``sink``.
-    * ``level_node / level_left / level_right int32[L, W]``: for heights
-      1..L, the node written and its two children; padding writes to ``sink``
-      and reads ``zero``.
+    * ``level_node / level_left / level_right int32[S, W]``: for each step
+      (a height, or a packed group: see the module doc), the nodes written and
+      their two children; padding writes to ``sink`` and reads ``zero``.
     * ``label int32[num_nodes + 2]``: -1 where unlabelled or padding.
     * ``root int32[B]``, ``root_label int32[B]``.
     """
@@ -90,6 +95,18 @@ class PaddedTrees:
     def shape_key(self) -> Tuple[int, ...]:
         """Everything a compiler specialises on."""
         return (self.num_nodes, self.leaf_node.shape[0]) + self.level_node.shape + self.root.shape
+
+    def steps_multiple_of(self, k: int) -> "PaddedTrees":
+        """The same form with all-padding steps appended up to a multiple of ``k``
+        (for code that runs the steps in fixed-size chunks)."""
+        steps, width = self.level_node.shape
+        extra = -steps % k
+        if not extra:
+            return self
+        pad = lambda a, fill: np.concatenate([a, np.full((extra, width), fill, np.int32)])  # noqa: E731
+        return replace(self, level_node=pad(self.level_node, self.sink),
+                       level_left=pad(self.level_left, self.zero),
+                       level_right=pad(self.level_right, self.zero))
 
 
 @dataclass(frozen=True)
@@ -144,27 +161,80 @@ class TreeBatch:
         for name, have, want in zip(("num_nodes", "num_leaves", "num_levels", "width"), need, sizes):
             if want < have:
                 raise ValueError("padded %s=%d is smaller than the batch needs (%d)" % (name, want, have))
-        n_pad, lf_pad, l_pad, w_pad = sizes
-        zero, sink = n_pad, n_pad + 1
+        return self._static_form(self.levels[1:], *sizes)
 
+    def _static_form(self, steps: Sequence[np.ndarray], n_pad: int, lf_pad: int, s_pad: int,
+                     w_pad: int) -> PaddedTrees:
+        """PaddedTrees with one row per entry of ``steps`` (node indices), padded as given."""
+        n_leaves = int(self.level_offsets[1])
+        zero, sink = n_pad, n_pad + 1
         leaf_node = np.full(lf_pad, sink, np.int32)
         leaf_token = np.zeros(lf_pad, np.int32)
         leaf_node[:n_leaves] = np.arange(n_leaves)
         leaf_token[:n_leaves] = self.token[:n_leaves]
 
-        level_node = np.full((l_pad, w_pad), sink, np.int32)
-        level_left = np.full((l_pad, w_pad), zero, np.int32)
-        level_right = np.full((l_pad, w_pad), zero, np.int32)
-        for h in range(1, self.num_levels):
-            idx = np.arange(o[h], o[h + 1])
-            level_node[h - 1, :idx.size] = idx
-            level_left[h - 1, :idx.size] = self.left[idx]
-            level_right[h - 1, :idx.size] = self.right[idx]
+        level_node = np.full((s_pad, w_pad), sink, np.int32)
+        level_left = np.full((s_pad, w_pad), zero, np.int32)
+        level_right = np.full((s_pad, w_pad), zero, np.int32)
+        for s, idx in enumerate(steps):
+            level_node[s, :idx.size] = idx
+            level_left[s, :idx.size] = self.left[idx]
+            level_right[s, :idx.size] = self.right[idx]
 
         label = np.full(n_pad + 2, -1, np.int32)
         label[:self.num_nodes] = self.label
         return PaddedTrees(leaf_node, leaf_token, level_node, level_left, level_right, label,
                            self.root.copy(), self.label[self.root].copy(), n_pad)
+
+    def packed_groups(self, width: int) -> List[np.ndarray]:
+        """Internal nodes in groups of at most ``width``, each after its children's groups.
+
+        Greedy in height order: a node goes into the first group after its
+        children's groups that still has room. With ``width`` >= the widest
+        height this is the plain level schedule.
+        """
+        if width < 1:
+            raise ValueError("width must be >= 1")
+        n_leaves = int(self.level_offsets[1])
+        group_of = np.full(self.num_nodes, -1, np.int64)
+        groups: List[List[int]] = []
+        first_open = 0  # groups before this one are full
+        left, right = self.left.tolist(), self.right.tolist()
+        for n in range(n_leaves, self.num_nodes):  # height order: children come first
+            g = max(first_open, group_of[left[n]] + 1, group_of[right[n]] + 1)
+            while g < len(groups) and len(groups[g]) >= width:
+                g += 1
+            if g == len(groups):
+                groups.append([])
+            groups[g].append(n)
+            group_of[n] = g
+            while first_open < len(groups) and len(groups[first_open]) >= width:
+                first_open += 1
+        return [np.asarray(grp, np.int32) for grp in groups]
+
+    def group_width(self) -> int:
+        """The packed form's width: internal nodes per height, as a power of two >= 8.
+
+        About as many nodes per group as an average height holds keeps the
+        group count near the tree height with few padding slots; powers of two
+        keep the distinct shapes (and so the compiles) few.
+        """
+        internal = self.num_nodes - int(self.level_offsets[1])
+        heights = max(1, self.num_levels - 1)
+        return max(8, _bucket(-(-internal // heights)))
+
+    def padded_packed(self, bucketed: bool = True) -> PaddedTrees:
+        """The static form on packed groups (see the module doc), width from
+        ``group_width``. Bucketed like ``padded_bucketed`` (nodes and leaves to
+        powers of two, steps to a multiple of 8) for compilers that specialise
+        on shapes; else exact, with at least one step."""
+        width = self.group_width()
+        groups = self.packed_groups(width)
+        n_leaves = int(self.level_offsets[1])
+        if not bucketed:
+            return self._static_form(groups, self.num_nodes, n_leaves, max(1, len(groups)), width)
+        return self._static_form(groups, _bucket(self.num_nodes), _bucket(n_leaves),
+                                 step_bucket(len(groups)), width)
 
     def padded_bucketed(self) -> PaddedTrees:
         """Padded to bucket sizes (next power of two), so few distinct shapes occur.
@@ -182,6 +252,11 @@ class TreeBatch:
 def _bucket(n: int) -> int:
     """Next power of two >= max(n, 1)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def step_bucket(n: int) -> int:
+    """Padded number of packed steps: the next multiple of 8, at least 8."""
+    return max(8, -(-int(n) // 8) * 8)
 
 
 def make_seq_batch(examples: Sequence[Example]) -> SeqBatch:

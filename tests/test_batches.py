@@ -101,6 +101,58 @@ def test_batch_stream_is_deterministic_per_seed(listops):
     assert pad(a) < pad(plain)
 
 
+def _evaluate_heights(pad, n):
+    """Run the static form as a compiled strategy would, with height as the node
+    function: a row that read a child before its step wrote it gets a wrong height."""
+    buf = np.full(pad.num_nodes + 2, -100, np.int64)
+    buf[pad.zero] = -1                       # padding reads "height -1", max() ignores it
+    buf[pad.leaf_node] = 0
+    for node, left, right in zip(pad.level_node, pad.level_left, pad.level_right):
+        buf[node] = 1 + np.maximum(buf[left], buf[right])
+        buf[pad.zero] = -1                   # a write to zero would be a bug: undo, then check
+    return buf[:n]
+
+
+def test_packed_form_is_a_valid_schedule_with_less_padding(listops):
+    for seed in range(4):
+        batch = batch_stream(listops.train, "rvnn", 16, seed=seed)[0]
+        n = batch.num_nodes
+        width = batch.group_width()
+        groups = batch.packed_groups(width)
+        group_of = np.full(n, -1)
+        for g, nodes in enumerate(groups):
+            assert 0 < nodes.size <= width
+            group_of[nodes] = g
+        internal = batch.left >= 0
+        assert sorted(np.concatenate(groups).tolist()) == np.nonzero(internal)[0].tolist()
+        assert (group_of[internal] > group_of[batch.left[internal]]).all()
+        assert (group_of[internal] > group_of[batch.right[internal]]).all()
+
+        pad = batch.padded_packed()
+        assert pad.level_node.shape[1] == width and pad.level_node.shape[0] % 8 == 0
+        assert (pad.level_node != pad.zero).all()     # padding never writes the zero row
+        # evaluated step by step, every node gets its true height: children come first
+        assert (_evaluate_heights(pad, n) == batch.height).all()
+        assert (_evaluate_heights(batch.padded_bucketed(), n) == batch.height).all()
+        # same leaves, labels and roots as the heights form; fewer padded slots
+        heights = batch.padded_bucketed()
+        for name in ("leaf_node", "leaf_token", "label", "root", "root_label"):
+            assert (getattr(pad, name) == getattr(heights, name)).all(), name
+        assert pad.level_node.size < heights.level_node.size
+        longer = pad.steps_multiple_of(24)
+        assert longer.level_node.shape[0] % 24 == 0
+        assert (longer.level_node[pad.level_node.shape[0]:] == pad.sink).all()
+        assert (_evaluate_heights(longer, n) == batch.height).all() and pad.steps_multiple_of(8) is pad
+        exact = batch.padded_packed(bucketed=False)
+        assert exact.num_nodes == n and exact.level_node.shape == (len(groups), width)
+        assert (_evaluate_heights(exact, n) == batch.height).all()
+    # wide groups are the plain level schedule
+    widest = int(np.diff(batch.level_offsets)[1:].max())
+    assert [g.tolist() for g in batch.packed_groups(widest)] == [lv.tolist() for lv in batch.levels[1:]]
+    with pytest.raises(ValueError):
+        batch.packed_groups(0)
+
+
 def test_drop_last_and_one_leaf_trees():
     exs = [Example((i,), Tree(0, token=i), 0) for i in range(1, 8)]
     assert [len(g) for g in batch_examples(exs, 3, seed=0, drop_last=True)] == [3, 3]
@@ -109,5 +161,7 @@ def test_drop_last_and_one_leaf_trees():
     pad = b.padded_bucketed()
     assert pad.level_node.shape == (1, 1) and (pad.level_node == pad.sink).all()
     assert (pad.level_left == pad.zero).all()
+    packed = b.padded_packed()     # no internal node: all-padding steps, never a zero-sized shape
+    assert packed.level_node.shape == (8, 8) and (packed.level_node == packed.sink).all()
     deep = make_tree_batch([Example(tuple(range(1, 52)), build_tree("left", list(range(1, 52))), 0)])
     assert deep.num_levels == 51

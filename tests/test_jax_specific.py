@@ -31,7 +31,7 @@ from bench.interface import NotApplicable, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import load_listops, load_sst  # noqa: E402
 from impls.jax_impl.rnn import RNN, cudnn_lstm_weights, time_bucket  # noqa: E402
-from impls.jax_impl.rvnn import RvNN, group_width, packed_schedule  # noqa: E402
+from impls.jax_impl.rvnn import RvNN  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -211,29 +211,11 @@ def test_adam_and_adagrad_first_steps_match_their_formulas():
                     assert np.abs(got[k] - want[k]).max() < 1e-5, (opt, strategy, k)
 
 
-# -- the compiled tree schedule --
-
-def test_packed_schedule_respects_dependencies(sst):
-    for b in batch_stream(sst.train, "rvnn", 25, seed=1)[:5]:
-        width = group_width(b)
-        groups = packed_schedule(b, width)
-        group_of = np.full(b.num_nodes, -1)
-        for g, nodes in enumerate(groups):
-            assert 0 < nodes.size <= width
-            group_of[nodes] = g
-        internal = b.left >= 0
-        assert (group_of[~internal] == -1).all() and (group_of[internal] >= 0).all()
-        assert sorted(np.concatenate(groups).tolist()) == np.nonzero(internal)[0].tolist()
-        for n in np.nonzero(internal)[0]:
-            assert group_of[n] > group_of[b.left[n]] and group_of[n] > group_of[b.right[n]]
-        # far fewer padded rows than one group per height at the widest height's width
-        widths = np.diff(b.level_offsets)[1:]
-        assert len(groups) * width < (b.num_levels - 1) * widths.max()
-
+# -- the compiled tree schedule (TreeBatch.packed_groups; its own checks are in test_batches) --
 
 def test_wide_groups_give_the_level_schedule_and_the_same_logits(sst):
     b = batch_stream(sst.train, "rvnn", 25, seed=2)[0]
-    groups = packed_schedule(b, int(np.diff(b.level_offsets)[1:].max()))
+    groups = b.packed_groups(int(np.diff(b.level_offsets)[1:].max()))
     assert [g.tolist() for g in groups] == [lv.tolist() for lv in b.levels[1:]]
     cfg = _tiny("treelstm", len(sst.vocab))
     params = init_params(cfg, seed=0)

@@ -23,7 +23,7 @@ embedding, H hidden, C classes. A node state is ``(h,)`` (RvNN) or ``(h, c)``
   the leaves in one batched op, then ``lax.scan`` over a static schedule of
   node groups [S, W] (gathers, node function, scatter into the buffers). The
   schedule packs nodes into groups of width W in height order, a node never
-  sharing a group with its descendants (see ``packed_schedule``), so narrow
+  sharing a group with its descendants (``TreeBatch.packed_groups``), so narrow
   high levels do not each pay for the widest one; S and W are bucketed.
 """
 
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench.batches import TreeBatch
+from bench.batches import TreeBatch, step_bucket
 
 from .common import JaxImplementation, classify, softmax_xent
 
@@ -104,56 +104,10 @@ def _weights(model, p):
     return (p["W_leaf"], p["b_leaf"]), (p["U"], p["b_U"])
 
 
-def packed_schedule(batch: TreeBatch, width: int) -> List[np.ndarray]:
-    """Internal nodes in groups of at most ``width``, each after its children's groups.
-
-    Greedy in height order: a node goes into the first group after its
-    children's groups that still has room. Returns one int32 array of node
-    indices per group. With ``width`` >= the widest height this is the plain
-    level schedule.
-    """
-    n_leaves = int(batch.level_offsets[1])
-    group_of = np.full(batch.num_nodes, -1, np.int64)
-    groups: List[List[int]] = []
-    fill: List[int] = []
-    first_open = 0  # groups before this one are full
-    left, right = batch.left.tolist(), batch.right.tolist()
-    for n in range(n_leaves, batch.num_nodes):  # height order: children come first
-        g = max(first_open, group_of[left[n]] + 1, group_of[right[n]] + 1)
-        while g < len(groups) and fill[g] >= width:
-            g += 1
-        if g == len(groups):
-            groups.append([])
-            fill.append(0)
-        groups[g].append(n)
-        fill[g] += 1
-        group_of[n] = g
-        while first_open < len(groups) and fill[first_open] >= width:
-            first_open += 1
-    return [np.asarray(grp, np.int32) for grp in groups]
-
-
-def group_width(batch: TreeBatch) -> int:
-    """Width W of the compiled schedule's groups: internal nodes per height, bucketed.
-
-    About as many nodes per group as there are on an average height keeps the
-    group count near the tree height while few rows are padding; a power of
-    two (at least 8) so it takes few distinct values.
-    """
-    internal = batch.num_nodes - int(batch.level_offsets[1])
-    heights = max(1, batch.num_levels - 1)
-    return max(8, _bucket(-(-internal // heights)))
-
-
-def step_bucket(n: int) -> int:
-    """Padded number of schedule groups: the next multiple of 8."""
-    return -(-int(n) // 8) * 8
-
-
 class RvNN(JaxImplementation):
     family = "rvnn"
     jit_strategies = ("compiled",)
-    # compiled: "packed" groups (see packed_schedule) or "heights", one group per
+    # compiled: "packed" groups (TreeBatch.packed_groups) or "heights", one group per
     # height at the widest height's width: the plain level schedule of PaddedTrees
     schedule = "packed"
 
@@ -263,10 +217,10 @@ class RvNN(JaxImplementation):
         n_leaves = int(batch.level_offsets[1])
         padded = batch.padded(num_nodes=_bucket(batch.num_nodes), num_leaves=_bucket(n_leaves))
         if self.schedule == "packed":
-            width = group_width(batch)
+            width = batch.group_width()
         else:
             width = _bucket(int(np.diff(batch.level_offsets)[1:].max(initial=1)))
-        groups = packed_schedule(batch, width)
+        groups = batch.packed_groups(width)
         steps = step_bucket(len(groups))
         rows = padded.num_nodes + 2
         node = np.tile(write_targets(np.zeros(0, np.int32), width, rows), (steps, 1))

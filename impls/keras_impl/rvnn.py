@@ -3,7 +3,7 @@
 Shapes: N nodes in the batch, Nl leaves, B trees, M classification points (B roots, or all
 N nodes in ``all`` loss mode), D embedding, H hidden, C classes; for ``compiled``, S = the
 padded node count + 2 buffer slots (``zero``, read by padding; ``sink``, written by it), L
-padded heights, W padded width (``TreeBatch.padded_bucketed()``).
+padded steps, W padded width (``TreeBatch.padded_packed()``).
 
 The model is a ``keras.Model``: ``keras.layers.Embedding`` for the leaf tokens (one lookup
 for the batch's leaves, as tree-LSTM reference code does; a per-leaf lookup would only add
@@ -27,16 +27,17 @@ many nodes one call covers and who drives the schedule:
   over) on [S, H] node buffers, widths padded to powers of two so they compile for a few
   shapes (op by op, JAX compiles every op for every new width and differentiates each
   separately: ~7x slower here).
-* ``compiled``: the level schedule over the padded static form, a loop over heights
+* ``compiled``: the packed static form (``TreeBatch.padded_packed``: steps of node groups
+  whose children are ready, each W wide), a loop over its steps
   (``keras.ops.scan`` on jax; ``keras.ops.while_loop`` with ``maximum_iterations`` on
   tensorflow, where XLA cannot compile the gradient of ``ops.scan``'s unbounded
   ``tf.while_loop``), each step gathering children from and ``ops.scatter_update``-ing
   parents into [S, H] buffers (``height_step``); the whole training step under the
   backend's compiler with ``jit_compile`` (``jax.jit`` / ``tf.function(jit_compile=True)``),
   compiled once per bucket shape (``info()['traces']``). Not applicable on torch
-  (``impls.keras_impl.TORCH_COMPILE_REASON``). Every height is computed at the bucketed width W, so
-  this does more arithmetic than ``levels`` (on SST batches of 25, ~3-9x the real internal
-  nodes).
+  (``impls.keras_impl.TORCH_COMPILE_REASON``). Every step is computed at the width W, so
+  this does more arithmetic than ``levels`` (on SST batches of 25, ~2x the real internal
+  nodes; one step per height at the widest height's width would be ~9x).
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ class RvNN(KerasImplementation):
         n_leaves = int(batch.level_offsets[1])
         int32 = lambda a: self._tensor(np.asarray(a, np.int32), "int32")  # noqa: E731
         if self.strategy == "compiled":
-            padded = batch.padded_bucketed()
+            padded = batch.padded_packed()
             self._shapes.add(padded.shape_key)
             pairs = np.stack([padded.level_left, padded.level_right], axis=-1)
             pairs = pairs.reshape(pairs.shape[0], -1)                        # [L, 2W]

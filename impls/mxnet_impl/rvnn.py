@@ -13,13 +13,14 @@ right), so children always come before parents.
   from the buffer of states so far ([2 W_h, H] -> [W_h, 2H]), one
   ``FullyConnected`` and the gates, the new rows appended (``concat``), so
   buffer row n is node n.
-* ``compiled``: ``levels`` on the padded static form
-  (``TreeBatch.padded_bucketed``) in a hybridized ``HybridBlock``: a
+* ``compiled``: ``levels`` on the packed static form
+  (``TreeBatch.padded_packed``: steps of node groups whose children are
+  ready) in a hybridized ``HybridBlock``: a
   [N+2, H] buffer (``zero`` and ``sink`` rows last), leaves and each level
   written with ``scatter_nd`` (each real row is written once, so adding the
   scattered rows to the zero buffer is a write; padding writes only go to
   ``sink``, which nothing reads), children read with ``take``. The loop over
-  heights is unrolled, so each bucket shape (``PaddedTrees.shape_key``) gets
+  steps is unrolled, so each bucket shape (``PaddedTrees.shape_key``) gets
   its own block and cached graph (``info()['compiled_shapes']``); the weights
   are inputs, shared by every block.
 
@@ -140,7 +141,7 @@ class RvNN(MXNetImplementation):
 
         ready = dict(B=batch.size, N=batch.num_nodes)
         if self.strategy == "compiled":
-            pt = batch.padded_bucketed()
+            pt = batch.padded_packed()
             level_node = pt.level_node
             pairs = np.stack([pt.level_left, pt.level_right], axis=2)             # [L, W, 2]
             pairs = pairs.reshape(level_node.shape[0], 2 * level_node.shape[1])

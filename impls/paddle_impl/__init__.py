@@ -12,9 +12,9 @@ Strategies, as implemented here:
   loop is not one program).
 * RvNN ``recursive``: eager, one cell call per tree node.
 * RvNN ``levels``: eager, one cell call per tree height across the batch.
-* RvNN ``compiled``: ``levels`` on the padded static form
-  (``TreeBatch.padded_bucketed()``) as ``paddle.jit.to_static`` programs: one
-  for the leaves, then blocks of 4 unrolled levels chained by a Python loop.
+* RvNN ``compiled``: ``levels`` on the packed static form
+  (``TreeBatch.padded_packed()``) as ``paddle.jit.to_static`` programs: one
+  for the leaves, then blocks of 4 unrolled steps chained by a Python loop.
 
 Threads: ``paddle.base.core.set_num_threads`` sizes the CPU math library's
 pool (MKL/oneDNN); the runner's OMP_NUM_THREADS caps OpenMP; static programs

@@ -10,8 +10,9 @@ canonical names and layouts (no native layer exists for tree cells).
   gathers the children of every node of that height across the batch from
   the states computed so far (the levels concatenated in node order, so a
   node's index is its row).
-* ``compiled``: ``levels`` on ``TreeBatch.padded_bucketed()`` (levels padded
-  further to a multiple of BLOCK = 4) under ``paddle.jit.to_static``: a leaf
+* ``compiled``: ``levels`` on ``TreeBatch.padded_packed()`` (steps of node
+  groups whose children are ready, padded to a multiple of BLOCK = 4) under
+  ``paddle.jit.to_static``: a leaf
   program writes the leaves into a node buffer [N + 2, H] (rows ``zero`` and
   ``sink`` at the end) with ``paddle.scatter``; a block program runs BLOCK
   unrolled levels of gather -> cell -> scatter on that buffer and is chained
@@ -95,11 +96,7 @@ class RvNN(PaddleImplementation):
             raise TypeError("the RvNN family takes a TreeBatch, not %s" % type(batch).__name__)
         root_mode = self.cfg.loss_mode == "root"
         if self.strategy == "compiled":
-            pt = batch.padded_bucketed()
-            n_levels, width = pt.level_node.shape
-            if n_levels % BLOCK:
-                pt = batch.padded(num_nodes=pt.num_nodes, num_leaves=pt.leaf_node.shape[0],
-                                  num_levels=-(-n_levels // BLOCK) * BLOCK, width=width)
+            pt = batch.padded_packed().steps_multiple_of(BLOCK)
             points = pt.root if root_mode else np.arange(pt.num_nodes + 2)
             out = self._targets(pt.root_label if root_mode else pt.label)
             t = lambda a: self._tensor(a, np.int64)  # noqa: E731

@@ -17,16 +17,17 @@ Strategies, as implemented here:
   [1, *]); backward likewise, one compiled VJP call per node, parents first.
 * RvNN ``levels``: the same compiled cells, called once per height with
   every node of that height across the batch.
-* RvNN ``compiled``: ``scan`` over heights on the padded static form, with
-  gathers and ``set_subtensor`` into a node buffer [N + 2, H].
+* RvNN ``compiled``: ``scan`` over the packed static form's steps (node
+  groups whose children are ready), with gathers and ``set_subtensor`` into a
+  node buffer [N + 2, H].
 
 Compiled code: PyTensor 3's default mode links with numba (each function is
 JIT-compiled at its first call, which the runner's first-call time sees);
 Theano's default links its C backend (``cvm``). ``info()`` names the linker.
 
 Shapes: PyTensor and Theano compile shape-generic graphs (one compiled
-function serves every batch shape), so nothing is bucketed; the padded tree
-form is exact (``TreeBatch.padded()``), with at least one level.
+function serves every batch shape), so nothing is bucketed; the packed tree
+form is exact (``TreeBatch.padded_packed(bucketed=False)``), with at least one step.
 
 Threads: the runner's OMP/OPENBLAS variables, and ``threadpoolctl`` limits
 applied at construction, cap the BLAS that the compiled code calls;

@@ -11,9 +11,11 @@ each row H wide. ``z`` is a cell's pre-activation ([M, H]/[M, 3H] at leaves,
 * ``levels``: the same compiled cells called once per height (M = nodes of
   that height across the batch); children are gathered by index.
 * ``compiled``: one graph: leaves in one matmul, written into a node buffer
-  [N + 2, H] with ``set_subtensor``; ``scan`` over heights gathers children
-  from the buffer and writes parents back (padding reads row ``zero``, writes
-  row ``sink``); the framework differentiates through the scan.
+  [N + 2, H] with ``set_subtensor``; ``scan`` over the steps of the packed
+  static form (``TreeBatch.padded_packed``: groups of nodes whose children
+  are ready) gathers children from the buffer and writes parents back
+  (padding reads row ``zero``, writes row ``sink``); the framework
+  differentiates through the scan.
 """
 
 from __future__ import annotations
@@ -71,9 +73,7 @@ class RvNN(SymbolicImplementation):
         out = {"roots": batch.root.astype(np.int32), "points": points,
                "labels": labels, "weights": weights, "num_nodes": batch.num_nodes}
         if self.strategy == "compiled":
-            pt = batch.padded()
-            if pt.level_node.shape[0] == 0:   # scan needs at least one (all-padding) level
-                pt = batch.padded(num_levels=1, width=1)
+            pt = batch.padded_packed(bucketed=False)   # at least one step: scan needs one
             i32 = lambda a: np.ascontiguousarray(a, np.int32)  # noqa: E731
             out["inputs"] = [i32(pt.leaf_node), i32(pt.leaf_token), i32(pt.level_node),
                              i32(pt.level_left), i32(pt.level_right),

@@ -7,8 +7,8 @@ Strategies, all on the canonical float32 parameters of ``bench.params``:
   ``compiled``: the loop's step, unrolled over chunks of time steps, under
   ``torch.compile``.
 * RvNN ``recursive``: one call per node; ``levels``: one gather, matmul and
-  write per tree height across the batch; ``compiled``: the levels schedule on
-  the padded static form (``TreeBatch.padded_bucketed``) under ``torch.compile``.
+  write per tree height across the batch; ``compiled``: the packed static form
+  (``TreeBatch.padded_packed``) under ``torch.compile``.
 
 Every (model, strategy) of both families is expressible in PyTorch, so the
 table of static exclusions is empty. This module must not import torch: the

@@ -15,11 +15,13 @@ children are read as ``hlr = [h_l; h_r]`` ([2H] or [n, 2H]).
   (left/right interleaved, so ``[2n, H]`` views as ``[n, 2H]``), one
   product, and the new rows appended with ``torch.cat`` (no in-place writes:
   autograd sees plain values).
-* ``compiled``: the levels schedule on ``TreeBatch.padded_bucketed()`` under
+* ``compiled``: the static form ``TreeBatch.padded_packed()`` under
   ``torch.compile``: node buffer ``[N' + 2, H]`` (rows ``zero`` and ``sink``),
-  every level ``W'`` wide, written with out-of-place ``index_copy``. The
-  levels run in compiled chunks of ``LEVEL_CHUNK`` (level count padded with
-  all-padding levels), so one graph serves every bucket; shapes are dynamic.
+  steps of packed node groups ``W'`` wide, written with out-of-place
+  ``index_copy``. The steps run in compiled chunks of ``LEVEL_CHUNK`` (step
+  count padded with all-padding steps), so one graph serves every bucket;
+  shapes are dynamic. (``static_form = "heights"`` runs one step per height
+  at the widest height's width, ``padded_bucketed()``: ~4x the padded rows.)
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ class PreparedTrees:
 
 class RvNN(TorchImplementation):
     family = "rvnn"
+    # compiled: "packed" (TreeBatch.padded_packed) or "heights" (padded_bucketed)
+    static_form = "packed"
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -199,16 +203,10 @@ class RvNN(TorchImplementation):
 
     def _prepare_padded(self, batch, root_mode):
         dev = self.dev
-        p = batch.padded_bucketed()
-        levels = p.level_node.shape[0]
-        chunks = -(-levels // LEVEL_CHUNK) * LEVEL_CHUNK
-        width = p.level_node.shape[1]
-        # extra all-padding levels: write the sink, read the zero row
-        node = np.full((chunks, width), p.sink, np.int64)
-        lr = np.full((chunks, width, 2), p.zero, np.int64)
-        node[:levels] = p.level_node
-        lr[:levels, :, 0] = p.level_left
-        lr[:levels, :, 1] = p.level_right
+        p = batch.padded_packed() if self.static_form == "packed" else batch.padded_bucketed()
+        p = p.steps_multiple_of(LEVEL_CHUNK)
+        chunks, width = p.level_node.shape
+        lr = np.stack([p.level_left, p.level_right], axis=-1)
         labels = p.root_label if root_mode else p.label
         return PreparedTrees(labels=long_tensor(labels, dev),
                              count=float(max(1, int((labels >= 0).sum()))),
@@ -216,7 +214,7 @@ class RvNN(TorchImplementation):
                              roots=long_tensor(p.root, dev),
                              leaf_token=long_tensor(p.leaf_token, dev),
                              leaf_node=long_tensor(p.leaf_node, dev),
-                             level_node=long_tensor(node, dev),
+                             level_node=long_tensor(p.level_node, dev),
                              level_lr_padded=long_tensor(lr.reshape(chunks, 2 * width), dev),
                              rows=p.num_nodes + 2)
 
@@ -291,7 +289,7 @@ class RvNN(TorchImplementation):
         out["strategy_detail"] = {
             "recursive": "one call per node, per-tree post-order, leaf embeddings in one gather",
             "levels": "one gather + product + cat per tree height",
-            "compiled": "torch.compile(dynamic=True): leaves + %d-level chunks on "
-                        "padded_bucketed()" % LEVEL_CHUNK,
+            "compiled": "torch.compile(dynamic=True): leaves + %d-step chunks on the %s "
+                        "static form" % (LEVEL_CHUNK, self.static_form),
         }[self.strategy]
         return out
