@@ -71,17 +71,23 @@ def _cells(args) -> List[CellConfig]:
         cells = [c for c in cells if c.model in models]
     if strategies:
         cells = [c for c in cells if c.strategy in strategies]
-    if tasks or batch_sizes:
-        # Replace the axes rather than filter them, so any task or batch size can be asked for.
-        seen, out = set(), []
-        for c in cells:
-            for t in tasks or [c.task]:
-                for b in batch_sizes or [c.batch_size]:
-                    new = replace(c, task=t, batch_size=int(b))
-                    if new.key() not in seen:
-                        seen.add(new.key())
-                        out.append(new)
-        cells = out
+    if tasks:
+        # A task the preset has keeps its own cells (the parity preset trains tree
+        # models on every SST node but on ListOps roots); any other task is asked
+        # for with the cells of the preset's first task.
+        present = [c.task for c in cells]
+        first = present[0] if present else None
+        cells = [c for c in cells if c.task in tasks] + [
+            replace(c, task=t) for t in tasks if t not in present for c in cells if c.task == first]
+    if batch_sizes:
+        # Replace the axis rather than filter it, so any batch size can be asked for.
+        cells = [replace(c, batch_size=int(b)) for c in cells for b in batch_sizes]
+    seen, unique = set(), []
+    for c in cells:
+        if c.key() not in seen:
+            seen.add(c.key())
+            unique.append(c)
+    cells = unique
     overrides = {}
     if args.device:
         overrides["device"] = args.device
@@ -91,6 +97,8 @@ def _cells(args) -> List[CellConfig]:
         overrides["repeats"] = args.repeats
     if args.timeout:
         overrides["timeout_s"] = args.timeout
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
     if overrides:
         cells = [replace(c, **overrides) for c in cells]
     if args.fastest_from or args.preset == "parity":
@@ -202,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--repeats", type=int)
     s.add_argument("--timeout", type=int, help="seconds per cell")
+    s.add_argument("--epochs", type=float,
+                   help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
     s.add_argument("--out", default=os.path.join("results", "latest"))
     s.add_argument("--resume", action="store_true", help="skip cells already in DIR/records.jsonl")
     s.add_argument("--fastest-from", metavar="RUN_DIR",

@@ -169,6 +169,25 @@ def test_refusals_that_depend_on_device_or_backend_are_static():
     assert registry.not_applicable("jax", "lstm", "fused") is None
 
 
+def _cli_cells(*args):
+    from bench import cli
+    return cli._cells(cli.build_parser().parse_args(["run"] + list(args)))
+
+
+def test_task_and_budget_options_select_the_presets_own_cells():
+    # a task the preset has keeps its own cells: binary SST trains tree models on every node
+    cells = _cli_cells("--preset", "parity", "--frameworks", "torch", "--tasks", "sst2")
+    assert {c.task for c in cells} == {"sst2"} and len(cells) == 12
+    assert {c.loss_mode for c in cells if c.family == "rvnn"} == {"all"}
+    assert {c.loss_mode for c in cells if c.family == "rnn"} == {"root"}
+    # a task it lacks is asked for with the cells of its first task
+    cells = _cli_cells("--preset", "quick", "--frameworks", "numpy", "--tasks", "listops", "synth-left-8")
+    assert sorted({c.task for c in cells}) == ["listops", "synth-left-8"] and len(cells) == 24
+    cells = _cli_cells("--preset", "parity", "--frameworks", "torch", "--models", "treelstm",
+                       "--tasks", "sst", "--epochs", "8")
+    assert [(c.epochs, c.seed) for c in cells] == [(8.0, 0), (8.0, 1), (8.0, 2)]
+
+
 def test_cli_rejects_unknown_names():
     for args in (["--frameworks", "caffe3"], ["--models", "gru"], ["--tasks", "imdb"]):
         res = _bench("run", "--dry-run", *args, timeout=120)
