@@ -28,7 +28,7 @@ SUMMARY_COLUMNS = [
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
-    "threads_applied",
+    "threads_applied", "epochs", "loss_mode",
 ]
 
 
@@ -106,6 +106,8 @@ def summarise(records: List[Dict]):
             "framework_version": r.get("framework_version"), "reason": r.get("reason", ""),
             "cell_id": r.get("cell_id"), "run": r.get("run", "."), "_key": _group_key(r),
             "threads_applied": _threads_applied(r),
+            "epochs": acc.get("epochs") if r.get("accuracy") else None,
+            "loss_mode": (r.get("config") or {}).get("loss_mode", "root"),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -252,7 +254,8 @@ def accuracy_table(df):
     acc = df[(df["status"] == "ok") & df["accuracy"].notna()]
     if acc.empty:
         return acc
-    grouped = acc.groupby(["task", "model", "framework", "strategy"])
+    # One row per training budget: cells of different epochs or losses never average together.
+    grouped = acc.groupby(["task", "model", "loss_mode", "epochs", "framework", "strategy"])
     out = grouped.agg(test_mean=("accuracy", "mean"), test_std=("accuracy", "std"),
                       dev_mean=("dev_accuracy", "mean"), dev_std=("dev_accuracy", "std"),
                       seeds=("seed", "nunique")).reset_index()
@@ -268,12 +271,7 @@ def _accuracy_section(df, records) -> str:
     acc = accuracy_table(df)
     if acc.empty:
         return "_no cell in this run trained for accuracy (see the `parity` preset)_"
-    modes = {(r["task"], r["model"]): (r.get("config") or {}).get("loss_mode", "root")
-             for r in records if r.get("accuracy")}
-    epochs = {(r["task"], r["model"]): (r.get("accuracy") or {}).get("epochs")
-              for r in records if r.get("accuracy")}
-    rows = [[r["task"], r["model"], modes.get((r["task"], r["model"]), "root"),
-             _fmt(epochs.get((r["task"], r["model"])), "%g"), r["framework"], r["strategy"],
+    rows = [[r["task"], r["model"], r["loss_mode"], _fmt(r["epochs"], "%g"), r["framework"], r["strategy"],
              "%.1f ± %.1f" % (100 * r["dev_mean"], 100 * _nan0(r["dev_std"])),
              "%.1f ± %.1f" % (100 * r["test_mean"], 100 * _nan0(r["test_std"])),
              int(r["seeds"])] for _, r in acc.iterrows()]
@@ -288,17 +286,20 @@ PARITY_SPREAD_POINTS = 1.0
 
 
 def anchors_rows(df) -> List[List[str]]:
-    """Each learning-parity goal with what this run measured and whether it is met."""
+    """Each learning-parity goal with what this run measured and whether it is met.
+
+    Every row names its training budget (epochs): frameworks are compared, and
+    anchors judged, within one budget.
+    """
     acc = accuracy_table(df)
     if acc.empty:
         return []
     rows = []
-    for task in sorted(set(acc["task"])):
-        tree = acc[(acc["task"] == task) & (acc["model"] == "treelstm")]
+    for (task, epochs), tree in acc[acc["model"] == "treelstm"].groupby(["task", "epochs"]):
         if len(tree) > 1:
             spread = 100 * (tree["test_mean"].max() - tree["test_mean"].min())
-            rows.append(["%s: every framework's Tree-LSTM within %g point of the others"
-                         % (task, PARITY_SPREAD_POINTS),
+            rows.append(["%s, %g epochs: every framework's Tree-LSTM within %g point of the others"
+                         % (task, epochs, PARITY_SPREAD_POINTS),
                          "spread <= %g" % PARITY_SPREAD_POINTS, "spread %.1f (%s)" % (
                              spread, ", ".join("%s %.1f" % (r["framework"], 100 * r["test_mean"])
                                                for _, r in tree.iterrows())),
@@ -307,7 +308,8 @@ def anchors_rows(df) -> List[List[str]]:
         g = acc[(acc["task"] == task) & (acc["model"] == model)]
         for _, r in g.iterrows():
             mean = 100 * r["test_mean"]
-            rows.append(["%s %s (%s) at or above %s" % (task, model, r["framework"], name),
+            rows.append(["%s %s (%s, %g epochs) at or above %s" % (task, model, r["framework"],
+                                                                  r["epochs"], name),
                          ">= %.1f" % target, "%.1f ± %.1f (%d seeds)" % (
                              mean, 100 * _nan0(r["test_std"]), r["seeds"]),
                          "met" if mean >= target else "missed"])
@@ -319,12 +321,11 @@ def anchors_rows(df) -> List[List[str]]:
                              ">= %.1f" % target, "not measured (no %s %s parity cells)" % (task, model),
                              "not measured"])
     lo = acc[acc["task"] == "listops"]
-    for fw in sorted(set(lo["framework"])):
-        t = lo[(lo["framework"] == fw) & (lo["model"] == "treelstm")]
-        s = lo[(lo["framework"] == fw) & (lo["model"] == "lstm")]
+    for (fw, epochs), g in lo.groupby(["framework", "epochs"]):
+        t, s = g[g["model"] == "treelstm"], g[g["model"] == "lstm"]
         if len(t) and len(s):
             diff = 100 * (t["test_mean"].iloc[0] - s["test_mean"].iloc[0])
-            rows.append(["listops (%s): Tree-LSTM vs LSTM" % fw, "report the gap",
+            rows.append(["listops (%s, %g epochs): Tree-LSTM vs LSTM" % (fw, epochs), "report the gap",
                          "%+.1f points (%.1f vs %.1f)" % (diff, 100 * t["test_mean"].iloc[0],
                                                           100 * s["test_mean"].iloc[0]),
                          "tree better" if diff > 0 else "tree not better"])

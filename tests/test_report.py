@@ -76,14 +76,32 @@ def test_plots_are_written(report_dir):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _acc_record(fw, model, task, test, seed=0):
+def _acc_record(fw, model, task, test, seed=0, epochs=1.0):
     from bench.cell import base_record
     from bench.config import CellConfig
     strategy = "levels" if model in ("rvnn", "treelstm") else "fused"
-    rec = base_record(CellConfig(fw, model, strategy, task=task, seed=seed, epochs=1.0))
+    rec = base_record(CellConfig(fw, model, strategy, task=task, seed=seed, epochs=epochs))
     rec.update(status="ok", train_samples_per_s=[10.0], infer_samples_per_s=[20.0],
-               accuracy={"epochs": 1.0, "dev": test, "test": test})
+               accuracy={"epochs": epochs, "dev": test, "test": test})
     return rec
+
+
+def test_different_budgets_are_never_averaged_or_compared():
+    from bench.report import accuracy_table, anchors_rows, summarise
+    recs = [_acc_record("torch", "treelstm", "sst", 0.45, seed=s) for s in (0, 1)]
+    recs += [_acc_record("torch", "treelstm", "sst", 0.47, seed=s, epochs=8.0) for s in (0, 1)]
+    recs += [_acc_record("jax", "treelstm", "sst", 0.452, seed=0)]
+    df = summarise(recs)
+    acc = accuracy_table(df)
+    assert sorted(zip(acc["framework"], acc["epochs"], acc["test_mean"].round(3))) == [
+        ("jax", 1.0, 0.452), ("torch", 1.0, 0.45), ("torch", 8.0, 0.47)]
+    rows = {r[0]: r for r in anchors_rows(df)}
+    # the spread is taken within the 1-epoch budget only; 8 epochs has one framework: no spread row
+    assert rows["sst, 1 epochs: every framework's Tree-LSTM within 1 point of the others"][2].startswith(
+        "spread 0.2")
+    assert not any(k.startswith("sst, 8 epochs") for k in rows)
+    assert rows["sst treelstm (torch, 8 epochs) at or above RNTN"][3] == "met"
+    assert rows["sst treelstm (torch, 1 epochs) at or above RNTN"][3] == "missed"
 
 
 def test_anchor_verdicts_follow_the_measured_accuracy():
@@ -92,27 +110,28 @@ def test_anchor_verdicts_follow_the_measured_accuracy():
             _acc_record("torch", "rvnn", "sst", 0.400), _acc_record("jax", "rvnn", "sst", 0.440),
             _acc_record("torch", "treelstm", "listops", 0.60), _acc_record("torch", "lstm", "listops", 0.50)]
     rows = {r[0]: r for r in anchors_rows(summarise(recs))}
-    spread = rows["sst: every framework's Tree-LSTM within 1 point of the others"]
+    spread = rows["sst, 1 epochs: every framework's Tree-LSTM within 1 point of the others"]
     assert spread[2].startswith("spread 0.8") and spread[3] == "met"
-    assert rows["sst treelstm (torch) at or above RNTN"][3] == "met"
-    assert rows["sst treelstm (jax) at or above RNTN"][3] == "met"
-    assert rows["sst rvnn (torch) at or above plain RvNN"][3] == "missed"
-    assert rows["sst rvnn (jax) at or above plain RvNN"][3] == "met"
-    assert rows["listops (torch): Tree-LSTM vs LSTM"][2].startswith("+10.0 points")
+    assert rows["sst treelstm (torch, 1 epochs) at or above RNTN"][3] == "met"
+    assert rows["sst treelstm (jax, 1 epochs) at or above RNTN"][3] == "met"
+    assert rows["sst rvnn (torch, 1 epochs) at or above plain RvNN"][3] == "missed"
+    assert rows["sst rvnn (jax, 1 epochs) at or above plain RvNN"][3] == "met"
+    assert rows["listops (torch, 1 epochs): Tree-LSTM vs LSTM"][2].startswith("+10.0 points")
     assert rows["sst2 treelstm at or above RNTN (binary SST)"][3] == "not measured"
     assert rows["sst2 rvnn at or above plain RvNN (binary SST)"][3] == "not measured"
     # a wider spread is a miss
     recs[1] = _acc_record("jax", "treelstm", "sst", 0.450)
     rows = {r[0]: r for r in anchors_rows(summarise(recs))}
-    assert rows["sst: every framework's Tree-LSTM within 1 point of the others"][3] == "missed"
+    assert rows["sst, 1 epochs: every framework's Tree-LSTM within 1 point of the others"][3] == "missed"
 
 
 def test_binary_sst_has_its_own_anchors():
     from bench.report import anchors_rows, summarise
     recs = [_acc_record("torch", "treelstm", "sst2", 0.860), _acc_record("torch", "rvnn", "sst2", 0.800)]
     rows = {r[0]: r for r in anchors_rows(summarise(recs))}
-    assert rows["sst2 treelstm (torch) at or above RNTN"][1:] == [">= 85.4", "86.0 ± 0.0 (1 seeds)", "met"]
-    assert rows["sst2 rvnn (torch) at or above plain RvNN"][3] == "missed"
+    assert rows["sst2 treelstm (torch, 1 epochs) at or above RNTN"][1:] == [
+        ">= 85.4", "86.0 ± 0.0 (1 seeds)", "met"]
+    assert rows["sst2 rvnn (torch, 1 epochs) at or above plain RvNN"][3] == "missed"
     # the 5-class goals are still listed, as not measured, when only binary cells exist
     assert rows["sst treelstm at or above RNTN (fine-grained SST)"][3] == "not measured"
 
