@@ -339,11 +339,21 @@ def _anchors_section(df) -> str:
     return _md_table(["goal", "target", "measured (test accuracy %)", "verdict"], rows)
 
 
-def plots(df, out_dir: str) -> List[str]:
+def _newest_run_per_cell(df, envs: List[Dict]):
+    """Where several runs timed the same framework/model/strategy, the rows of the newest
+    run only (by env.json time): a later run may measure changed code. Tables keep every run."""
+    when = {e.get("_dir", "."): e.get("time") or "" for e in envs}
+    newest = df.assign(_t=df["run"].map(lambda r: when.get(r, "")))
+    last = newest.groupby(["framework", "model", "strategy"])["_t"].transform("max")
+    return newest[newest["_t"] == last].drop(columns=["_t"])
+
+
+def plots(df, out_dir: str, envs: Optional[List[Dict]] = None) -> List[str]:
     """PNG plots; returns the file names written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     written = []
     ok = df[(df["status"] == "ok") & df["train_samples_per_s"].notna() & df["accuracy"].isna()]
 
@@ -351,27 +361,38 @@ def plots(df, out_dir: str) -> List[str]:
     if not ok.empty:
         main = ok.groupby(["task", "batch_size", "device"]).size().idxmax()
         sub = ok[(ok["task"] == main[0]) & (ok["batch_size"] == main[1]) & (ok["device"] == main[2])]
+        sub = _newest_run_per_cell(sub, envs or [])
         models = [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(sub["model"])]
-        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            # one bar pair per framework/strategy (seeds and accuracy runs folded by median)
-            m = (sub[sub["model"] == model]
-                 .groupby(["framework", "strategy"], as_index=False)[
-                     ["train_samples_per_s", "infer_samples_per_s"]].median())
-            labels = ["%s\n%s" % (a, b) for a, b in zip(m["framework"], m["strategy"])]
-            x = np.arange(len(m))
-            ax.bar(x - 0.2, m["train_samples_per_s"], width=0.4, color="tab:blue", label="train")
-            ax.bar(x + 0.2, m["infer_samples_per_s"], width=0.4, color="tab:orange",
-                   label="inference")
-            ax.set_yscale("log")
-            ax.set_xticks(range(len(m)))
-            ax.set_xticklabels(labels, rotation=70, fontsize=7)
+        per = {m: (sub[sub["model"] == m].groupby(["framework", "strategy"], as_index=False)[
+            ["train_samples_per_s", "infer_samples_per_s"]].median()
+            .sort_values("train_samples_per_s")) for m in models}
+        cols = min(2, len(models))
+        rows_n = -(-len(models) // cols)
+        tallest = max(len(t) for t in per.values())
+        # horizontal bars, one row per framework/strategy, sorted: readable with 30 rows
+        fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, rows_n * (1.2 + 0.26 * tallest)),
+                                 squeeze=False)
+        for ax in axes.flat[len(models):]:
+            ax.axis("off")
+        for ax, model in zip(axes.flat, models):
+            m = per[model]
+            y = np.arange(len(m))
+            ax.barh(y + 0.2, m["train_samples_per_s"], height=0.4, color="tab:blue", label="train")
+            ax.barh(y - 0.2, m["infer_samples_per_s"], height=0.4, color="tab:orange",
+                    label="inference")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels collide on short spans
+            ax.set_yticks(y)
+            ax.set_yticklabels(["%s %s" % (a, b) for a, b in zip(m["framework"], m["strategy"])],
+                               fontsize=8)
+            ax.set_ylim(-0.7, len(m) - 0.3)
             ax.set_title(model)
-            ax.set_ylabel("examples / s (log)")
-            ax.grid(axis="y", alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle("Throughput: %s, batch %s, %s (median of repeats)" % main)
-        fig.tight_layout()
+            ax.set_xlabel("examples / s (log scale)")
+            ax.grid(axis="x", alpha=0.3)
+        axes.flat[0].legend(fontsize=8, loc="lower right")
+        fig.suptitle("Throughput: %s, batch %s, %s (median of repeats; the newest run of each cell)"
+                     % main)
+        fig.tight_layout(rect=(0, 0, 1, 0.98))
         fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=110)
         plt.close(fig)
         written.append("throughput.png")
@@ -432,17 +453,23 @@ def plots(df, out_dir: str) -> List[str]:
     acc = accuracy_table(df)
     if not acc.empty:
         groups = list(acc.groupby(["task"]))
-        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+        tallest = max(len(g) for _, g in groups)
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 1.2 + 0.32 * tallest),
+                                 squeeze=False)
         for ax, (task, g) in zip(axes[0], groups):
-            g = g.sort_values(["model", "framework"])
-            labels = ["%s\n%s" % (m, f) for m, f in zip(g["model"], g["framework"])]
-            ax.bar(range(len(g)), 100 * g["test_mean"], yerr=100 * g["test_std"].fillna(0),
-                   capsize=3, color="tab:green")
-            ax.set_xticks(range(len(g)))
-            ax.set_xticklabels(labels, rotation=70, fontsize=7)
-            ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+            g = g.sort_values(["model", "epochs", "framework"], ascending=False)
+            # the budget joins the label only where the task has more than one
+            several = g["epochs"].nunique() > 1
+            labels = ["%s %s%s" % (m, f, ", %g epochs" % e if several else "")
+                      for m, f, e in zip(g["model"], g["framework"], g["epochs"])]
+            budget = g["epochs"].rank(method="dense").astype(int) - 1
+            ax.barh(range(len(g)), 100 * g["test_mean"], xerr=100 * g["test_std"].fillna(0),
+                    capsize=3, color=[("tab:green", "tab:olive", "tab:cyan")[b % 3] for b in budget])
+            ax.set_yticks(range(len(g)))
+            ax.set_yticklabels(labels, fontsize=8)
+            ax.set_xlabel("test accuracy % (mean ± std over seeds)")
             ax.set_title(task if isinstance(task, str) else task[0])
-            ax.grid(axis="y", alpha=0.3)
+            ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=110)
         plt.close(fig)
@@ -465,7 +492,7 @@ def write_report(run_dir: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     df = summarise(records)
     df.to_csv(os.path.join(out_dir, "summary.csv"), index=False, float_format="%.6g")
-    images = plots(df, out_dir)
+    images = plots(df, out_dir, envs)
     counts = df["status"].value_counts().to_dict()
     md = ["# Benchmark report", "",
           "Built from `%s` by `python -m bench report`; every number below comes from the raw "

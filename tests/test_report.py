@@ -145,6 +145,19 @@ def test_env_table_names_frameworks_from_the_records_too():
     assert "jax 0.11.2, torch 2.11.0" in text and "tensorflow" not in text
 
 
+def test_plots_take_the_newest_run_of_a_cell_that_several_runs_timed():
+    from bench.report import _newest_run_per_cell, summarise
+    old, new, other = (_acc_record("torch", "treelstm", "sst", 0.4) for _ in range(3))
+    other["strategy"] = "recursive"
+    for rec, run, speed in ((old, "quick", 300.0), (new, "quick-packed", 800.0), (other, "quick", 50.0)):
+        rec.update(accuracy=None, run=run, train_samples_per_s=[speed], infer_samples_per_s=[speed])
+    envs = [{"_dir": "quick", "time": "2026-11-26T04:00:00Z"},
+            {"_dir": "quick-packed", "time": "2026-11-26T07:00:00Z"}]
+    kept = _newest_run_per_cell(summarise([old, new, other]), envs)
+    assert sorted(zip(kept["strategy"], kept["train_samples_per_s"])) == [("levels", 800.0),
+                                                                        ("recursive", 50.0)]
+
+
 def test_threads_a_framework_did_not_apply_are_shown():
     from bench.report import _results_section, summarise
     rec = _acc_record("dynet", "treelstm", "sst", 0.4)
