@@ -36,7 +36,7 @@ from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_bat
 from .config import SCHEMA_VERSION, CellConfig
 from .environment import limit_blas_threads, machine, peak_rss_mb
 from .flops import forward_flops, train_flops
-from .interface import NotApplicable, Unavailable
+from .interface import DeviceUnavailable, NotApplicable, Unavailable
 from .params import ModelConfig, init_params
 from .stats import percentile
 from .tasks import load_task
@@ -208,6 +208,8 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
         return
     except Unavailable as exc:
         rec["status"], rec["reason"] = "unavailable", str(exc)
+        if isinstance(exc, DeviceUnavailable):
+            rec["unavailable_scope"] = "device"
         return
 
     # After the framework import (which may load its own BLAS), before any work.

@@ -66,6 +66,11 @@ class Unavailable(Exception):
     """A framework or device that is not present here; the message says why."""
 
 
+class DeviceUnavailable(Unavailable):
+    """This framework cannot use the requested device here at all: every cell of it
+    on that device would say the same, so the runner records them without starting one."""
+
+
 class Implementation:
     """Base class: one model of one family, one strategy, on one device."""
 

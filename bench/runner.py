@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import registry
 from .cell import base_record
@@ -223,6 +223,9 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
         out.write("resume: %d of %d cells already recorded\n" % (len(cells) - len(todo), len(cells)))
     progress = Progress(len(todo), stream=out)
     counts = {s: 0 for s in STATUSES}
+    # (framework, device) -> why the device is absent, learnt from the first cell that
+    # tried it: the rest are recorded without paying a process start and data loading.
+    no_device: Dict[Tuple[str, str], str] = {}
     try:
         for cfg in todo:
             label = cfg.label()
@@ -237,8 +240,15 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
                 rec = base_record(cfg)
                 rec["framework_version"] = probe.get("detail")
                 rec["status"], rec["reason"] = "not-applicable", static
+            elif (cfg.framework, cfg.device) in no_device:
+                rec = base_record(cfg)
+                rec["framework_version"] = probe.get("detail")
+                rec["status"], rec["reason"] = "unavailable", no_device[(cfg.framework, cfg.device)]
+                rec["unavailable_scope"] = "device"
             else:
                 rec = run_in_subprocess(cfg, probe.get("detail"), python=python)
+                if rec.get("unavailable_scope") == "device":
+                    no_device[(cfg.framework, cfg.device)] = rec.get("reason", "")
             append_record(path, rec)
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
             progress.finish(label, rec["status"], time.time() - t0)

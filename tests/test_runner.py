@@ -94,6 +94,33 @@ def test_a_resumed_run_keeps_the_frameworks_its_earlier_steps_recorded(tmp_path)
     assert _merge_env(str(tmp_path / "none.json"), {"frameworks": {}}) == {"frameworks": {}}
 
 
+def test_a_device_found_absent_once_is_not_probed_again(tmp_path, monkeypatch):
+    import io
+    from bench import runner
+    started = []
+
+    def fake_cell(cfg, version, python):
+        started.append(cfg)
+        rec = base_record(cfg)
+        if cfg.device == "gpu":
+            rec.update(status="unavailable", reason="no CUDA device", unavailable_scope="device")
+        else:
+            rec.update(status="ok")
+        return rec
+
+    monkeypatch.setattr(runner, "run_in_subprocess", fake_cell)
+    monkeypatch.setattr(runner, "probe_frameworks", lambda names, python: {
+        n: {"ok": True, "detail": "1.0"} for n in names})
+    cells = [CellConfig("torch", m, s, device="gpu") for m, s in
+             (("lstm", "loop"), ("lstm", "fused"), ("treelstm", "levels"))]
+    cells.append(CellConfig("torch", "lstm", "loop"))             # the CPU is another matter
+    runner.run(cells, str(tmp_path / "r"), stream=io.StringIO())
+    recs = read_records(str(tmp_path / "r" / RECORDS))
+    assert [c.device for c in started] == ["gpu", "cpu"]
+    assert [r["status"] for r in recs] == ["unavailable"] * 3 + ["ok"]
+    assert all(r["reason"] == "no CUDA device" for r in recs[:3])
+
+
 def test_failures_are_recorded_and_make_the_exit_code_nonzero(tmp_path, monkeypatch):
     from bench import runner
     # a cell process that crashes, hangs or is killed: simulated with stand-in interpreters

@@ -74,7 +74,7 @@ finally:
     if _CORETYPE:
         del os.environ["OPENBLAS_CORETYPE"]
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable  # noqa: E402
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable  # noqa: E402
 from bench.params import schema  # noqa: E402
 
 from . import NOT_APPLICABLE  # noqa: E402
@@ -403,7 +403,7 @@ class CaffeImplementation(Implementation):
         super().__init__(cfg, strategy, device, threads)
         refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         if device != "cpu":
-            raise Unavailable("this Caffe is Debian's CPU_ONLY build (libcaffe1); a GPU needs a "
+            raise DeviceUnavailable("this Caffe is Debian's CPU_ONLY build (libcaffe1); a GPU needs a "
                               "CUDA build of Caffe")
         self._threads = apply_threads(threads)
         self.store = ParamStore(cfg, self._store_names())

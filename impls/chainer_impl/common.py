@@ -27,7 +27,7 @@ import numpy as np
 import chainer
 import chainer.functions as F
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -55,7 +55,7 @@ def get_device(device: str):
     if device == "gpu":
         from chainer.backends import cuda
         if not cuda.available:
-            raise Unavailable("Chainer has no GPU here (CuPy is not installed or finds no CUDA device)")
+            raise DeviceUnavailable("Chainer has no GPU here (CuPy is not installed or finds no CUDA device)")
         return chainer.get_device("@cupy:0")
     return chainer.get_device("@numpy")
 

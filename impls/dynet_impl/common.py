@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -119,7 +119,7 @@ class DynetImplementation(Implementation):
         self.autobatch = autobatch_requested()
         dy = dynet()
         if device == "gpu" and not getattr(dy, "HAVE_CUDA", False):
-            raise Unavailable("the dynet 2.1.2 wheel is built without CUDA (dynet.HAVE_CUDA is "
+            raise DeviceUnavailable("the dynet 2.1.2 wheel is built without CUDA (dynet.HAVE_CUDA is "
                               "False); a GPU build needs DyNet compiled from source with CUDA")
         self.dy = dy
         self.pc = dy.ParameterCollection()

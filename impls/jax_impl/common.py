@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -107,9 +107,9 @@ def pick_device(device: str):
     try:
         gpus = jax.devices("gpu")
     except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
-        raise Unavailable("no GPU device: %s" % _one_line(exc)) from None
+        raise DeviceUnavailable("no GPU device: %s" % _one_line(exc)) from None
     if not gpus:
-        raise Unavailable("no GPU device: jax lists none")
+        raise DeviceUnavailable("no GPU device: jax lists none")
     return gpus[0]
 
 

@@ -52,7 +52,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE, NOT_APPLICABLE_BY_ENTRY
 
@@ -150,7 +150,7 @@ def keras_device(device: str) -> str:
         except RuntimeError:
             ok = False
     if not ok:
-        raise Unavailable("keras-%s sees no GPU" % BACKEND)
+        raise DeviceUnavailable("keras-%s sees no GPU" % BACKEND)
     return "gpu" + index
 
 

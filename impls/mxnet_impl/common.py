@@ -33,7 +33,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -53,7 +53,7 @@ def setup_threads(threads: int) -> Dict:
 def get_context(device: str):
     if device == "gpu":
         if mx.context.num_gpus() == 0:
-            raise Unavailable("MXNet sees no GPU (a CPU build of mxnet, or no CUDA device)")
+            raise DeviceUnavailable("MXNet sees no GPU (a CPU build of mxnet, or no CUDA device)")
         return mx.gpu(0)
     return mx.cpu()
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from bench import reference
-from bench.interface import Implementation, Unavailable, refuse_not_applicable
+from bench.interface import DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -20,7 +20,7 @@ class NumpyReference(Implementation):
         super().__init__(cfg, strategy, device, threads)
         refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         if device != "cpu":
-            raise Unavailable("numpy runs on the CPU only")
+            raise DeviceUnavailable("numpy runs on the CPU only")
         self.params = None
 
     def load_params(self, params):

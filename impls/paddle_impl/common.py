@@ -23,7 +23,7 @@ from typing import Dict
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -37,9 +37,9 @@ def setup(device: str, threads: int) -> Dict:
 
     if device == "gpu":
         if not paddle.device.is_compiled_with_cuda():
-            raise Unavailable("this paddlepaddle wheel is the CPU build (not compiled with CUDA)")
+            raise DeviceUnavailable("this paddlepaddle wheel is the CPU build (not compiled with CUDA)")
         if paddle.device.cuda.device_count() < 1:
-            raise Unavailable("paddle sees no CUDA device")
+            raise DeviceUnavailable("paddle sees no CUDA device")
         paddle.set_device("gpu:0")
     else:
         paddle.set_device("cpu")

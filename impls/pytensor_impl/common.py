@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -229,7 +229,7 @@ class SymbolicImplementation(Implementation):
         super().__init__(cfg, strategy, device, threads)
         refuse_not_applicable(self.not_applicable, cfg.model, strategy)
         if device != "cpu":
-            raise Unavailable("%s runs here on the CPU only (its GPU backends are not installed)"
+            raise DeviceUnavailable("%s runs here on the CPU only (its GPU backends are not installed)"
                               % self.backend)
         self.lib = Lib(self.backend)
         self._thread_info = configure_threads(threads)

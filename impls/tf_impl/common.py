@@ -71,7 +71,7 @@ if "keras" not in sys.modules:
 tf = _import_tensorflow()
 import keras  # noqa: E402
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable  # noqa: E402
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable  # noqa: E402
 
 
 def _quiet() -> None:
@@ -99,7 +99,7 @@ def setup(device: str, threads: int) -> Dict:
     """
     gpus = tf.config.list_physical_devices("GPU")
     if device == "gpu" and not gpus:
-        raise Unavailable("no GPU visible to TensorFlow")
+        raise DeviceUnavailable("no GPU visible to TensorFlow")
     notes = []
     try:
         tf.config.threading.set_intra_op_parallelism_threads(int(threads))

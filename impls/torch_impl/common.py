@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.interface import ADAGRAD, ADAM, Implementation, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -34,7 +34,7 @@ from . import NOT_APPLICABLE
 def resolve_device(device: str) -> torch.device:
     if device == "gpu":
         if not torch.cuda.is_available():
-            raise Unavailable("no CUDA device: torch %s sees none (built with CUDA %s)"
+            raise DeviceUnavailable("no CUDA device: torch %s sees none (built with CUDA %s)"
                               % (torch.__version__, torch.version.cuda))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
