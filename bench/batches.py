@@ -148,6 +148,28 @@ class TreeBatch:
     def root_label(self) -> np.ndarray:
         return self.label[self.root]
 
+    def postorder(self) -> List[Tuple[int, int, int]]:
+        """(node, left, right) for every node, tree by tree in post-order (children
+        first; -1 at leaves): the walk of a ``recursive`` strategy. Iterative, so
+        deep trees do not hit the recursion limit."""
+        left, right = self.left.tolist(), self.right.tolist()
+        order = []
+        for r in self.root.tolist():
+            stack = [(r, False)]
+            while stack:
+                n, expanded = stack.pop()
+                if left[n] < 0 or expanded:
+                    order.append((n, left[n], right[n]))
+                else:
+                    stack += [(n, True), (right[n], False), (left[n], False)]
+        return order
+
+    def level_children(self) -> List[np.ndarray]:
+        """For heights 1..L-1, int32[n_h, 2]: each node's (left, right) children."""
+        o = self.level_offsets
+        return [np.stack([self.left[o[h]:o[h + 1]], self.right[o[h]:o[h + 1]]], axis=1)
+                for h in range(1, self.num_levels)]
+
     def padded(self, num_nodes: Optional[int] = None, num_leaves: Optional[int] = None,
                num_levels: Optional[int] = None, width: Optional[int] = None) -> PaddedTrees:
         """The static form, padded to at least the given sizes (default: exact)."""

@@ -157,9 +157,8 @@ def parity(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
 
     SST 5-class and binary (tree models train on every labelled node, as in the
     Tree-LSTM and RNTN papers; RNNs on the root label) and ListOps (root
-    labels). Adam,
-    lr 2e-3, batch 25, for every framework alike; 3 epochs of SST and 3 of
-    ListOps (2000 training expressions). One thread per cell: accuracy does
+    labels). Adam, lr 2e-3, batch 25, for every framework alike; 3 epochs of
+    each SST and of ListOps (2000 training expressions). One thread per cell: accuracy does
     not depend on it, and a 1-thread process keeps its speed on a shared
     2-core machine where a 2-thread one can slow tenfold. Timing is kept
     minimal; the runner's ``--fastest-from`` keeps one strategy per framework

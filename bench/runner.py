@@ -234,17 +234,13 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
             probe = probes[cfg.framework]
             static = registry.not_applicable(cfg.framework, cfg.model, cfg.strategy, cfg.device)
             if not probe.get("ok"):
-                rec = base_record(cfg)
-                rec["status"], rec["reason"] = "unavailable", probe.get("detail", "")
+                rec = dict(base_record(cfg), status="unavailable", reason=probe.get("detail", ""))
             elif static:
-                rec = base_record(cfg)
-                rec["framework_version"] = probe.get("detail")
-                rec["status"], rec["reason"] = "not-applicable", static
+                rec = dict(base_record(cfg), framework_version=probe.get("detail"),
+                           status="not-applicable", reason=static)
             elif (cfg.framework, cfg.device) in no_device:
-                rec = base_record(cfg)
-                rec["framework_version"] = probe.get("detail")
-                rec["status"], rec["reason"] = "unavailable", no_device[(cfg.framework, cfg.device)]
-                rec["unavailable_scope"] = "device"
+                rec = dict(base_record(cfg), framework_version=probe.get("detail"), status="unavailable",
+                           reason=no_device[(cfg.framework, cfg.device)], unavailable_scope="device")
             else:
                 rec = run_in_subprocess(cfg, probe.get("detail"), python=python)
                 if rec.get("unavailable_scope") == "device":

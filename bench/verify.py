@@ -9,7 +9,7 @@ import numpy as np
 from . import reference
 from .params import ModelConfig
 
-# float32 implementation vs the float64 reference (DESIGN.md "What the suite proves").
+# float32 implementation vs the float64 reference: the limits every equivalence check uses.
 TOLERANCE = {
     "logits_abs": 1e-4,   # max |logit difference|
     "loss_abs": 1e-4,     # |loss difference|

@@ -41,3 +41,15 @@ def assert_matches(got, want, masks, atol=1e-5):
         assert masks[k].mean() > 0.5, k
         diff = np.abs(got[k].astype(np.float64) - want[k])[masks[k]]
         assert diff.max() < atol, (k, float(diff.max()))
+
+
+def check_train_steps(impl, cfg, params, batch, steps, again=False):
+    """``steps`` train steps of ``impl`` from ``params`` land where the formulas say;
+    with ``again``, reloading ``params`` (which resets the optimiser) repeats them exactly."""
+    want, masks = optimizer_steps(cfg, params, batch, steps)
+    for _ in range(2 if again else 1):
+        impl.load_params(params)
+        ready = impl.prepare(batch)
+        for _ in range(steps):
+            impl.train_step(ready)
+        assert_matches(impl.export_params(), want, masks)

@@ -22,6 +22,10 @@ def test_worked_example_from_the_docstring():
     assert b.root.tolist() == [5, 7]
     assert b.level_offsets.tolist() == [0, 5, 7, 8]
     assert [lv.tolist() for lv in b.levels] == [[0, 1, 2, 3, 4], [5, 6], [7]]
+    # the walks that strategies share: per-tree post-order, and children per height
+    assert [n for n, _, _ in b.postorder()] == [0, 1, 5, 2, 3, 6, 4, 7]
+    assert b.postorder()[2] == (5, 0, 1) and b.postorder()[0] == (0, -1, -1)
+    assert [c.tolist() for c in b.level_children()] == [[[0, 1], [2, 3]], [[6, 4]]]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,8 @@ Strategies, as implemented here:
 Net construction (prototxt + ``Net::Init``) happens on the first call that
 needs a new shape: it is in the cell's first-call time and its warm-up, never
 in the timed passes over an already-seen pool (``info()`` counts the nets and
-their build time).
+their build time). The ``recursive`` strategy's four one-row nets have no
+batch shape and are built in the constructor, before any timing.
 
 Not applicable (``NOT_APPLICABLE``): Elman ``fused`` and every ``compiled``
 cell, for the reasons given there.

@@ -74,6 +74,7 @@ finally:
     if _CORETYPE:
         del os.environ["OPENBLAS_CORETYPE"]
 
+from bench.environment import limit_blas_threads  # noqa: E402
 from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable  # noqa: E402
 from bench.params import schema  # noqa: E402
 
@@ -85,18 +86,12 @@ caffe.set_mode_cpu()
 # --- threads ---
 
 def apply_threads(threads: int) -> Dict:
-    """Cap the BLAS pools loaded now (Caffe's OpenBLAS and NumPy's); report what holds."""
-    out = {"requested": int(threads),
-           "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        out["how"] = "environment only (threadpoolctl is not installed)"
-        return out
-    threadpool_limits(limits=int(threads))
-    out["how"] = "threadpoolctl.threadpool_limits(%d) at construction" % threads
-    return out
+    """Cap the BLAS pools loaded now (Caffe's OpenBLAS and NumPy's); ``info()["blas_pools"]``
+    reports what holds."""
+    limit_blas_threads(int(threads))
+    return {"requested": int(threads),
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def openblas_info() -> Dict:
@@ -157,7 +152,6 @@ class Proto:
         self.force_backward = force_backward
         self.inputs: List[Tuple[str, Tuple[int, ...]]] = []
         self.layers: List[str] = []
-        self.names: List[str] = []
         self.param_layers: "OrderedDict[str, Tuple[str, ...]]" = OrderedDict()
 
     def input(self, name: str, shape: Sequence[int]) -> str:
@@ -174,7 +168,6 @@ class Proto:
         if body:
             parts.append(body)
         self.layers.append("layer { %s }" % " ".join(parts))
-        self.names.append(name)
         if params:
             self.param_layers[name] = tuple(params)
         return tops[0] if tops else name
@@ -216,9 +209,8 @@ class Proto:
         """Rows ``bottom[index]`` along axis 0 (``BatchReindex``; backward sums repeated rows)."""
         return self.add("BatchReindex", top, [bottom, index], [top])
 
-    def split(self, bottom, tops, loss_weights=()):
-        return self.add("Split", "split_" + bottom, [bottom], list(tops),
-                        loss_weights=loss_weights)
+    def split(self, bottom, tops):
+        return self.add("Split", "split_" + bottom, [bottom], list(tops))
 
     def silence(self, bottom):
         return self.add("Silence", "silence_" + bottom, [bottom], [])
@@ -487,9 +479,6 @@ class CaffeImplementation(Implementation):
         self.opt.step(self._param_arrays(), grads)
         self.version += 1
         return np.float32(loss)
-
-    def to_numpy(self, value):
-        return np.asarray(value)
 
     # --- measurement helpers ---
     def info(self):

@@ -60,7 +60,7 @@ FUSED_BLOBS = ("W_xc", "b_c", "W_hc")   # the LSTM layer's blobs, in Caffe's ord
 
 # --- nets ---
 
-def _head(p: Proto, cfg, hs: str, steps: int) -> None:
+def _head(p: Proto, cfg, hs: str) -> None:
     """[T, B, H] states -> each example's last real step -> logits -> loss."""
     flat = p.reshape(hs, "h_flat", (-1, cfg.hidden))
     final = p.gather(flat, p.input("sel", (1,)), "h_final")
@@ -107,7 +107,7 @@ def loop_net(cfg, steps: int) -> Proto:
             h = p.eltwise("PROD", [o, tc], "h_%d" % t)
         hs.append(h)
     stack = p.concat(hs, "hs", axis=0) if steps > 1 else hs[0]
-    _head(p, cfg, stack, steps)
+    _head(p, cfg, stack)
     return p
 
 
@@ -118,7 +118,7 @@ def fused_net(cfg, steps: int) -> Proto:
     cont = p.input("cont", (steps, 1))
     p.add("LSTM", "lstm", [x, cont], ["hs"],
           body="recurrent_param { num_output: %d }" % cfg.hidden)
-    _head(p, cfg, "hs", steps)
+    _head(p, cfg, "hs")
     return p
 
 

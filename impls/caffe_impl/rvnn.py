@@ -219,29 +219,16 @@ class RvNN(CaffeImplementation):
         if not isinstance(batch, TreeBatch):
             raise TypeError("the RvNN family needs a TreeBatch, got %s" % type(batch).__name__)
         root_mode = self.cfg.loss_mode == "root"
-        labels = batch.label[batch.root] if root_mode else batch.label
+        labels = batch.root_label if root_mode else batch.label
         n_leaves = int(batch.level_offsets[1])
         out = PreparedTrees(labels=np.asarray(labels, np.float32),
                             roots=np.asarray(batch.root, np.float32),
                             leaf_tokens=np.asarray(batch.token[:n_leaves], np.float32),
                             num_levels=batch.num_levels, num_nodes=batch.num_nodes)
         if self.strategy == "levels":
-            o = batch.level_offsets
-            out.level_lr = [np.stack([batch.left[o[k]:o[k + 1]], batch.right[o[k]:o[k + 1]]],
-                                     1).reshape(-1).astype(np.float32)
-                            for k in range(1, batch.num_levels)]
+            out.level_lr = [lr.reshape(-1).astype(np.float32) for lr in batch.level_children()]
             return out
-        left, right = batch.left.tolist(), batch.right.tolist()
-        order = []
-        for r in batch.root.tolist():
-            stack = [(r, False)]          # iterative post-order of one tree
-            while stack:
-                n, expanded = stack.pop()
-                if left[n] < 0 or expanded:
-                    order.append((n, left[n], right[n]))
-                else:
-                    stack += [(n, True), (right[n], False), (left[n], False)]
-        out.order = order
+        out.order = batch.postorder()
         out.roots = np.asarray(batch.root, np.int64)
         out.points = out.roots if root_mode else np.arange(batch.num_nodes)
         return out

@@ -7,7 +7,7 @@ every call to ONE persistent worker per host process::
 
     $BENCH_CNTK_PYTHON impls/cntk_impl/worker.py      (Python 3.6, numpy + cntk only)
 
-which builds and runs the models (``worker.py``; equations of DESIGN.md,
+which builds and runs the models (``worker.py``; equations of ``bench/reference.py``,
 parameter names of ``bench/params.py``). ``worker_probe`` is the registry's
 import probe: it raises ImportError with the reason when ``BENCH_CNTK_PYTHON``
 is unset or not runnable, or CNTK does not import there. CNTK needs

@@ -209,10 +209,10 @@ def _close_client():
 
 
 class Prepared:
-    """A batch prepared inside the worker: its handle there, and its size."""
+    """A batch prepared inside the worker: its handle there."""
 
-    def __init__(self, impl: "CNTKImplementation", handle: int, size: int):
-        self.handle, self.size = handle, size
+    def __init__(self, impl: "CNTKImplementation", handle: int):
+        self.handle = handle
         self._impl_id = impl._id
         weakref.finalize(self, impl._client.release, impl._id, handle)
 
@@ -258,7 +258,7 @@ class CNTKImplementation(Implementation):
 
     def prepare(self, batch):
         reply, _ = self._call("prepare", self._batch_arrays(batch))
-        return Prepared(self, reply["handle"], batch.size)
+        return Prepared(self, reply["handle"])
 
     def logits(self, prepared):
         _, arrays = self._call("logits", handle=self._handle(prepared))

@@ -143,10 +143,9 @@ class Graph(object):
 class Ready(object):
     """A prepared batch: feed arrays by input name, and the graph key it needs."""
 
-    def __init__(self, key, feeds, size):
+    def __init__(self, key, feeds):
         self.key = key
         self.feeds = feeds
-        self.size = size
         self.graph = None
         self.args = None
 
@@ -158,7 +157,7 @@ class Model(object):
         self.model = spec["model"]
         self.family = spec["family"]
         self.strategy = spec["strategy"]
-        self.V, self.D, self.H = spec["vocab_size"], spec["embed_dim"], spec["hidden"]
+        self.D, self.H = spec["embed_dim"], spec["hidden"]
         self.C = spec["num_classes"]
         self.loss_mode = spec["loss_mode"]
         if spec["device"] == "gpu":
@@ -183,7 +182,10 @@ class Model(object):
             self._build_fused_cell()
         self._make_optimizer_state()
         if self.strategy == "fused":
+            t0 = time.perf_counter()
             self.graphs["fused"] = self._build("fused", None)
+            self.stats["graph_build_s"] += time.perf_counter() - t0
+            self.stats["graphs_built"] += 1
 
     # --- parameters ---
     def _build_fused_cell(self):
@@ -465,12 +467,12 @@ class Model(object):
             feeds = {"y": y, "w": w}
             if self.strategy == "fused":
                 feeds["tok"] = [tokens[i, :lengths[i]].astype(np.float32)[:, None] for i in range(B)]
-                ready = Ready("fused", feeds, B)
+                ready = Ready("fused", feeds)
             else:
                 feeds["tok"] = tokens.astype(np.float32)
                 live = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)
                 feeds["live"] = live[:, :, None]
-                ready = Ready(("loop", T), feeds, B)
+                ready = Ready(("loop", T), feeds)
         else:
             ready = self._prepare_tree(a)
         handle = self.next_handle
@@ -493,14 +495,14 @@ class Model(object):
                 feeds["lr%d" % k] = np.stack([left[s:e], right[s:e]], 1).reshape(1, -1).astype(np.float32)
             feeds["roots"] = root.astype(np.float32)[None]
             key = ("levels", n_leaves, widths, B, len(labels))
-            return Ready(key, feeds, B)
+            return Ready(key, feeds)
         if self.strategy == "compiled":
             return self._prepare_bucketed(a, y, w)
         digest = hashlib.sha1()
         for arr in (left, right, root):
             digest.update(np.ascontiguousarray(arr, np.int64).tobytes())
             digest.update(b"|")
-        ready = Ready(("recursive", n_leaves, digest.hexdigest()), feeds, B)
+        ready = Ready(("recursive", n_leaves, digest.hexdigest()), feeds)
         ready.left, ready.right, ready.roots = left.tolist(), right.tolist(), root.tolist()
         ready.n_leaves = n_leaves
         return ready
@@ -535,7 +537,7 @@ class Model(object):
             y_rows[row], w_rows[row] = y, w
             y, w = y_rows, w_rows
         feeds["y"], feeds["w"] = y[None], w[None]
-        return Ready(("compiled", lf, nl, wd, int(root.shape[0])), feeds, int(root.shape[0]))
+        return Ready(("compiled", lf, nl, wd, int(root.shape[0])), feeds)
 
     def ready(self, handle):
         if handle not in self.prepared:
@@ -568,8 +570,15 @@ class Model(object):
                                    np.float32)
         return float(np.sum(loss)), out
 
+    def _timed_readies(self, handles):
+        if len(handles) > GRAPH_CACHE:
+            # more graphs than the cache keeps: some would be rebuilt inside the clock
+            raise ValueError("%d batches in one timed loop; at most %d (GRAPH_CACHE)"
+                             % (len(handles), GRAPH_CACHE))
+        return [self.ready(h) for h in handles]
+
     def timed_passes(self, call, handles, repeats):
-        readies = [self.ready(h) for h in handles]
+        readies = self._timed_readies(handles)
         fn = self._call_fn(call)
         out = []
         for _ in range(int(repeats)):
@@ -580,7 +589,7 @@ class Model(object):
         return out
 
     def timed_calls(self, call, handles):
-        readies = [self.ready(h) for h in handles]
+        readies = self._timed_readies(handles)
         fn = self._call_fn(call)
         out = []
         for r in readies:
@@ -593,7 +602,8 @@ class Model(object):
         if call == "train_step":
             return self.train
         if call == "logits":
-            return self.logits
+            # as self.logits, without turning the output into NumPy inside the clock
+            return lambda r: self._graph(r).logits.eval(r.args["logits"], as_numpy=False)
         raise ValueError("timed call is 'train_step' or 'logits', not %r" % (call,))
 
     def info(self):

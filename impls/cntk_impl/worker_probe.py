@@ -37,4 +37,4 @@ def _probe():
     return last + ["unknown"] * (2 - len(last))
 
 
-__version__, worker_python_version = _probe()[:2]
+__version__ = _probe()[0]

@@ -180,25 +180,11 @@ class RvNN(TorchImplementation):
                             roots=long_tensor(batch.root, dev),
                             leaf_token=long_tensor(batch.token[:n_leaves], dev))
         if self.strategy == "recursive":
-            left, right = batch.left.tolist(), batch.right.tolist()
-            order = []
-            for r in batch.root.tolist():
-                # iterative post-order of one tree
-                stack = [(r, False)]
-                while stack:
-                    n, expanded = stack.pop()
-                    if left[n] < 0 or expanded:
-                        order.append((n, left[n], right[n]))
-                    else:
-                        stack += [(n, True), (right[n], False), (left[n], False)]
-            out.order = order
+            out.order = batch.postorder()
             out.num_nodes = batch.num_nodes
             out.root_list = batch.root.tolist()
         else:
-            o = batch.level_offsets
-            out.level_lr = [long_tensor(np.stack([batch.left[o[k]:o[k + 1]],
-                                                  batch.right[o[k]:o[k + 1]]], 1).reshape(-1), dev)
-                            for k in range(1, batch.num_levels)]
+            out.level_lr = [long_tensor(lr.reshape(-1), dev) for lr in batch.level_children()]
         return out
 
     def _prepare_padded(self, batch, root_mode):
