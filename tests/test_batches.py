@@ -113,7 +113,7 @@ def _evaluate_heights(pad, n):
     buf[pad.leaf_node] = 0
     for node, left, right in zip(pad.level_node, pad.level_left, pad.level_right):
         buf[node] = 1 + np.maximum(buf[left], buf[right])
-        buf[pad.zero] = -1                   # a write to zero would be a bug: undo, then check
+        buf[pad.zero] = -1                   # keep zero as zero (writes to it are asserted against)
     return buf[:n]
 
 

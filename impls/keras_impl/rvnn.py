@@ -36,8 +36,8 @@ many nodes one call covers and who drives the schedule:
   backend's compiler with ``jit_compile`` (``jax.jit`` / ``tf.function(jit_compile=True)``),
   compiled once per bucket shape (``info()['traces']``). Not applicable on torch
   (``impls.keras_impl.TORCH_COMPILE_REASON``). Every step is computed at the width W, so
-  this does more arithmetic than ``levels`` (on SST batches of 25, ~2x the real internal
-  nodes; one step per height at the widest height's width would be ~9x).
+  this does more arithmetic than ``levels`` (on SST batches of 25, 1.9x the real internal
+  nodes; one step per height at the widest height's width would be 8.4x).
 """
 
 from __future__ import annotations
