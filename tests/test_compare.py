@@ -11,7 +11,7 @@ import pytest
 
 from bench.compare import Threshold, compare_records, judge, mann_whitney_less
 from bench.config import CellConfig
-from bench.runner import read_records
+from bench.records import read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden", "records.jsonl")
@@ -98,7 +98,7 @@ def test_golden_records_injected_slowdown_is_flagged_only_where_injected():
 def test_refuses_different_machines_threads_or_schema_unless_forced():
     recs = read_records(GOLDEN)
     for field, value in (("machine", {"cpu": "Other", "cores": 64, "gpu": None}),
-                         ("threads", 8), ("schema_version", 2)):
+                         ("threads", 8), ("schema_version", 3)):
         other = copy.deepcopy(recs)
         for r in other:
             r[field] = value
@@ -106,6 +106,14 @@ def test_refuses_different_machines_threads_or_schema_unless_forced():
         assert problems and not changes, field
         _, problems = compare_records(recs, other, Threshold(0.1), force=True)
         assert problems
+
+
+def test_schema_1_and_2_compare_as_one():
+    # 2 added statuses; the published runs (schema 1) stay comparable with new ones
+    recs = read_records(GOLDEN)
+    newer = [dict(r, schema_version=2) for r in recs]
+    changes, problems = compare_records(recs, newer, Threshold(0.1))
+    assert not problems and changes
 
 
 def _cli(base, new, *extra):

@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 
 from bench.coverage import SEED_FRAMEWORKS  # noqa: E402
 from bench.report import SUMMARY_COLUMNS, summarise, write_report  # noqa: E402
-from bench.runner import read_records  # noqa: E402
+from bench.records import read_records  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(ROOT, "tests", "data", "golden")
