@@ -71,7 +71,7 @@ def _test_fault(kind: str) -> Optional[str]:
     return value if name == kind else None
 
 
-def guard(parent_pid: int, timeout_s: float) -> None:
+def guard(parent_pid: int, timeout_s: float, grace_s: float = WATCHDOG_GRACE_S) -> None:
     """Make this cell process die with its runner and at its own deadline.
 
     On Linux the kernel sends SIGKILL when the runner dies, however it dies
@@ -92,7 +92,7 @@ def guard(parent_pid: int, timeout_s: float) -> None:
             pass
     if os.getppid() != parent_pid:
         os._exit(WATCHDOG_EXIT)
-    deadline = time.monotonic() + timeout_s + WATCHDOG_GRACE_S
+    deadline = time.monotonic() + timeout_s + grace_s
 
     def watch():
         while True:
@@ -100,7 +100,7 @@ def guard(parent_pid: int, timeout_s: float) -> None:
                 os._exit(WATCHDOG_EXIT)
             if time.monotonic() > deadline:
                 sys.stderr.write("cell: own deadline passed (%g s + %g s grace)\n"
-                                 % (timeout_s, WATCHDOG_GRACE_S))
+                                 % (timeout_s, grace_s))
                 sys.stderr.flush()
                 os._exit(WATCHDOG_EXIT)
             time.sleep(0.5)

@@ -176,7 +176,7 @@ def read_records(path: str, skip_corrupt: bool = False,
         raise RecordsError(corrupt, "pass --skip-corrupt to read past them; each is then named")
     for p in problems:
         if p.kind == "corrupt":
-            warn("skipped %s" % p)
+            warn("skipped %s" % (p,))
         else:
             warn(str(p))
     return records

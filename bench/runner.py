@@ -347,7 +347,7 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out) -> int
         again = sum(1 for c in todo if c.key() in final)
         out.write("resume: %d of %d cells already recorded%s\n" % (
             len(cells) - len(todo) + again, len(cells),
-            "; %d failed ones run again" % again if again else ""))
+            "; rerunning %d that failed" % again if again else ""))
 
     fws = sorted({c.framework for c in cells}, key=list(registry.FRAMEWORKS).index)
     probes = probe_frameworks(fws, python=python)
