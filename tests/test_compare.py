@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.compare import Threshold, compare_records, judge, mann_whitney_less
+from bench.compare import Threshold, compare_records, compare_runs, judge, mann_whitney_less
 from bench.config import CellConfig
 from bench.records import read_records
 
@@ -140,3 +140,38 @@ def test_cli_exit_codes(tmp_path):
     refused = _cli(GOLDEN, str(other))
     assert refused.returncode == 2 and "refusing" in refused.stderr
     assert _cli(GOLDEN, str(other), "--force").returncode == 0
+
+
+def test_cells_ok_in_base_but_missing_failed_or_timed_out_in_new_are_lost(tmp_path):
+    recs = read_records(GOLDEN)
+    ok = [r for r in recs if r["status"] == "ok"]
+    new = copy.deepcopy(recs)
+    gone, failed, timed = ok[0]["cell_id"], ok[1]["cell_id"], ok[2]["cell_id"]
+    new = [r for r in new if r["cell_id"] != gone]
+    for r in new:
+        if r["cell_id"] == failed:
+            r.update(status="failed", reason="not equivalent: logits differ")
+        if r["cell_id"] == timed:
+            r.update(status="timeout", reason="no result after 900 s")
+    changes, problems, lost, _ = compare_runs(recs, new, Threshold(0.1))
+    assert not problems and changes
+    assert sorted(x.why.split(":")[0] for x in lost) == ["failed in NEW", "missing in NEW",
+                                                         "timeout in NEW"]
+    path = tmp_path / "new.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in new))
+    res = _cli(GOLDEN, str(path))
+    assert res.returncode == 1 and "0 regressions, 3 lost cells" in res.stdout
+    assert "missing in NEW" in res.stdout
+    allowed = _cli(GOLDEN, str(path), "--allow-missing")
+    assert allowed.returncode == 0 and "accepted by --allow-missing" in allowed.stdout
+
+
+def test_a_retried_cell_is_judged_by_its_last_record(tmp_path):
+    recs = read_records(GOLDEN)
+    first = next(r for r in recs if r["status"] == "ok")
+    path = tmp_path / "new.jsonl"
+    # the cell failed first, then a --retry-failed run appended its new record
+    path.write_text("".join(json.dumps(r) + "\n" for r in
+                            [dict(first, status="crashed", reason="killed by signal 9")] + recs))
+    res = _cli(GOLDEN, str(path))
+    assert res.returncode == 0 and "0 lost cells" in res.stdout

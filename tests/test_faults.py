@@ -81,6 +81,24 @@ def _alive(pid):
         return False
 
 
+def _idle_cell(out):
+    """A cell of out that has started and is idle in its test-fault sleep (not still starting:
+    a runner killed that early is caught by the cell's own getppid check, not by prctl)."""
+    cells = _wait(lambda: _cell_pids(out), what="a cell")
+    pid, seen, deadline = cells[0], [], time.time() + 60
+
+    def sample():
+        with open("/proc/%d/stat" % pid) as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])   # state, utime + stime
+    while time.time() < deadline:
+        seen.append(sample())
+        if len(seen) >= 6 and all(s == ("S", seen[-1][1]) for s in seen[-6:]):
+            return pid
+        time.sleep(0.1)
+    raise AssertionError("the cell never went idle: %s" % seen[-6:])
+
+
 def _no_cell_files(out):
     return [n for n in os.listdir(out) if n.startswith(".cell-")] == []
 
@@ -106,7 +124,7 @@ def test_kill_9_of_the_runner_leaves_no_cell_no_temp_file_and_no_lock(tmp_path):
     runner = _start("run", *FAST, "--models", "lstm", "treelstm", "--out", out, fault="sleep:60",
                     TMPDIR=str(private_tmp))
     try:
-        cell = _wait(lambda: _cell_pids(out), what="the first cell")[0]
+        cell = _idle_cell(out)
         runner.kill()                       # SIGKILL: no handler runs in the runner
         runner.communicate()
         _wait(lambda: not _alive(cell), seconds=10, what="the orphaned cell to die")
@@ -128,7 +146,7 @@ def test_kill_9_of_a_cell_is_recorded_as_crashed_and_retried_on_request(tmp_path
     args = ["run", *FAST, "--models", "lstm", "--out", out]
     runner = _start(*args, fault="sleep:60")
     try:
-        cell = _wait(lambda: _cell_pids(out), what="the cell")[0]
+        cell = _idle_cell(out)
         os.kill(cell, signal.SIGKILL)
         _, err = runner.communicate(timeout=60)
     finally:
@@ -161,7 +179,7 @@ def test_sighup_and_sigterm_stop_the_run_cleanly(tmp_path, sig):
     out = str(tmp_path / "run")
     runner = _start("run", *FAST, "--models", "lstm", "--out", out, fault="sleep:60")
     try:
-        cell = _wait(lambda: _cell_pids(out), what="the cell")[0]
+        cell = _idle_cell(out)
         runner.send_signal(sig)
         _, err = runner.communicate(timeout=30)
         _wait(lambda: not _alive(cell), seconds=10, what="the cell to die")
@@ -304,7 +322,7 @@ def test_two_runs_on_one_directory_the_second_is_refused_naming_the_first(tmp_pa
     out = str(tmp_path / "run")
     first = _start("run", *FAST, "--models", "lstm", "--out", out, fault="sleep:60")
     try:
-        _wait(lambda: _cell_pids(out), what="the first run's cell")
+        _idle_cell(out)
         for extra in ([], ["--resume"], ["--overwrite"]):
             second = _bench("run", *FAST, "--models", "lstm", "--out", out, *extra)
             assert second.returncode == 2, second.stderr
