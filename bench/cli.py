@@ -430,10 +430,14 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    if args.command in ("run", "report", "compare"):
+        from .runner import stop_on_signals
+        stop_on_signals()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        _say("interrupted; finished cells are in the records file")
+        _say("interrupted; finished cells are in the records file" if args.command == "run"
+             else "interrupted")
         return INTERRUPTED
     except (UsageError, ParseError, RecordsError, LockHeld) as exc:
         if args.debug:

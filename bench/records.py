@@ -405,14 +405,13 @@ def run_outputs(out_dir: str) -> List[str]:
 
 
 def occupied(out_dir: str) -> List[str]:
-    """What makes out_dir non-empty for a fresh run: every entry but the lock, the kept
-    generations and stale cell result files."""
+    """What makes out_dir non-empty for a fresh run: every entry whose name does not start
+    with a dot (hidden ones are the lock, kept generations and scratch files, or not ours)."""
     try:
         names = os.listdir(out_dir)
     except OSError:
         return []
-    return sorted(n for n in names if n not in (LOCK, GENERATIONS)
-                  and not n.startswith(CELL_TEMP_PREFIX))
+    return sorted(n for n in names if not n.startswith("."))
 
 
 def keep_generation(out_dir: str) -> Optional[str]:

@@ -37,9 +37,6 @@ from .records import (CELL_TEMP_PREFIX, ENV, FAILED, RECORDS, STATUSES, Environm
                       read_records, remove_stale_cell_files, repair_tail)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERRUPTED = 130   # SIGINT, SIGTERM and SIGHUP alike: a clean stop
-
-
 _CELL_NUMBER = itertools.count(1)   # result file names: unique within this runner (it holds the lock)
 
 
@@ -185,6 +182,8 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
                       result_dir: Optional[str] = None) -> Dict:
     """Run one cell in a fresh interpreter; timeouts, crashes and OOM kills become records.
 
+    Raises OSError (with the result file's name) when the cell could not write its result.
+
     The cell writes its result to ``result_dir/.cell-PID-N.json`` (the run
     directory: a runner killed mid-cell leaves nothing in /tmp, and the next
     run clears what it left); the file does not exist until the cell finishes.
@@ -228,9 +227,9 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
             if os.path.exists(leftover):
                 os.unlink(leftover)
     if rec is None and proc.returncode in (RESULT_DISK_FULL, RESULT_UNWRITABLE):
-        what = "disk full" if proc.returncode == RESULT_DISK_FULL else "cannot write"
-        raise EnvironmentProblem("%s while the cell wrote its result in %s (%s)"
-                                 % (what, folder, _tail(err, 1)))
+        # Not the cell's failure: the machine's. The runner stops the run (exit 3).
+        code = errno.ENOSPC if proc.returncode == RESULT_DISK_FULL else errno.EIO
+        raise OSError(code, _tail(err, 1) or os.strerror(code), result_path)
     if rec is None:
         rec = base_record(cfg)
         rec["framework_version"] = version
@@ -287,8 +286,9 @@ def plan(cells: Sequence[CellConfig], earlier: Sequence[Dict], retry_failed: boo
     return [c for c in cells if c.key() not in last or (retry_failed and last[c.key()] in FAILED)]
 
 
-def _install_stop_handlers():
-    """SIGTERM and SIGHUP stop a run like Ctrl-C: the cell in flight is killed, records kept."""
+def stop_on_signals():
+    """SIGTERM and SIGHUP stop like Ctrl-C (KeyboardInterrupt): a run kills the cell in flight
+    and keeps its records, a report keeps its previous outputs. Returns the old handlers."""
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -314,7 +314,7 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False, overwri
     """
     out = stream or sys.stderr
     os.makedirs(out_dir, exist_ok=True)
-    saved = _install_stop_handlers()
+    saved = stop_on_signals()
     lock = RunLock(out_dir).acquire()
     try:
         remove_stale_cell_files(out_dir)
@@ -387,9 +387,9 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out) -> int
                 try:
                     rec = run_in_subprocess(cfg, probe.get("detail"), python=python,
                                             result_dir=out_dir)
-                except EnvironmentProblem as exc:
-                    raise EnvironmentProblem("%s: %d cells recorded, rerun with --resume when it "
-                                             "is fixed" % (exc, len(final))) from None
+                except OSError as exc:
+                    raise EnvironmentProblem(_write_failure(exc.filename or out_dir, exc,
+                                                            len(final), "the cell's result")) from None
                 if rec.get("unavailable_scope") == "device":
                     no_device[(cfg.framework, cfg.device)] = rec.get("reason", "")
             try:
@@ -410,9 +410,10 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out) -> int
     return 1 if failed else 0
 
 
-def _write_failure(path: str, exc: OSError, recorded: int) -> str:
+def _write_failure(path: str, exc: OSError, recorded: int, what: str = "") -> str:
     """One line for a write the machine refused: what, where, what is safe, what to do."""
     full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-    what = "disk full" if full else "cannot write (%s)" % (exc.strerror or exc)
-    return ("%s while writing %s: %d cells recorded, rerun with --resume when %s"
-            % (what, path, recorded, "space is free" if full else "it is writable"))
+    problem = "disk full" if full else "cannot write (%s)" % (exc.strerror or exc)
+    return ("%s while writing %s%s: %d cells recorded, rerun with --resume when %s"
+            % (problem, path, " (%s)" % what if what else "", recorded,
+               "space is free" if full else "it is writable"))
