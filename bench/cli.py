@@ -282,11 +282,8 @@ def cmd_run(args) -> int:
     executor = None
     if args.executor == "ray":
         from .cluster import RayExecutor, parse_node_pythons   # ray is imported when it connects
-        try:
-            pythons = parse_node_pythons(args.node_python or [])
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        executor = RayExecutor(address=args.address, node_pythons=pythons)
+        executor = RayExecutor(address=args.address,
+                               node_pythons=parse_node_pythons(args.node_python or []))
     return run(cells, args.out, resume=args.resume, overwrite=args.overwrite,
                retry_failed=args.retry_failed, skip_corrupt=args.skip_corrupt, executor=executor)
 
@@ -299,7 +296,11 @@ def _check_executor(args) -> None:
                 raise UsageError("%s is for --executor ray" % option)
         return
     import importlib.util
-    from .cluster import RAY_PIN
+    from .cluster import RAY_PIN, parse_node_pythons
+    try:
+        parse_node_pythons(args.node_python or [])   # each item was checked; now all together
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if importlib.util.find_spec("ray") is None:   # looks for the package without importing it
         raise UsageError("--executor ray needs the ray package: pip install '.[cluster]' (%s), "
                          "or run through `nox -s tests_cluster`'s venv" % RAY_PIN)

@@ -257,7 +257,7 @@ def _merge_env(path: str, env: Dict) -> Dict:
 
     The frameworks (and their probes) recorded before stay unless probed again,
     and each earlier start is listed, so a records file written in several
-    steps still names every framework version and commit that wrote it.
+    steps still names every framework version, commit and cluster that wrote it.
     """
     try:
         with open(path, encoding="utf-8") as fh:
@@ -269,7 +269,7 @@ def _merge_env(path: str, env: Dict) -> Dict:
         merged.update(env.get(key) or {})
         env[key] = merged
     env["earlier_starts"] = list(old.get("earlier_starts") or []) + [
-        {k: old.get(k) for k in ("time", "git_commit", "threads") if k in old}]
+        {k: old.get(k) for k in ("time", "git_commit", "threads", "executor") if k in old}]
     return env
 
 

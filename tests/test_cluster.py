@@ -19,7 +19,10 @@ What is checked, with the smoke preset and the NumPy framework:
   the records whole, and a local ``--resume`` completes the run;
 * a local run resumed on the cluster, with one worker's raylet killed mid-cell:
   every cell ends with a record (retried on another node, or ``lost``), and no
-  two cells ever run on one node at once.
+  two cells ever run on one node at once;
+* placement: GPU cells on a cluster without GPUs, and cells of a framework no
+  node names in a labelled cluster, are recorded on the head; the others go
+  only to the node that names their framework.
 
 Skipped, with the reason, where ray is not installed or no network namespace can
 be made (not root); ``BENCH_REQUIRE_RAY=1`` (the ``tests_cluster`` nox session)
@@ -152,14 +155,17 @@ class Cluster:
         line = self.holder.stdout.readline()
         assert line.strip() == "ready", "the network namespace holder said %r" % line
         self.ns = os.readlink("/proc/%d/ns/net" % self.holder.pid)
-        self.ray_start("--head", "--include-dashboard=false", "--node-ip-address", HEAD_IP, "--port", str(PORT), "--num-cpus", "0",
-                       "--resources", json.dumps({"bench_slot": 1}),
+        self.ray_start("--head", "--include-dashboard=false", "--node-ip-address", HEAD_IP,
+                       "--port", str(PORT), "--num-cpus", "0", "--resources", json.dumps({"bench_slot": 1}),
                        "--temp-dir", os.path.join(self.tmp, "h"))
         for i, ip in enumerate(WORKER_IPS, start=1):
-            self.ray_start("--address", self.address, "--node-ip-address", ip, "--num-cpus", "1",
-                           "--resources", json.dumps({"bench_slot": 1}),
-                           "--temp-dir", os.path.join(self.tmp, "w%d" % i))
+            self.add_worker(i, ip, {"bench_slot": 1})
         _wait(lambda: self.alive_nodes() == 3, 120, "three live nodes")
+
+    def add_worker(self, number, ip, resources):
+        self.ray_start("--address", self.address, "--node-ip-address", ip, "--num-cpus", "1",
+                       "--resources", json.dumps(resources),
+                       "--temp-dir", os.path.join(self.tmp, "w%d" % number))
 
     def alive_nodes(self):
         code = ("import ray, logging; ray.init(address=%r, logging_level=logging.ERROR, "
@@ -382,3 +388,33 @@ def test_a_node_that_dies_mid_cell_leaves_no_cell_without_a_record(cluster, tmp_
         assert rec["status"] == "ok" and proc.returncode == 0
         assert WORKER_IPS[0] in rec["executor"]["earlier_attempt"]
         assert rec["executor"]["node_ip"] != WORKER_IPS[0]
+
+
+def test_cells_go_only_where_their_gpu_and_framework_label_are(cluster, tmp_path):
+    """Runs after the kill test: the head, worker 2, and now worker 3 with labels."""
+    gpu = str(tmp_path / "gpu")
+    rc, err = cluster.bench("run", *_ray_args(cluster, gpu), "--models", "lstm", "--device", "gpu")
+    assert rc == 0, err
+    recs, ids = _latest(gpu)
+    assert len(ids) == 3 and all("executor" not in r for r in recs.values())
+    assert [r["reason"] for r in recs.values() if r["status"] == "unavailable"] == [
+        "no node of the Ray cluster offers a GPU"]
+
+    # One node names numpy (and a hyphenated name, as keras-torch's label is): the cluster is
+    # now labelled, so numpy cells go there only and torch cells, which no node names, stay home.
+    cluster.add_worker(3, "127.0.0.5", {"bench_slot": 1, "fw_numpy": 1, "fw_keras-torch": 1})
+    _wait(lambda: cluster.alive_nodes() == 3, 120, "worker 3 to join")
+    out = str(tmp_path / "labelled")
+    rc, err = cluster.bench("run", *_ray_args(cluster, out), "--frameworks", "numpy", "torch",
+                            "--models", "lstm", "rvnn")
+    assert rc == 0, err
+    recs, ids = _latest(out)
+    assert len(ids) == len(set(ids)) == 12
+    timed = [r for r in recs.values() if r["status"] == "ok"]
+    assert sorted(r["framework"] for r in timed) == ["numpy", "numpy"]
+    assert {r["executor"]["node_ip"] for r in timed} == {"127.0.0.5"}
+    torch = [r for r in recs.values() if r["framework"] == "torch"]
+    assert len(torch) == 6 and all(r["status"] == "unavailable" and "fw_torch" in r["reason"]
+                                   and "executor" not in r for r in torch)
+    with open(os.path.join(out, "env.json")) as fh:
+        assert json.load(fh)["executor"]["labelled"] is True
