@@ -382,6 +382,7 @@ def test_a_node_that_dies_mid_cell_leaves_no_cell_without_a_record(cluster, tmp_
     hit = [r for r in done_on_ray if r["executor"].get("attempt") == 2 or r["status"] == "lost"]
     assert len(hit) == 1, [(r["status"], r.get("executor")) for r in done_on_ray]
     rec = hit[0]
+    print("the killed node's cell:", rec["status"], rec.get("reason"), rec["executor"])   # -s shows it
     if rec["status"] == "lost":
         assert rec["reason"].startswith("node died: ") and proc.returncode == 1
     else:

@@ -175,3 +175,22 @@ def test_report_ranks_cells_of_one_kind_of_machine_together(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Machines" in md and "Big CPU (64 cores)" in md and "node-2 (%d)" % (len(timed) // 2) in md
     assert ", on Big CPU (64 cores)" in md
+
+
+def test_a_task_without_a_record_becomes_lost_oom_or_crashed_with_the_reason():
+    rex = pytest.importorskip("ray.exceptions", reason="Ray's exception types come with ray")
+    cfg = CellConfig("numpy", "lstm", "loop")
+    died = cluster.failure_record(cfg, rex.NodeDiedError("The node with node id: ab12 and address: "
+                                                         "127.0.0.3 has been marked dead.\nmore"))
+    assert died["status"] == "lost" and died["machine"] is None and died["cell_id"] == cfg.key()
+    assert died["reason"] == "node died: The node with node id: ab12 and address: 127.0.0.3 has been " \
+                             "marked dead."
+    assert cluster.failure_record(cfg, rex.WorkerCrashedError())["status"] == "lost"
+    oom = cluster.failure_record(cfg, rex.OutOfMemoryError("Task was killed due to the node running "
+                                                           "low on memory."))
+    assert oom["status"] == "oom" and "memory monitor" in oom["reason"]
+    failed = cluster.failure_record(cfg, rex.RayTaskError("run_cell_on_node", "Traceback ...",
+                                                          ModuleNotFoundError("No module named 'bench'")))
+    assert failed["status"] == "crashed"
+    assert failed["reason"] == ("the Ray task failed on its node: ModuleNotFoundError: No module named "
+                                "'bench'")
