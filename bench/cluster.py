@@ -375,11 +375,16 @@ class RayExecutor:
                         rec = failure_record(cfg, exc)
                     except Exception as exc:
                         raise EnvironmentProblem(_lost_cluster(exc)) from None
+                    if rec.get("cell_id") != cfg.key():   # never a record under another identity
+                        rec = dict(base_record(cfg), status="failed", executor=rec.get("executor"),
+                                   reason="the node returned a record for cell %s, not %s: its bench "
+                                          "differs from the head's" % (rec.get("cell_id"), cfg.key()))
                     try:
                         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
                     except Exception:
                         pass
-                    yield cfg, rec, time.time() - started
+                    # the cell's own time on its node where it has one, not its time in the queue
+                    yield cfg, rec, rec.get("cell_wall_s") or time.time() - started
                 if time.time() - nodes_checked >= CHECK_NODES_S and pending:
                     nodes_checked = time.time()
                     try:
