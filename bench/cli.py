@@ -302,8 +302,8 @@ def _check_executor(args) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if importlib.util.find_spec("ray") is None:   # looks for the package without importing it
-        raise UsageError("--executor ray needs the ray package: pip install '.[cluster]' (%s), "
-                         "or run through `nox -s tests_cluster`'s venv" % RAY_PIN)
+        raise UsageError("--executor ray needs the ray package: pip install '.[cluster]' (%s)"
+                         % RAY_PIN)
 
 
 def _dry_run(args, cells: List[CellConfig]) -> int:

@@ -9,10 +9,15 @@ run is refused unless ``--resume`` or ``--overwrite`` (which keeps the earlier
 run as a generation) says what to do with it.
 
 Exit codes: 0 every cell completed (ok, unavailable, not-applicable); 1 a cell
-of the run (earlier parts included) failed, timed out, crashed or ran out of
-memory; 2 a refusal (see ``bench.cli``); 3 the environment failed the run (a
-full disk, an output directory that stopped being writable); 130 interrupted
-(SIGINT, SIGTERM, SIGHUP). Finished cells are never lost by any of these.
+of the run (earlier parts included) failed, timed out, crashed, ran out of
+memory or was lost with its cluster node; 2 a refusal (see ``bench.cli``); 3
+the environment failed the run (a full disk, an output directory that stopped
+being writable, a Ray cluster lost); 130 interrupted (SIGINT, SIGTERM,
+SIGHUP). Finished cells are never lost by any of these.
+
+Cells run through an executor: ``LocalExecutor`` (the default, below) or
+``bench.cluster.RayExecutor`` (``--executor ray``); either way the records
+come back here and go through one writer.
 """
 
 from __future__ import annotations
