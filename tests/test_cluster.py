@@ -22,7 +22,8 @@ What is checked, with the smoke preset and the NumPy framework:
   two cells ever run on one node at once;
 * placement: GPU cells on a cluster without GPUs, and cells of a framework no
   node names in a labelled cluster, are recorded on the head; the others go
-  only to the node that names their framework.
+  only to the node that names their framework; a node without the framework's
+  interpreter records the cell unavailable, naming the node.
 
 Skipped, with the reason, where ray is not installed or no network namespace can
 be made (not root); ``BENCH_REQUIRE_RAY=1`` (the ``tests_cluster`` nox session)
@@ -400,6 +401,17 @@ def test_cells_go_only_where_their_gpu_and_framework_label_are(cluster, tmp_path
     assert len(ids) == 3 and all("executor" not in r for r in recs.values())
     assert [r["reason"] for r in recs.values() if r["status"] == "unavailable"] == [
         "no node of the Ray cluster offers a GPU"]
+
+    # A node without the framework's interpreter records the cell unavailable, naming itself.
+    absent = str(tmp_path / "absent")
+    rc, err = cluster.bench("run", *SMOKE, "--models", "lstm", "--executor", "ray", "--address",
+                            cluster.address, "--node-python", "numpy=/nonexistent/bin/python",
+                            "--out", absent)
+    assert rc == 0, err
+    recs, _ = _latest(absent)
+    (rec,) = [r for r in recs.values() if r["strategy"] == "loop"]
+    assert rec["status"] == "unavailable" and "not available on node" in rec["reason"]
+    assert rec["executor"]["node_ip"] in rec["reason"] and "/nonexistent/bin/python" in rec["reason"]
 
     # One node names numpy (and a hyphenated name, as keras-torch's label is): the cluster is
     # now labelled, so numpy cells go there only and torch cells, which no node names, stay home.
