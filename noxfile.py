@@ -45,6 +45,7 @@ JAX = ["jax[cpu]==0.10.2", "optax==0.2.8"]
 TENSORFLOW = ["tensorflow-cpu==2.21.0"]
 KERAS = ["keras==3.15.1"]
 CORE = ["numpy", "threadpoolctl", "psutil"]
+RAY = ["ray==2.60.0"]   # `bench run --executor ray`; pyproject's `cluster` extra
 REPORT = ["pandas", "matplotlib"]
 
 # framework -> (python, pip install steps run in order; each step is one pip call)
@@ -308,6 +309,17 @@ def tests(session):
                 *session.posargs,
                 env={"PYTHONPATH": ROOT, "BENCH_FRAMEWORKS": frameworks,
                      "BENCH_REQUIRE_FRAMEWORKS": frameworks, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@nox.session(python="3.11")
+def tests_cluster(session):
+    """A real 3-node Ray cluster on loopback, in a private network namespace (needs root):
+    `bench run --executor ray` against a local run, Ctrl-C, a node killed mid-cell."""
+    session.install(*(CORE + RAY + ["pytest"]))
+    session.run("python", "-m", "pytest", "-q", "tests/test_cluster_core.py", "tests/test_cluster.py",
+                "-p", "no:cacheprovider",
+                *session.posargs,
+                env={"PYTHONPATH": ROOT, "BENCH_REQUIRE_RAY": "1", "RAY_USAGE_STATS_ENABLED": "0"})
 
 
 @nox.session(python="3.11")

@@ -110,6 +110,28 @@ def _threshold(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _address(text: str) -> str:
+    """HOST:PORT of a Ray head (its GCS port), or ``auto``."""
+    raw = text.strip()
+    if raw == "auto":
+        return raw
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or any(c.isspace() for c in host) or not _WHOLE.fullmatch(port) \
+            or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError("--address takes HOST:PORT (the Ray head's port, e.g. "
+                                         "127.0.0.1:6379) or auto, not %r" % text)
+    return raw
+
+
+def _node_python(text: str):
+    from .cluster import parse_node_pythons
+    try:
+        parse_node_pythons([text])
+        return text
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _flat(values) -> Optional[list]:
     """``--x a b`` and ``--x a,b`` (each token parsed to a list) -> one list; None if not given."""
     if values is None:
@@ -251,13 +273,37 @@ def cmd_run(args) -> int:
     if args.retry_failed and not args.resume:
         raise UsageError("--retry-failed needs --resume (it reruns the failed cells of the run "
                          "in --out)")
+    _check_executor(args)
     cells = _cells(args)
     _check_out_dir(args.out, create=not args.dry_run)
     if args.dry_run:
         return _dry_run(args, cells)
     from .runner import run
+    executor = None
+    if args.executor == "ray":
+        from .cluster import RayExecutor, parse_node_pythons   # ray is imported when it connects
+        executor = RayExecutor(address=args.address,
+                               node_pythons=parse_node_pythons(args.node_python or []))
     return run(cells, args.out, resume=args.resume, overwrite=args.overwrite,
-               retry_failed=args.retry_failed, skip_corrupt=args.skip_corrupt)
+               retry_failed=args.retry_failed, skip_corrupt=args.skip_corrupt, executor=executor)
+
+
+def _check_executor(args) -> None:
+    """--address and --node-python belong to --executor ray, which needs the ray package."""
+    if args.executor != "ray":
+        for given, option in ((args.address, "--address"), (args.node_python, "--node-python")):
+            if given:
+                raise UsageError("%s is for --executor ray" % option)
+        return
+    import importlib.util
+    from .cluster import RAY_PIN, parse_node_pythons
+    try:
+        parse_node_pythons(args.node_python or [])   # each item was checked; now all together
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if importlib.util.find_spec("ray") is None:   # looks for the package without importing it
+        raise UsageError("--executor ray needs the ray package: pip install '.[cluster]' (%s)"
+                         % RAY_PIN)
 
 
 def _dry_run(args, cells: List[CellConfig]) -> int:
@@ -376,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep one strategy per framework and model: the fastest in that run")
     s.add_argument("--dry-run", action="store_true",
                    help="print the cells that would run (with --resume: only those not recorded)")
+    s.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one cell after another on this machine (default); ray: one timed "
+                        "cell per node of a Ray cluster (see the README, 'Running on a cluster')")
+    s.add_argument("--address", type=_address, metavar="HOST:PORT",
+                   help="with --executor ray: the cluster's head (default: RAY_ADDRESS, or the "
+                        "cluster started on this machine)")
+    s.add_argument("--node-python", nargs="+", type=_node_python, metavar="FW=PATH",
+                   help="with --executor ray: the interpreter of a framework on every node "
+                        "(default: the node's nox venv for it, else the node's own interpreter)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", parents=[common],

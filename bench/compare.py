@@ -166,6 +166,10 @@ def _identity(rec: Dict) -> Tuple:
     return (m.get("cpu"), m.get("cores"), m.get("gpu"))
 
 
+def _timed(recs: Sequence[Dict]) -> List[Dict]:
+    return [r for r in recs if r.get("status") == "ok"]
+
+
 def _schema_family(rec: Dict):
     """Schema versions whose timings mean the same compare as one (1 and 2 differ in statuses)."""
     return "1-2" if rec.get("schema_version") in COMPARABLE_SCHEMAS else rec.get("schema_version")
@@ -197,12 +201,25 @@ def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force:
     problems = []
     for what, key in (("schema versions", _schema_family),
                       ("machines", _identity), ("thread counts", lambda r: r.get("threads"))):
-        a, b = {key(r) for r in base}, {key(r) for r in new}
+        # Only timed cells say where timings come from: a cluster run's static cells carry
+        # its head's fingerprint, and a lost cell has none.
+        pick = _timed if what == "machines" else list
+        a, b = {key(r) for r in pick(base)}, {key(r) for r in pick(new)}
         if a != b:
             problems.append("different %s: %s vs %s" % (what, sorted(map(str, a)), sorted(map(str, b))))
+    by_id = {r["cell_id"]: r for r in latest(new)}
+    if not problems:
+        # Runs on a cluster of several kinds of machine have the same set on both sides, yet
+        # a cell may have run on one kind in BASE and on another in NEW.
+        moved = [(old, by_id[old["cell_id"]]) for old in _timed(latest(base))
+                 if old["cell_id"] in by_id and _timed([by_id[old["cell_id"]]])
+                 and _identity(old) != _identity(by_id[old["cell_id"]])]
+        if moved:
+            old, rec = moved[0]
+            problems.append("%d cells ran on different machines in BASE and NEW (e.g. %s: %s vs %s)"
+                            % (len(moved), _label(old), _identity(old), _identity(rec)))
     if problems and not force:
         return [], problems, [], []
-    by_id = {r["cell_id"]: r for r in latest(new)}
     changes, lost, skipped = [], [], []
     for old in latest(base):
         if old.get("status") != "ok":

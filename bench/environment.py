@@ -88,9 +88,15 @@ def git_commit(path: str) -> Optional[str]:
 
 
 def machine() -> Dict:
-    """What identifies the hardware a record was measured on (compare refuses to mix these)."""
+    """The fingerprint of the machine a record was measured on.
+
+    ``cpu``, ``cores`` and ``gpu`` identify the hardware (compare refuses to mix
+    them); ``hostname`` names the node, so records from a cluster say where each
+    cell ran (two identical nodes are comparable hardware, so it is not identity).
+    """
     gpu = gpu_info()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu["name"] if gpu else None}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu["name"] if gpu else None,
+            "hostname": platform.node() or None}
 
 
 def describe(frameworks: Dict[str, str], threads: int, root: str) -> Dict:

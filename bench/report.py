@@ -36,7 +36,7 @@ SUMMARY_COLUMNS = [
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
-    "threads_applied", "epochs", "loss_mode",
+    "threads_applied", "epochs", "loss_mode", "machine",
 ]
 
 
@@ -86,10 +86,17 @@ def _iqr(xs) -> Optional[float]:
     return float(q3 - q1)
 
 
+def machine_label(m: Optional[Dict]) -> str:
+    """The hardware a record was measured on, as compare identifies it (hostname aside)."""
+    if not m:
+        return "unknown"
+    return "%s (%s cores)%s" % (m.get("cpu"), m.get("cores"), ", " + m["gpu"] if m.get("gpu") else "")
+
+
 def _group_key(r: Dict) -> Tuple:
-    """Cells that differ only in strategy (and seed) are comparable."""
+    """Cells that differ only in strategy (and seed), on the same hardware, are comparable."""
     return (r["framework"], r["model"], r["task"], r["device"], r["batch_size"], r["threads"],
-            r.get("hidden"), r.get("seed"))
+            r.get("hidden"), r.get("seed"), machine_label(r.get("machine")))
 
 
 def _threads_applied(r: Dict) -> Optional[int]:
@@ -132,6 +139,7 @@ def summarise(records: List[Dict]):
             "threads_applied": _threads_applied(r),
             "epochs": acc.get("epochs") if r.get("accuracy") else None,
             "loss_mode": (r.get("config") or {}).get("loss_mode", "root"),
+            "machine": machine_label(r.get("machine")),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -182,6 +190,23 @@ def _env_section(envs: List[Dict], records: Sequence[Dict] = ()) -> str:
                      "%s %s" % (gpu.get("name", "none"), gpu.get("driver", "")),
                      str(e.get("threads")), (e.get("git_commit") or "-")[:12], e.get("time", "-")])
     return _md_table(["run", "frameworks", "python", "CPU", "GPU", "threads", "commit", "time"], rows)
+
+
+def _machines_section(records: Sequence[Dict]) -> str:
+    """Where the timed cells ran, when that was more than one host (a cluster run)."""
+    timed = [r for r in records if r.get("status") == "ok"]
+    hosts: Dict[str, Dict[str, int]] = {}
+    for r in timed:
+        per = hosts.setdefault(machine_label(r.get("machine")), {})
+        host = (r.get("machine") or {}).get("hostname") or "-"
+        per[host] = per.get(host, 0) + 1
+    if sum(len(v) for v in hosts.values()) < 2:
+        return ""
+    rows = [[label, ", ".join("%s (%d)" % kv for kv in sorted(per.items())), str(sum(per.values()))]
+            for label, per in sorted(hosts.items())]
+    return ("Timed cells ran on several hosts. Results tables rank cells of one kind of machine "
+            "together, never across kinds.\n\n"
+            + _md_table(["machine", "hosts (timed cells)", "timed cells"], rows))
 
 
 def _task_order(task: str) -> Tuple:
@@ -241,10 +266,14 @@ def _results_section(df, records: List[Dict]) -> str:
     # Accuracy cells (the parity preset) time a token pool with few repeats as a by-product
     # of training; they are not throughput measurements and stay out of these tables.
     ok = df[(df["status"] == "ok") & df["accuracy"].isna()]
-    keys = sorted({(t, d, b) for t, d, b in zip(ok["task"], ok["device"], ok["batch_size"])},
-                  key=lambda k: (_task_order(k[0]), k[1], k[2]))
-    for task, device, batch in keys:
-        block = ok[(ok["task"] == task) & (ok["device"] == device) & (ok["batch_size"] == batch)]
+    # Records from several kinds of machine (a heterogeneous cluster) are never ranked together.
+    several_machines = ok["machine"].nunique() > 1
+    keys = sorted({(t, d, b, m) for t, d, b, m in zip(ok["task"], ok["device"], ok["batch_size"],
+                                                      ok["machine"])},
+                  key=lambda k: (_task_order(k[0]), k[1], k[2], k[3]))
+    for task, device, batch, machine in keys:
+        block = ok[(ok["task"] == task) & (ok["device"] == device) & (ok["batch_size"] == batch)
+                   & (ok["machine"] == machine)]
         several_runs = block["run"].nunique() > 1
         for model in [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(block["model"])]:
             sub = block[block["model"] == model].sort_values(
@@ -261,7 +290,8 @@ def _results_section(df, records: List[Dict]) -> str:
                     _fmt(r["compile_s"], "%.2f"), _fmt(r["peak_rss_mb"], "%.0f"),
                     _fmt(r["device_peak_mb"], "%.0f"), _fmt(r["roofline_pct"], "%.2f"),
                     _threads_cell(r), str(int(r["repeats"]))] + ([r["run"]] if several_runs else []))
-            parts.append("### %s, %s, batch %s, %s\n\n" % (task, model, batch, device) + _md_table(
+            where = ", on %s" % machine if several_machines else ""
+            parts.append("### %s, %s, batch %s, %s%s\n\n" % (task, model, batch, device, where) + _md_table(
                 ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
                  "peak RSS MB", "device peak MB", "roofline %", "threads", "repeats"]
@@ -544,12 +574,15 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
           "cell (float32, same threads). Only cells that passed the equivalence check against "
           "the NumPy reference are timed." % os.path.basename(os.path.abspath(run_dir)), "",
           "Cells: " + ", ".join("%s %d" % kv for kv in sorted(counts.items())), "",
-          "## Environment", "", _env_section(envs, records), "",
-          "## Coverage", "", _coverage_section(records), "",
-          "## Results", "", _results_section(df, records), "",
-          "## What Keras costs over its backend", "", _wrapper_section(df), "",
-          "## Accuracy", "", _accuracy_section(df), "",
-          "## Learning-parity goals", "", _anchors_section(df), ""]
+          "## Environment", "", _env_section(envs, records), ""]
+    machines = _machines_section(records)
+    if machines:
+        md += ["## Machines", "", machines, ""]
+    md += ["## Coverage", "", _coverage_section(records), "",
+           "## Results", "", _results_section(df, records), "",
+           "## What Keras costs over its backend", "", _wrapper_section(df), "",
+           "## Accuracy", "", _accuracy_section(df), "",
+           "## Learning-parity goals", "", _anchors_section(df), ""]
     if images:
         md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:

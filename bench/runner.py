@@ -9,10 +9,15 @@ run is refused unless ``--resume`` or ``--overwrite`` (which keeps the earlier
 run as a generation) says what to do with it.
 
 Exit codes: 0 every cell completed (ok, unavailable, not-applicable); 1 a cell
-of the run (earlier parts included) failed, timed out, crashed or ran out of
-memory; 2 a refusal (see ``bench.cli``); 3 the environment failed the run (a
-full disk, an output directory that stopped being writable); 130 interrupted
-(SIGINT, SIGTERM, SIGHUP). Finished cells are never lost by any of these.
+of the run (earlier parts included) failed, timed out, crashed, ran out of
+memory or was lost with its cluster node; 2 a refusal (see ``bench.cli``); 3
+the environment failed the run (a full disk, an output directory that stopped
+being writable, a Ray cluster lost); 130 interrupted (SIGINT, SIGTERM,
+SIGHUP). Finished cells are never lost by any of these.
+
+Cells run through an executor: ``LocalExecutor`` (the default, below) or
+``bench.cluster.RayExecutor`` (``--executor ray``); either way the records
+come back here and go through one writer.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import registry
 from .cell import RESULT_DISK_FULL, RESULT_UNWRITABLE, WATCHDOG_EXIT, base_record
@@ -257,7 +262,7 @@ def _merge_env(path: str, env: Dict) -> Dict:
 
     The frameworks (and their probes) recorded before stay unless probed again,
     and each earlier start is listed, so a records file written in several
-    steps still names every framework version and commit that wrote it.
+    steps still names every framework version, commit and cluster that wrote it.
     """
     try:
         with open(path, encoding="utf-8") as fh:
@@ -269,7 +274,7 @@ def _merge_env(path: str, env: Dict) -> Dict:
         merged.update(env.get(key) or {})
         env[key] = merged
     env["earlier_starts"] = list(old.get("earlier_starts") or []) + [
-        {k: old.get(k) for k in ("time", "git_commit", "threads") if k in old}]
+        {k: old.get(k) for k in ("time", "git_commit", "threads", "executor") if k in old}]
     return env
 
 
@@ -306,11 +311,14 @@ def stop_on_signals():
 
 def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False, overwrite: bool = False,
         retry_failed: bool = False, skip_corrupt: bool = False, python: str = sys.executable,
-        stream=None) -> int:
+        stream=None, executor=None) -> int:
     """Run cells into ``out_dir``; returns the process exit code (see the module docstring).
 
-    Raises UsageError / RecordsError / LockHeld (refusals, exit 2) before any
-    cell runs, and EnvironmentProblem (exit 3) when the machine fails the run.
+    ``executor`` runs the cells (default: ``LocalExecutor``, one after another on this
+    machine; ``bench.cluster.RayExecutor`` on a Ray cluster); records from any executor
+    go through the same writer. Raises UsageError / RecordsError / LockHeld (refusals,
+    exit 2) before any cell runs, and EnvironmentProblem (exit 3) when the machine fails
+    the run.
     """
     out = stream or sys.stderr
     os.makedirs(out_dir, exist_ok=True)
@@ -333,45 +341,43 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False, overwri
             if kept:
                 out.write("overwrite: the earlier run is kept in %s\n" % kept)
             earlier = []
-        return _run_locked(cells, out_dir, path, earlier, retry_failed, python, out)
+        return _run_locked(cells, out_dir, path, earlier, retry_failed, python, out,
+                           executor or LocalExecutor(python))
     finally:
         lock.release()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
 
-def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out) -> int:
-    todo = plan(cells, earlier, retry_failed)
-    final = {r["cell_id"]: r for r in latest(earlier)}
-    if earlier:
-        again = sum(1 for c in todo if c.key() in final)
-        out.write("resume: %d of %d cells already recorded%s\n" % (
-            len(cells) - len(todo) + again, len(cells),
-            "; rerunning %d that failed" % again if again else ""))
+class LocalExecutor:
+    """The default: cells one after another on this machine, each in a fresh process.
 
-    fws = sorted({c.framework for c in cells}, key=list(registry.FRAMEWORKS).index)
-    probes = probe_frameworks(fws, python=python)
-    threads = sorted({c.threads for c in cells})
-    env = describe({k: v.get("detail") if v.get("ok") else None for k, v in probes.items()},
-                   threads[0] if len(threads) == 1 else threads, ROOT)
-    env["framework_probes"] = probes
-    env_path = os.path.join(out_dir, ENV)
-    if earlier or os.path.exists(env_path):
-        env = _merge_env(env_path, env)
-    try:
-        atomic_write(env_path, json.dumps(env, indent=2, sort_keys=True))
-    except OSError as exc:
-        raise EnvironmentProblem(_write_failure(env_path, exc, len(final))) from None
+    An executor's ``records`` yields ``(cell, record, seconds)`` for every cell it is
+    given; the runner appends each record as it comes. ``start``/``stop`` bracket a
+    run, ``describe`` adds to env.json.
+    """
 
-    progress = Progress(len(todo), stream=out)
-    counts = {s: 0 for s in STATUSES}
-    # (framework, device) -> why the device is absent, learnt from the first cell that
-    # tried it: the rest are recorded without paying a process start and data loading.
-    no_device: Dict[Tuple[str, str], str] = {}
-    try:
+    name = "local"
+
+    def __init__(self, python: str = sys.executable):
+        self.python = python
+
+    def start(self, root: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def describe(self) -> Dict:
+        return {}
+
+    def records(self, todo: Sequence[CellConfig], probes: Dict[str, Dict], out_dir: str,
+                progress: Progress) -> Iterator[Tuple[CellConfig, Dict, float]]:
+        # (framework, device) -> why the device is absent, learnt from the first cell that
+        # tried it: the rest are recorded without paying a process start and data loading.
+        no_device: Dict[Tuple[str, str], str] = {}
         for cfg in todo:
-            label = cfg.label()
-            progress.start(label)
+            progress.start(cfg.label())
             t0 = time.time()
             probe = probes[cfg.framework]
             static = registry.not_applicable(cfg.framework, cfg.model, cfg.strategy, cfg.device)
@@ -384,24 +390,65 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out) -> int
                 rec = dict(base_record(cfg), framework_version=probe.get("detail"), status="unavailable",
                            reason=no_device[(cfg.framework, cfg.device)], unavailable_scope="device")
             else:
+                # OSError (the cell could not write its result) goes to the runner: exit 3.
+                rec = run_in_subprocess(cfg, probe.get("detail"), python=self.python,
+                                        result_dir=out_dir)
+                if rec.get("unavailable_scope") == "device":
+                    no_device[(cfg.framework, cfg.device)] = rec.get("reason", "")
+            yield cfg, rec, time.time() - t0
+
+
+def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, executor) -> int:
+    todo = plan(cells, earlier, retry_failed)
+    final = {r["cell_id"]: r for r in latest(earlier)}
+    if earlier:
+        again = sum(1 for c in todo if c.key() in final)
+        out.write("resume: %d of %d cells already recorded%s\n" % (
+            len(cells) - len(todo) + again, len(cells),
+            "; rerunning %d that failed" % again if again else ""))
+
+    fws = sorted({c.framework for c in cells}, key=list(registry.FRAMEWORKS).index)
+    executor.start(ROOT)
+    try:
+        probes = probe_frameworks(fws, python=python)
+        threads = sorted({c.threads for c in cells})
+        env = describe({k: v.get("detail") if v.get("ok") else None for k, v in probes.items()},
+                       threads[0] if len(threads) == 1 else threads, ROOT)
+        env["framework_probes"] = probes
+        env.update(executor.describe())
+        env_path = os.path.join(out_dir, ENV)
+        if earlier or os.path.exists(env_path):
+            env = _merge_env(env_path, env)
+        try:
+            atomic_write(env_path, json.dumps(env, indent=2, sort_keys=True))
+        except OSError as exc:
+            raise EnvironmentProblem(_write_failure(env_path, exc, len(final))) from None
+
+        progress = Progress(len(todo), stream=out)
+        counts = {s: 0 for s in STATUSES}
+        cells_done = executor.records(todo, probes, out_dir, progress)
+        try:
+            while True:
                 try:
-                    rec = run_in_subprocess(cfg, probe.get("detail"), python=python,
-                                            result_dir=out_dir)
+                    cfg, rec, seconds = next(cells_done)
+                except StopIteration:
+                    break
                 except OSError as exc:
                     raise EnvironmentProblem(_write_failure(exc.filename or out_dir, exc,
                                                             len(final), "the cell's result")) from None
-                if rec.get("unavailable_scope") == "device":
-                    no_device[(cfg.framework, cfg.device)] = rec.get("reason", "")
-            try:
-                append_record(path, rec)
-            except OSError as exc:
-                raise EnvironmentProblem(_write_failure(path, exc, len(final))) from None
-            final.pop(rec["cell_id"], None)
-            final[rec["cell_id"]] = rec
-            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-            progress.finish(label, rec["status"], time.time() - t0)
+                try:
+                    append_record(path, rec)
+                except OSError as exc:
+                    raise EnvironmentProblem(_write_failure(path, exc, len(final))) from None
+                final.pop(rec["cell_id"], None)
+                final[rec["cell_id"]] = rec
+                counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+                progress.finish(cfg.label(), rec["status"], seconds)
+        finally:
+            cells_done.close()   # an executor with cells in flight cancels them here
+            progress.close()
     finally:
-        progress.close()
+        executor.stop()
     out.write("cells: " + ", ".join("%s %d" % (k, v) for k, v in counts.items() if v) + "\n")
     failed = [r for r in final.values() if r.get("status") in FAILED]
     for rec in failed:
