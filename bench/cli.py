@@ -99,9 +99,14 @@ def _cells(args) -> List[CellConfig]:
         overrides["timeout_s"] = args.timeout
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.spectral_radius is not None:
+        overrides["spectral_radius"] = args.spectral_radius
     if overrides:
-        cells = [replace(c, **overrides) for c in cells]
-    if args.fastest_from or args.preset == "parity":
+        try:
+            cells = [replace(c, **overrides) for c in cells]
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    if args.fastest_from or args.preset in ("parity", "readout"):
         cells = _keep_fastest(cells, args.fastest_from)
     if not cells:
         raise SystemExit("no cells match the filters")
@@ -184,6 +189,46 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    """A study over the NumPy reference (no framework): ``study gradients``."""
+    from . import study_gradients as sg
+    models = _multi(args.models) or list(MODELS)
+    for m in models:
+        if m not in MODELS:
+            return _usage("unknown model %r; known: %s" % (m, ", ".join(MODELS)))
+    try:
+        leaves = [int(n) for n in _multi(args.leaves)] if args.leaves else list(sg.DEFAULT_LEAVES)
+    except ValueError:
+        return _usage("--leaves takes whole numbers, e.g. --leaves 8 32 128 512")
+    checks = [(bool(leaves) and min(leaves) >= 2, "--leaves: every length must be >= 2"),
+              (args.train_steps >= 0, "--train-steps must be >= 0"),
+              (args.hidden >= 1 and args.embed_dim >= 1, "--hidden and --embed-dim must be >= 1"),
+              (args.batch_size >= 1, "--batch-size must be >= 1"),
+              (args.lr > 0, "--lr must be > 0"),
+              (args.sst_examples >= 0, "--sst-examples must be >= 0 (0: every dev sentence)"),
+              (args.probe_examples >= 1, "--probe-examples must be >= 1")]
+    for ok, message in checks:
+        if not ok:
+            return _usage(message)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return _usage("--out %s exists and is not a directory" % args.out)
+    rows, meta = sg.run(models=models, leaves=leaves, hidden=args.hidden, embed_dim=args.embed_dim,
+                        train_steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+                        seed=args.seed, sst_examples=args.sst_examples,
+                        probe_examples=args.probe_examples, progress=sg.stderr_progress)
+    from .environment import describe
+    meta["env"] = describe({}, 1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = sg.write_outputs(args.out, rows, meta)
+    print(sg.format_summary(rows))
+    print("wrote %s" % ", ".join(paths))
+    return 0
+
+
+def _usage(message: str) -> int:
+    sys.stderr.write("error: %s\n" % message)
+    return 2
+
+
 def cmd_compare(args) -> int:
     from .compare import main as compare_main
     return compare_main(args)
@@ -212,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=int, help="seconds per cell")
     s.add_argument("--epochs", type=float,
                    help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
+    s.add_argument("--spectral-radius", type=float,
+                   help="readout cells: radius of the frozen recurrent/composition blocks")
     s.add_argument("--out", default=os.path.join("results", "latest"))
     s.add_argument("--resume", action="store_true", help="skip cells already in DIR/records.jsonl")
     s.add_argument("--fastest-from", metavar="RUN_DIR",
@@ -232,6 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", default="10%")
     s.add_argument("--force", action="store_true")
     s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("study", help="studies over the NumPy reference: gradients (gradient flow)")
+    s.add_argument("name", choices=("gradients",))
+    s.add_argument("--out", default=os.path.join("results", "latest-study"),
+                   help="folder for gradients.jsonl / .csv / .json (default: results/latest-study)")
+    s.add_argument("--models", nargs="+", help="elman lstm rvnn treelstm (default: all)")
+    s.add_argument("--leaves", nargs="+", help="synthetic input lengths (default: 8 32 128 512)")
+    s.add_argument("--train-steps", type=int, default=342,
+                   help="Adam steps on SST before the 'trained' probe (default 342: one epoch)")
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--batch-size", type=int, default=25)
+    s.add_argument("--hidden", type=int, default=150)
+    s.add_argument("--embed-dim", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sst-examples", type=int, default=0,
+                   help="SST dev sentences probed (default 0: all)")
+    s.add_argument("--probe-examples", type=int, default=8,
+                   help="synthetic sequences per length (default 8)")
+    s.set_defaults(fn=cmd_study)
 
     s = sub.add_parser("cell", help=argparse.SUPPRESS)
     s.add_argument("--config", required=True)
