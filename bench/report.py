@@ -28,7 +28,7 @@ SUMMARY_COLUMNS = [
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
-    "threads_applied", "epochs", "loss_mode",
+    "threads_applied", "epochs", "loss_mode", "train_mode",
 ]
 
 
@@ -108,6 +108,7 @@ def summarise(records: List[Dict]):
             "threads_applied": _threads_applied(r),
             "epochs": acc.get("epochs") if r.get("accuracy") else None,
             "loss_mode": (r.get("config") or {}).get("loss_mode", "root"),
+            "train_mode": (r.get("config") or {}).get("train_mode", "full"),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -253,7 +254,8 @@ def _results_section(df, records: List[Dict]) -> str:
 
 def accuracy_table(df):
     """Mean and std of accuracy over seeds for cells that ran an accuracy budget."""
-    acc = df[(df["status"] == "ok") & df["accuracy"].notna()]
+    # readout cells (reservoir training) have their own table (bench.report_studies)
+    acc = df[(df["status"] == "ok") & df["accuracy"].notna() & (df["train_mode"] == "full")]
     if acc.empty:
         return acc
     # One row per training budget: cells of different epochs or losses never average together.
@@ -484,11 +486,33 @@ def _coverage_section(records) -> str:
     return _md_table(header, [[r[h] for h in header] for r in rows])
 
 
+def _study_sections(run_dir: str, out_dir: str, records) -> Tuple[List[str], List[str]]:
+    """Markdown lines and plots of the studies whose data the run holds (none: nothing)."""
+    from .report_studies import gradient_section, readout_section
+    md: List[str] = []
+    text, images = gradient_section(run_dir, out_dir)
+    if text:
+        md += ["## Gradient flow", "", text, ""]
+    text = readout_section(records)
+    if text:
+        md += ["## Reservoir readout vs full training", "", text, ""]
+    return md, images
+
+
 def write_report(run_dir: str, out_dir: str) -> str:
     """Write report.md, summary.csv and plots into out_dir; returns the report's path."""
     records, envs = load_run(run_dir)
     if not records:
-        raise SystemExit("no records under %s (expected %s files)" % (run_dir, RECORDS))
+        os.makedirs(out_dir, exist_ok=True)
+        studies, images = _study_sections(run_dir, out_dir, [])
+        if not studies:
+            raise SystemExit("no records under %s (expected %s files)" % (run_dir, RECORDS))
+        path = os.path.join(out_dir, "report.md")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(["# Study report", "", "Built from `%s` by `python -m bench report`."
+                                % os.path.basename(os.path.abspath(run_dir)), ""] + studies) + "\n")
+        print("wrote %s and %d plots" % (path, len(images)))
+        return path
     os.makedirs(out_dir, exist_ok=True)
     df = summarise(records)
     df.to_csv(os.path.join(out_dir, "summary.csv"), index=False, float_format="%.6g")
@@ -508,6 +532,8 @@ def write_report(run_dir: str, out_dir: str) -> str:
           "## What Keras costs over its backend", "", _wrapper_section(df), "",
           "## Accuracy", "", _accuracy_section(df), "",
           "## Learning-parity goals", "", _anchors_section(df), ""]
+    studies, _ = _study_sections(run_dir, out_dir, records)   # their plots sit in their sections
+    md += studies
     if images:
         md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
     path = os.path.join(out_dir, "report.md")
