@@ -229,6 +229,10 @@ def _readout(cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset) -> D
                test=readout.accuracy(feats["test"], labels["test"], fit["W"], fit["b"]),
                train_accuracy=readout.accuracy(feats["train"], labels["train"], fit["W"], fit["b"]),
                examples=int(labels["train"].size))
+    # the floor a readout must beat: always answering the most frequent training label
+    majority = int(np.bincount(labels["train"]).argmax())
+    out["majority_dev"] = float((labels["dev"] == majority).mean())
+    out["majority_test"] = float((labels["test"] == majority).mean())
     return out
 
 

@@ -205,6 +205,7 @@ def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
         dev, dev_sd = _stats([r["accuracy"].get("dev") for r in ro])
         ro_s = float(np.median([r["accuracy"]["train_s"] for r in ro]))
         ro_load = np.median([r.get("load_avg_1m_at_start") or 0 for r in ro])
+        floor, _ = _stats([r["accuracy"].get("majority_test") for r in ro])
         radius = sorted({r["accuracy"].get("spectral_radius") for r in ro})
         alphas = sorted({r["accuracy"].get("alpha") for r in ro})
         fulls = sorted(k for k in g if k != "readout") or [None]
@@ -217,7 +218,9 @@ def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
             out.append([
                 key[0], key[1], key[2], "/".join(sorted({r["strategy"] for r in ro})),
                 ", ".join("%g" % x for x in radius), ", ".join("%g" % a for a in alphas),
-                _pct(dev, dev_sd), _pct(test, test_sd), _f(ro_s, "%.1f"), budget,
+                _pct(dev, dev_sd), _pct(test, test_sd), _f(100 * floor if floor is not None
+                                                           else None, "%.1f"),
+                _f(ro_s, "%.1f"), budget,
                 _pct(f_test, f_sd), _f(f_s, "%.0f"),
                 _f(100 * (f_test - test) if f_test is not None else None, "%+.1f"),
                 _f(f_s / ro_s if f_s and ro_s else None, "%.0fx"),
@@ -241,8 +244,10 @@ def readout_section(records: Sequence[Dict]) -> Optional[str]:
         "they are wall-clock seconds of one-thread cells on a shared machine (the load "
         "column gives the 1-minute load average at the cells' start): read the ratio's order "
         "of magnitude, not its digits. *Cost*: full-training test accuracy minus readout's, "
-        "in points.\n\n" + _md_table(
+        "in points. *Majority class*: the test accuracy of always answering the most frequent "
+        "training label, the floor a readout has to beat.\n\n" + _md_table(
             ["task", "model", "framework", "strategy", "rho", "alpha", "readout dev %",
-             "readout test %", "readout train s", "full budget", "full test %", "full train s",
+             "readout test %", "majority class test %", "readout train s", "full budget",
+             "full test %", "full train s",
              "cost (points)", "time saved", "seeds (readout / full)", "load (readout / full)"],
             rows))

@@ -164,6 +164,7 @@ def test_readout_cell_with_numpy_fits_verified_features(model, strategy):
     assert acc["train_s"] == pytest.approx(acc["extract_train_s"] + acc["extract_dev_s"] + acc["fit_s"])
     assert acc["alpha"] in readout.ALPHAS and acc["spectral_radius"] == 0.9
     assert dict((a, s) for a, s in acc["dev_by_alpha"])[acc["alpha"]] == acc["dev"]
+    assert 0.0 < acc["majority_test"] < 0.5       # ListOps: ten classes
 
 
 def test_a_readout_feature_mismatch_fails_the_cell(monkeypatch):
@@ -233,7 +234,7 @@ def _acc_record(fw, model, task, test, seed, mode="full", train_s=100.0, epochs=
     if mode == "readout":
         cfg = CellConfig(fw, model, strategy, task=task, seed=seed, train_mode="readout")
         acc = {"mode": "readout", "dev": test, "test": test, "train_s": train_s,
-               "spectral_radius": 0.9, "alpha": 0.01, "verified": True}
+               "spectral_radius": 0.9, "alpha": 0.01, "verified": True, "majority_test": 0.25}
     else:
         cfg = CellConfig(fw, model, strategy, task=task, seed=seed, epochs=epochs)
         acc = {"epochs": epochs, "dev": test, "test": test, "train_s": train_s}
@@ -255,9 +256,9 @@ def test_report_sets_readout_beside_full_training_and_out_of_the_parity_tables()
     assert len(rows) == 1
     row = rows[0]
     assert row[:3] == ["sst", "treelstm", "torch"]
-    assert row[7] == "31.0 ± 1.0" and row[8] == "2.0"           # readout test %, train s
-    assert row[9] == "3 epochs, root loss" and row[10] == "45.0 ± 0.0" and row[11] == "60"
-    assert row[12] == "+14.0" and row[13] == "30x" and row[14] == "3 / 2"
+    assert row[7] == "31.0 ± 1.0" and row[8] == "25.0" and row[9] == "2.0"   # test %, floor, s
+    assert row[10] == "3 epochs, root loss" and row[11] == "45.0 ± 0.0" and row[12] == "60"
+    assert row[13] == "+14.0" and row[14] == "30x" and row[15] == "3 / 2"
     df = summarise(recs)
     assert set(df["train_mode"]) == {"full", "readout"}
     acc = accuracy_table(df)
