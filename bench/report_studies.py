@@ -8,6 +8,7 @@ Like the rest of the report they are derived from those files only.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +42,36 @@ def load_gradient_rows(run_dir: str) -> List[Dict]:
     for path in sorted(glob.glob(os.path.join(run_dir, "**", sg.ROWS_FILE), recursive=True)):
         rows.extend(sg.read_rows(path))
     return rows
+
+
+def load_gradient_meta(run_dir: str) -> List[Dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "**", sg.META_FILE), recursive=True)):
+        with open(path, encoding="utf-8") as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def training_table(metas: Sequence[Dict]) -> Optional[str]:
+    """What the study's training budget did, per model: loss, dev accuracy, recurrent radii."""
+    rows = []
+    for meta in metas:
+        for model in MODELS:
+            t = (meta.get("training") or {}).get(model)
+            if not t:
+                continue
+            radii = [t.get("recurrent_radius_init"), t.get("recurrent_radius_trained")]
+            rows.append([model, str(t.get("steps", "-")), _f(t.get("seconds"), "%.0f"),
+                         "%s -> %s" % (_f(t.get("first_loss"), "%.3f"), _f(t.get("last50_loss"), "%.3f")),
+                         "%s -> %s" % tuple(_f(100 * a if a is not None else None, "%.1f") for a in
+                                            (t.get("dev_accuracy_init"), t.get("dev_accuracy_trained"))),
+                         "%s -> %s" % tuple("-" if not r else "%.2f (%.2f-%.2f)" % (
+                             float(np.mean(r)), min(r), max(r)) for r in radii)])
+    if not rows:
+        return None
+    return _md_table(["model", "Adam steps", "seconds", "loss (first step -> mean of last 50)",
+                      "dev accuracy % (init -> trained)",
+                      "recurrent blocks' spectral radius, mean (min-max): init -> trained"], rows)
 
 
 def gradient_tables(rows: Sequence[Dict]) -> Tuple[str, str]:
@@ -141,6 +172,7 @@ def gradient_section(run_dir: str, out_dir: str) -> Tuple[Optional[str], List[st
         return None, []
     gradient_plot(rows, os.path.join(out_dir, "gradient_flow.png"))
     synth, sst = gradient_tables(rows)
+    training = training_table(load_gradient_meta(run_dir))
     first = rows[0]
     text = [
         "Norm of d loss / d h for every step's (RNN) or node's (tree) hidden state against its "
@@ -157,6 +189,10 @@ def gradient_section(run_dir: str, out_dir: str) -> Tuple[Optional[str], List[st
         "states at each distance); its slope is the decay per unit distance, 10^slope the factor. "
         "*log10 farthest / loss*: median log10 norm at the largest distance (d) minus at "
         "distance 0 (the last token or the root).", "",
+        "### The training budget", "",
+        training or "_no gradients.json beside the rows_", "",
+        "The recurrent blocks are those of the readout study (`bench/readout.py`): Elman `W_h`; "
+        "LSTM `W_h`'s four gate blocks; RvNN `W`'s two child blocks; Tree-LSTM `U`'s ten.", "",
         "### Synthetic inputs", "", synth, "",
         "### SST dev sentences", "", sst, "",
         "![gradient flow](gradient_flow.png)"]

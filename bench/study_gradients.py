@@ -216,6 +216,28 @@ def adam_train(cfg: ModelConfig, params: Dict[str, np.ndarray], examples: Sequen
 
 # --- the study ------------------------------------------------------------------
 
+def dev_accuracy(cfg: ModelConfig, params, batches) -> Optional[float]:
+    """Root / last-token accuracy of the float64 reference on labelled examples."""
+    correct = total = 0
+    for b in batches:
+        gold = b.labels if isinstance(b, SeqBatch) else b.label[b.root]
+        pred = np.argmax(reference.logits(cfg, params, b, np.float64), axis=-1)
+        keep = gold >= 0
+        correct += int((pred[keep] == gold[keep]).sum())
+        total += int(keep.sum())
+    return correct / total if total else None
+
+
+def recurrent_radii(cfg: ModelConfig, params) -> List[float]:
+    """Spectral radius of each H x H block of the recurrent / composition matrix (the blocks
+    of ``bench.readout``: Elman 1, LSTM 4 gates, RvNN 2 children, Tree-LSTM 2 x 5)."""
+    from .readout import RECURRENT, spectral_radius
+    w = np.asarray(params[RECURRENT[cfg.model]], np.float64)
+    H = cfg.hidden
+    return [round(spectral_radius(w[r:r + H, c:c + H]), 4)
+            for r in range(0, w.shape[0], H) for c in range(0, w.shape[1], H)]
+
+
 def _probe(cfg, params, batches, key, rows, internal_only=False):
     dists, norms = [], []
     for b in batches:
@@ -259,6 +281,7 @@ def run(models: Sequence[str] = MODELS, leaves: Sequence[int] = DEFAULT_LEAVES,
                           num_classes=ds.num_classes, loss_mode="root", optimizer="adam", lr=lr)
         fam = cfg.family
         params = {k: v.astype(np.float64) for k, v in init_params(cfg, seed).items()}
+        facts = meta["training"].setdefault(model, {})
         for phase in ("init", "trained"):
             if phase == "trained":
                 say("%s: training %d Adam steps on %s (float64 reference)" % (model, train_steps,
@@ -266,13 +289,17 @@ def run(models: Sequence[str] = MODELS, leaves: Sequence[int] = DEFAULT_LEAVES,
                 t0 = time.perf_counter()
                 params, losses = adam_train(cfg, params, ds.train, train_steps, lr, batch_size,
                                             seed, progress=say)
-                meta["training"][model] = {
+                facts.update({
                     "steps": len(losses), "seconds": round(time.perf_counter() - t0, 1),
                     "first_loss": losses[0] if losses else None,
-                    "last50_loss": float(np.mean(losses[-50:])) if losses else None}
+                    "last50_loss": float(np.mean(losses[-50:])) if losses else None})
             t0 = time.perf_counter()
+            dev_batches = _batches(cfg, dev, batch_size)
+            # what the budget changed: dev accuracy, and the recurrent blocks' spectral radii
+            facts["dev_accuracy_" + phase] = dev_accuracy(cfg, params, dev_batches)
+            facts["recurrent_radius_" + phase] = recurrent_radii(cfg, params)
             shape = "sequence" if fam == "rnn" else "parse"
-            _probe(cfg, params, _batches(cfg, dev, batch_size),
+            _probe(cfg, params, dev_batches,
                    dict(base, model=model, task=ds.name, shape=shape, leaves=None, phase=phase),
                    rows)
             for n in leaves:

@@ -255,7 +255,11 @@ def test_run_covers_every_model_shape_length_and_phase():
     far = {(r["model"], r["shape"], r["leaves"]): r["max_distance"] for r in sg.summary_rows(rows)}
     assert far[("rvnn", "balanced", 8)] == 3 and far[("rvnn", "left", 8)] == 7
     assert far[("elman", "sequence", 8)] == 7
-    assert meta["training"]["treelstm"]["steps"] == 3
+    facts = meta["training"]
+    assert facts["treelstm"]["steps"] == 3
+    assert [len(facts[m]["recurrent_radius_init"]) for m in MODELS] == [1, 4, 2, 10]
+    assert all(0 <= facts[m]["dev_accuracy_" + p] <= 1 for m in MODELS for p in ("init", "trained"))
+    assert facts["elman"]["recurrent_radius_init"] != facts["elman"]["recurrent_radius_trained"]
 
 
 def _bench(*args, timeout=600):
@@ -285,6 +289,7 @@ def test_study_command_writes_rows_the_report_draws(tmp_path):
     assert res.returncode == 0, res.stderr
     text = open(os.path.join(rep, "report.md")).read()
     assert "## Gradient flow" in text and "left-branching, Elman's weights" in text
+    assert "### The training budget" in text and "2 | " in text
     assert os.path.getsize(os.path.join(rep, "gradient_flow.png")) > 10000
 
 
