@@ -216,14 +216,51 @@ def _pct(mean, std) -> str:
     return "-" if mean is None else "%.1f ± %.1f" % (100 * mean, 100 * std)
 
 
+def main_radius(records: Sequence[Dict]) -> Optional[float]:
+    """The spectral radius most readout cells used (a preset's), which the main table shows."""
+    counts: Dict[float, int] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("accuracy") and _mode(r) == "readout":
+            rho = r["accuracy"].get("spectral_radius")
+            counts[rho] = counts.get(rho, 0) + 1
+    return max(sorted(counts), key=lambda k: counts[k]) if counts else None
+
+
+def radius_rows(records: Sequence[Dict]) -> Tuple[List[float], List[List[str]]]:
+    """Seed 0's dev / test accuracy per spectral radius, for every (task, model, framework)
+    measured at more than one radius."""
+    per: Dict[Tuple, Dict[float, Dict]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("accuracy") and _mode(r) == "readout" \
+                and r.get("seed") == 0:
+            key = (r["task"], r["model"], r["framework"], r["device"])
+            per.setdefault(key, {})[r["accuracy"].get("spectral_radius")] = r["accuracy"]
+    keep = {k: v for k, v in per.items() if len(v) > 1}
+    radii = sorted({rho for v in keep.values() for rho in v})
+    order = {t: i for i, t in enumerate(("sst", "sst2", "listops"))}
+    rows = []
+    for key in sorted(keep, key=lambda k: (order.get(k[0], 9), MODELS.index(k[1])
+                                           if k[1] in MODELS else 9, k[2], k[3])):
+        cells = []
+        for rho in radii:
+            a = keep[key].get(rho)
+            cells.append("-" if a is None else "%s / %s" % (_f(100 * a["dev"], "%.1f"),
+                                                            _f(100 * a["test"], "%.1f")))
+        rows.append(list(key[:3]) + cells)
+    return radii, rows
+
+
 def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
     """One row per (task, model, framework) with readout cells, beside the full-training
     cells of the same task, model and framework (one row per full budget)."""
     ok = [r for r in records if r.get("status") == "ok" and r.get("accuracy")]
+    main = main_radius(ok)
     groups: Dict[Tuple, Dict[str, List[Dict]]] = {}
     for r in ok:
         key = (r["task"], r["model"], r["framework"], r["device"])
         if _mode(r) == "readout":
+            if r["accuracy"].get("spectral_radius") != main:
+                continue        # other radii: the sensitivity table
             sub = "readout"
         else:
             sub = "full %g %s" % (r["accuracy"].get("epochs") or 0,
@@ -269,6 +306,15 @@ def readout_section(records: Sequence[Dict]) -> Optional[str]:
     rows = readout_rows(records)
     if not rows:
         return None
+    radii, sens = radius_rows(records)
+    extra = "" if not sens else (
+        "\n\nSensitivity to the spectral radius (seed 0; dev / test accuracy %%, alpha chosen on "
+        "dev at each radius; the table above uses rho %g):\n\n" % main_radius(records) + _md_table(
+            ["task", "model", "framework"] + ["rho %g" % rho for rho in radii], sens))
+    return _readout_text(rows) + extra
+
+
+def _readout_text(rows: List[List[str]]) -> str:
     return (
         "Reservoir (echo-state) training: the canonical initialisation with the recurrent / "
         "composition blocks scaled to spectral radius rho (`bench/readout.py` says what that "

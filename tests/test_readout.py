@@ -229,12 +229,13 @@ def test_readout_config_keys_labels_and_refusals():
     assert {c.task for c in cells} == {"sst", "sst2", "listops"}
 
 
-def _acc_record(fw, model, task, test, seed, mode="full", train_s=100.0, epochs=3.0):
+def _acc_record(fw, model, task, test, seed, mode="full", train_s=100.0, epochs=3.0, rho=0.9):
     strategy = "levels" if model in ("rvnn", "treelstm") else "fused"
     if mode == "readout":
-        cfg = CellConfig(fw, model, strategy, task=task, seed=seed, train_mode="readout")
+        cfg = CellConfig(fw, model, strategy, task=task, seed=seed, train_mode="readout",
+                         spectral_radius=rho)
         acc = {"mode": "readout", "dev": test, "test": test, "train_s": train_s,
-               "spectral_radius": 0.9, "alpha": 0.01, "verified": True, "majority_test": 0.25}
+               "spectral_radius": rho, "alpha": 0.01, "verified": True, "majority_test": 0.25}
     else:
         cfg = CellConfig(fw, model, strategy, task=task, seed=seed, epochs=epochs)
         acc = {"epochs": epochs, "dev": test, "test": test, "train_s": train_s}
@@ -264,3 +265,15 @@ def test_report_sets_readout_beside_full_training_and_out_of_the_parity_tables()
     acc = accuracy_table(df)
     assert len(acc) == 2 and int(acc[acc["model"] == "treelstm"]["seeds"].iloc[0]) == 2
     assert not any("31.0" in r[2] for r in anchors_rows(df))     # readout never judged as parity
+
+
+def test_other_spectral_radii_go_to_the_sensitivity_table():
+    from bench.report_studies import readout_rows, readout_section
+    recs = [_acc_record("torch", "rvnn", "listops", 0.30, s, "readout") for s in range(3)]
+    recs += [_acc_record("torch", "rvnn", "listops", 0.20, 0, "readout", rho=0.5),
+             _acc_record("torch", "rvnn", "listops", 0.35, 0, "readout", rho=1.5),
+             _acc_record("torch", "rvnn", "listops", 0.36, 1, "readout", rho=1.5)]
+    (row,) = readout_rows(recs)
+    assert row[4] == "0.9" and row[7] == "30.0 ± 0.0" and row[15].startswith("3 / ")
+    text = readout_section(recs)
+    assert "| listops | rvnn | torch | 20.0 / 20.0 | 30.0 / 30.0 | 35.0 / 35.0 |" in text
