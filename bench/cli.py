@@ -82,6 +82,11 @@ def _cells(args) -> List[CellConfig]:
     if batch_sizes:
         # Replace the axis rather than filter it, so any batch size can be asked for.
         cells = [replace(c, batch_size=int(b)) for c in cells for b in batch_sizes]
+    seeds = _multi(args.seeds)
+    if seeds:
+        if not all(s.isdigit() for s in seeds):
+            raise SystemExit("--seeds takes whole numbers >= 0, e.g. --seeds 0 1 2")
+        cells = [replace(c, seed=int(s)) for c in cells for s in seeds]   # replaced, like batch sizes
     seen, unique = set(), []
     for c in cells:
         if c.key() not in seen:
@@ -251,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategies", nargs="+", help="loop fused compiled recursive levels")
     s.add_argument("--tasks", nargs="+", help="sst sst2 listops synth-SHAPE-N")
     s.add_argument("--batch-sizes", nargs="+")
+    s.add_argument("--seeds", nargs="+", help="replace the preset's seeds, e.g. --seeds 0")
     s.add_argument("--device", choices=["cpu", "gpu"])
     s.add_argument("--threads", type=int)
     s.add_argument("--repeats", type=int)

@@ -277,3 +277,18 @@ def test_other_spectral_radii_go_to_the_sensitivity_table():
     assert row[4] == "0.9" and row[7] == "30.0 ± 0.0" and row[15].startswith("3 / ")
     text = readout_section(recs)
     assert "| listops | rvnn | torch | 20.0 / 20.0 | 30.0 / 30.0 | 35.0 / 35.0 |" in text
+
+
+def test_run_selects_readout_cells_by_seed_and_radius():
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "readout", "--frameworks",
+                          "torch", "--seeds", "0", "--spectral-radius", "1.2", "--dry-run"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 4 * 3 and all(line.endswith("readout rho1.2 seed0") for line in lines)
+    res = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "readout", "--epochs", "3",
+                          "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "epochs must be 0" in res.stderr and "Traceback" not in res.stderr
