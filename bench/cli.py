@@ -223,7 +223,11 @@ def cmd_study(args) -> int:
                         probe_examples=args.probe_examples, progress=sg.stderr_progress)
     from .environment import describe
     meta["env"] = describe({}, 1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = sg.write_outputs(args.out, rows, meta)
+    try:
+        paths = sg.write_outputs(args.out, rows, meta)
+    except OSError as exc:   # a full disk or a read-only folder: earlier outputs stay whole
+        sys.stderr.write("error: could not write the study to %s: %s\n" % (args.out, exc))
+        return 1
     print(sg.format_summary(rows))
     print("wrote %s" % ", ".join(paths))
     return 0

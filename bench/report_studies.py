@@ -40,7 +40,10 @@ def _f(x, spec: str) -> str:
 def load_gradient_rows(run_dir: str) -> List[Dict]:
     rows: List[Dict] = []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", sg.ROWS_FILE), recursive=True)):
-        rows.extend(sg.read_rows(path))
+        try:
+            rows.extend(sg.read_rows(path))
+        except ValueError as exc:    # a damaged file is named, never half-read
+            raise SystemExit("error: %s" % exc) from None
     return rows
 
 

@@ -382,11 +382,15 @@ ROWS_FILE, META_FILE, CSV_FILE = "gradients.jsonl", "gradients.json", "gradients
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = "%s.tmp-%d" % (path, os.getpid())
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):     # a failed write leaves no stray temporary file
+            os.unlink(tmp)
 
 
 def write_outputs(out_dir: str, rows: Sequence[Dict], meta: Dict) -> List[str]:

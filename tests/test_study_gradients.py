@@ -309,3 +309,30 @@ def test_unlabelled_trees_elsewhere_are_not_silently_probed():
     for shape in sg.SHAPES:
         (ex,) = sg.shaped(seqs, shape)
         assert isinstance(ex.tree, Tree) and ex.tree.label == 2 and ex.tokens == (1, 2, 3)
+
+
+def test_a_failed_write_keeps_the_earlier_outputs_whole(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    rows = [{"model": "elman", "task": "synth", "shape": "sequence", "leaves": 8, "phase": "init",
+             "distance": 0, "count": 1, "zeros": 0, "log10_median": -1.0}]
+    sg.write_outputs(out, rows, {"study": "gradients"})
+    before = open(os.path.join(out, sg.ROWS_FILE)).read()
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        sg.write_outputs(out, rows * 2, {"study": "gradients"})
+    assert open(os.path.join(out, sg.ROWS_FILE)).read() == before
+    assert sorted(os.listdir(out)) == sorted([sg.ROWS_FILE, sg.CSV_FILE, sg.META_FILE])
+
+
+def test_a_damaged_rows_file_is_named_by_the_report(tmp_path):
+    pytest.importorskip("pandas")
+    path = tmp_path / "study" / sg.ROWS_FILE
+    path.parent.mkdir()
+    path.write_text('{"model": "elman"}\n{"model": "lst')
+    res = _bench("report", str(tmp_path / "study"), "--out", str(tmp_path / "rep"), timeout=120)
+    assert res.returncode != 0 and "gradients.jsonl:2: not a JSON row" in res.stderr
+    assert "Traceback" not in res.stderr
