@@ -204,6 +204,10 @@ def gradient_section(run_dir: str, out_dir: str) -> Tuple[Optional[str], List[st
 
 # --- readout vs full training --------------------------------------------------------
 
+def _cpu(r: Dict) -> str:
+    return ((r.get("machine") or {}).get("cpu") or "?").replace(" ", "_")
+
+
 def _mode(r: Dict) -> str:
     return (r.get("config") or {}).get("train_mode", "full")
 
@@ -266,8 +270,9 @@ def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
                 continue        # other radii: the sensitivity table
             sub = "readout"
         else:
-            sub = "full %g %s" % (r["accuracy"].get("epochs") or 0,
-                                  (r.get("config") or {}).get("loss_mode", "root"))
+            # one row per budget and machine: seconds from two machines never mix
+            sub = "full %g %s %s" % (r["accuracy"].get("epochs") or 0,
+                                     (r.get("config") or {}).get("loss_mode", "root"), _cpu(r))
         groups.setdefault(key, {}).setdefault(sub, []).append(r)
     order = {t: i for i, t in enumerate(("sst", "sst2", "listops"))}
     out = []
@@ -284,13 +289,19 @@ def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
         floor, _ = _stats([r["accuracy"].get("majority_test") for r in ro])
         radius = sorted({r["accuracy"].get("spectral_radius") for r in ro})
         alphas = sorted({r["accuracy"].get("alpha") for r in ro})
-        fulls = sorted(k for k in g if k != "readout") or [None]
+        here = {_cpu(r) for r in ro}
+        # budgets measured on the readout cells' machine first
+        fulls = sorted((k for k in g if k != "readout"),
+                       key=lambda k: (k.split()[3] not in here, k)) or [None]
         for sub in fulls:
             fr = g.get(sub) or []
             f_test, f_sd = _stats([r["accuracy"].get("test") for r in fr])
             f_s = float(np.median([r["accuracy"]["train_s"] for r in fr])) if fr else None
             f_load = np.median([r.get("load_avg_1m_at_start") or 0 for r in fr]) if fr else None
-            budget = "-" if sub is None else "%s epochs, %s loss" % tuple(sub.split()[1:])
+            budget = "-" if sub is None else "%s epochs, %s loss" % tuple(sub.split()[1:3])
+            other = sorted({_cpu(r) for r in fr} - {_cpu(r) for r in ro})
+            if other:
+                budget += " (other machine: %s)" % ", ".join(o.replace("_", " ") for o in other)
             out.append([
                 key[0], key[1], key[2], "/".join(sorted({r["strategy"] for r in ro})),
                 ", ".join("%g" % x for x in radius), ", ".join("%g" % a for a in alphas),

@@ -253,8 +253,11 @@ def test_report_sets_readout_beside_full_training_and_out_of_the_parity_tables()
             for s in range(3)]
     recs += [_acc_record("torch", "treelstm", "sst", 0.45, s, train_s=60.0) for s in range(2)]
     recs += [_acc_record("torch", "lstm", "sst", 0.40, 0)]      # no readout: no row
-    rows = readout_rows(recs)
-    assert len(rows) == 1
+    other = _acc_record("torch", "treelstm", "sst", 0.44, 0, train_s=90.0)
+    other["machine"] = dict(other["machine"], cpu="Another CPU")
+    rows = readout_rows(recs + [other])
+    assert len(rows) == 2      # full training on another machine: its own row, named
+    assert rows[1][10] == "3 epochs, root loss (other machine: Another CPU)" and rows[1][12] == "90"
     row = rows[0]
     assert row[:3] == ["sst", "treelstm", "torch"]
     assert row[7] == "31.0 ± 1.0" and row[8] == "25.0" and row[9] == "2.0"   # test %, floor, s
