@@ -280,6 +280,13 @@ def test_other_spectral_radii_go_to_the_sensitivity_table():
     assert row[4] == "0.9" and row[7] == "30.0 ± 0.0" and row[15].startswith("3 / ")
     text = readout_section(recs)
     assert "| listops | rvnn | torch | 20.0 / 20.0 | 30.0 / 30.0 | 35.0 / 35.0 |" in text
+    bad = _acc_record("torch", "rvnn", "listops", 0.0, 0, "readout", rho=2.0)
+    bad["status"] = "failed"
+    bad["accuracy"] = {"mode": "readout", "spectral_radius": 2.0, "verified": False,
+                       "verify_max_abs": 0.027}
+    text = readout_section(recs + [bad])
+    assert "| 35.0 / 35.0 | not equivalent (2.7e-02) |" in text
+    assert len(readout_rows(recs + [bad])) == 1      # the failed cell is in no accuracy figure
 
 
 def test_run_selects_readout_cells_by_seed_and_radius():
