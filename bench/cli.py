@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 from typing import List, Optional
 
@@ -217,12 +218,17 @@ def cmd_study(args) -> int:
             return _usage(message)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _usage("--out %s exists and is not a directory" % args.out)
+    from .environment import describe
+    # taken first: the commit and load the study started under, not those it ended under
+    env = describe({}, 1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    t0 = time.time()
     rows, meta = sg.run(models=models, leaves=leaves, hidden=args.hidden, embed_dim=args.embed_dim,
                         train_steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
                         seed=args.seed, sst_examples=args.sst_examples,
                         probe_examples=args.probe_examples, progress=sg.stderr_progress)
-    from .environment import describe
-    meta["env"] = describe({}, 1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    meta["env"] = env
+    meta["wall_s"] = round(time.time() - t0, 1)
+    meta["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     try:
         paths = sg.write_outputs(args.out, rows, meta)
     except OSError as exc:   # a full disk or a read-only folder: earlier outputs stay whole
