@@ -99,12 +99,14 @@ def gradient_tables(rows: Sequence[Dict]) -> Tuple[str, str]:
                        % leaves[-1] if leaves else "fit", "factor per unit"]
                       + ["log10 farthest / loss, %d leaves" % n for n in leaves], synth_rows)
     sst_rows = []
-    for r in summ:
-        if r["task"] == "synth":
-            continue
+    # real sentences thin out with distance (SST's longest has 49 words): the fit and the
+    # farthest distance use the distances reached by at least PLOT_MIN_COUNT states, as the plot
+    real = sg.summary_rows([r for r in rows if r["task"] != "synth" and r["count"] >= PLOT_MIN_COUNT])
+    for r in real:
         sst_rows.append([r["phase"], r["model"], SHAPE_NAMES[r["shape"]], str(r["states"]),
                          str(r["max_distance"]), _f(r["slope"], "%.3f"), _f(r["drop"], "%.1f")])
-    sst = _md_table(["phase", "model", "input", "states", "max distance",
+    sst = _md_table(["phase", "model", "input", "states", "max distance (>= %d states)"
+                     % PLOT_MIN_COUNT,
                      "log10 norm per unit distance (fit)", "log10 farthest / loss"], sst_rows)
     return synth, sst
 
