@@ -221,8 +221,14 @@ def _selected(session, framework):
     return args
 
 
+def _fresh_or_resumed(args):
+    """results/latest* are scratch, rerun every time: a new invocation measures afresh and keeps
+    the previous run as a generation (OUT/.generations/N), unless --resume completes it."""
+    return args if {"--resume", "--overwrite"} & set(args) else ["--overwrite"] + args
+
+
 def _bench(session, framework):
-    args = _selected(session, framework)
+    args = _fresh_or_resumed(_selected(session, framework))
     _install(session, framework)
     # The report runs once, after every framework, even if a framework's run fails.
     # Without posargs=[] the report would receive this session's runner options.
@@ -245,7 +251,7 @@ def bench(session, framework):
 @_params(exclude=("numpy",))
 def parity(session, framework):
     """Learning parity (3 seeds, same budget), with the fastest strategy of the last bench run."""
-    args = _selected(session, framework)
+    args = _fresh_or_resumed(_selected(session, framework))
     _install(session, framework)
     fastest = os.path.join(LATEST, framework)
     if os.path.isdir(fastest):

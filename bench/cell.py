@@ -19,6 +19,10 @@ Order of work, and what is timed:
 8. optionally, the accuracy budget: fresh parameters, ``epochs`` of training,
    root accuracy on dev and test; or, for a ``readout`` cell, reservoir training
    (frozen weights, a ridge readout fitted on their features: ``_readout``).
+
+A cell that reports a throughput, token rate or latency that is not finite and
+positive is recorded ``failed`` with the reason: no such number is published.
+The cell process dies with its runner and at its own deadline (``guard``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 import traceback
 from typing import Dict, List, Optional
@@ -34,15 +41,72 @@ import numpy as np
 
 from . import readout, reference, registry, verify
 from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_batch
-from .config import SCHEMA_VERSION, CellConfig
+from .config import CellConfig
 from .environment import limit_blas_threads, machine, peak_rss_mb
 from .flops import forward_flops, train_flops
 from .interface import DeviceUnavailable, NotApplicable, Unavailable
 from .params import ModelConfig, init_params
+from .records import SCHEMA_VERSION
 from .stats import percentile
 from .tasks import load_task
 
 DATA_SEED = 0  # ListOps/synthetic content never depends on the model seed
+
+# Exit codes of `python -m bench cell` that the runner reads when no result came back.
+WATCHDOG_EXIT = 124       # the cell's own deadline passed, or its runner went away
+RESULT_UNWRITABLE = 74    # the result file could not be written (EX_IOERR)
+RESULT_DISK_FULL = 75     # ... because the disk is full: the runner stops the run (exit 3)
+WATCHDOG_GRACE_S = 10.0   # the runner kills at timeout_s; the cell's own deadline comes later
+
+# Test-only knob: tests/test_faults.py makes real cell processes misbehave through it.
+# Never set it for a measurement (a record made with it says so in info.test_fault).
+#   sleep:S    sleep S seconds before any work (a slow cell to kill or time out)
+#   timing:X   every timed pass reports X seconds (nan, 0, -1: impossible throughputs)
+#   alloc:MB   hold MB of touched memory before any work (out-of-memory tests)
+TEST_FAULT_ENV = "BENCH_TEST_CELL_FAULT"
+_HELD = []   # what alloc:MB holds for the life of the process
+
+
+def _test_fault(kind: str) -> Optional[str]:
+    name, _, value = os.environ.get(TEST_FAULT_ENV, "").partition(":")
+    return value if name == kind else None
+
+
+def guard(parent_pid: int, timeout_s: float, grace_s: float = WATCHDOG_GRACE_S) -> None:
+    """Make this cell process die with its runner and at its own deadline.
+
+    On Linux the kernel sends SIGKILL when the runner dies, however it dies
+    (PR_SET_PDEATHSIG; it fires when the runner thread that started the cell
+    ends, and the runner starts cells from its main thread). The runner may
+    have died before prctl took effect: then getppid() already names another
+    process. A watchdog thread covers the rest (other platforms, a runner that
+    lives on but stopped waiting): it ends the process when its parent changes
+    or ``timeout_s`` plus a grace period has passed. It needs the GIL, so a
+    framework call that holds the GIL for long delays it; the runner's own
+    timeout kills the whole process group regardless.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(WATCHDOG_EXIT)
+    deadline = time.monotonic() + timeout_s + grace_s
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(WATCHDOG_EXIT)
+            if time.monotonic() > deadline:
+                sys.stderr.write("cell: own deadline passed (%g s + %g s grace)\n"
+                                 % (timeout_s, grace_s))
+                sys.stderr.flush()
+                os._exit(WATCHDOG_EXIT)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="cell-watchdog", daemon=True).start()
 
 
 def _loadavg() -> Optional[float]:
@@ -126,10 +190,30 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
                 call(ready)
             impl.sync()
             durations.append(time.perf_counter() - t0)
+    fault = _test_fault("timing")
+    if fault is not None:
+        durations = [float(fault)] * len(durations)
     for dt in durations:
-        per_s.append(n_samples / dt)
-        tok_s.append(n_tokens / dt)
+        # A zero duration is an impossible measurement, not a crash: run_cell fails the cell.
+        per_s.append(n_samples / dt if dt else math.inf)
+        tok_s.append(n_tokens / dt if dt else math.inf)
     return per_s, tok_s
+
+
+# Every number here must be finite and positive for the cell to be `ok`.
+MEASURED_SAMPLES = ("train_samples_per_s", "infer_samples_per_s", "train_tokens_per_s",
+                    "infer_tokens_per_s", "latency_ms")
+
+
+def impossible_samples(rec: Dict) -> List[str]:
+    """Fields whose samples are not all finite and positive, with the offending values."""
+    bad = []
+    for name in MEASURED_SAMPLES:
+        wrong = [x for x in rec.get(name) or []
+                 if not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0]
+        if wrong:
+            bad.append("%s has %s" % (name, ", ".join(repr(x) for x in wrong[:3])))
+    return bad
 
 
 def _first_call(impl, call, ready) -> float:
@@ -241,9 +325,17 @@ def run_cell(cfg: CellConfig, framework_version: Optional[str] = None) -> Dict:
     rec = base_record(cfg)
     rec["framework_version"] = framework_version
     t_start = time.perf_counter()
+    if os.environ.get(TEST_FAULT_ENV):
+        rec["info"]["test_fault"] = os.environ[TEST_FAULT_ENV]
     try:
+        _apply_test_faults()
         _run(cfg, rec)
+        bad = impossible_samples(rec) if rec["status"] == "ok" else []
+        if bad:
+            rec["status"] = "failed"
+            rec["reason"] = "timed passes gave non-finite or non-positive numbers: " + "; ".join(bad)
     except MemoryError:
+        del _HELD[:]   # the record still has to be written
         rec["status"], rec["reason"] = "oom", "MemoryError in the cell"
     except Exception as exc:  # recorded, never raised: the run goes on
         rec["status"] = "failed"
@@ -254,9 +346,24 @@ def run_cell(cfg: CellConfig, framework_version: Optional[str] = None) -> Dict:
     return rec
 
 
+def _apply_test_faults() -> None:
+    sleep = _test_fault("sleep")
+    if sleep is not None:
+        time.sleep(float(sleep))
+    alloc = _test_fault("alloc")
+    if alloc is not None:
+        for _ in range(int(float(alloc)) // 16):
+            block = bytearray(16 << 20)
+            block[::4096] = b"\x01" * len(range(0, len(block), 4096))   # touch every page
+            _HELD.append(block)
+
+
 def _run(cfg: CellConfig, rec: Dict) -> None:
     family = cfg.family
     dataset = load_task(cfg.task, seed=DATA_SEED)
+    if cfg.batch_size > len(dataset.train):   # the pool is drawn from train: never claim a size
+        raise ValueError("batch size %d is larger than %s's training split (%d examples)"
+                         % (cfg.batch_size, cfg.task, len(dataset.train)))
     model_cfg = _model_config(cfg, dataset)
     groups = batch_examples(dataset.train, cfg.batch_size, seed=cfg.seed, bucket=True,
                             drop_last=len(dataset.train) >= cfg.batch_size)[:cfg.pool_batches]

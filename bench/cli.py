@@ -1,35 +1,177 @@
-"""``python -m bench``: list, run, report, compare (and the internal cell/probe commands)."""
+"""``python -m bench``: list, run, report, compare (and the internal cell/probe commands).
+
+Every option is checked before any work: a bad value is one line on stderr
+and exit 2 (the argument types below raise ``ArgumentTypeError``; refusals
+raise ``UsageError``). Tracebacks only with ``--debug``; an unexpected error
+is one line and exit 1. Exit codes of each command: see ``main`` and the
+README's "Failure semantics".
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import replace
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from . import registry
-from .config import PREFERENCE, PRESETS, CellConfig, preset
+from .config import PREFERENCE, PRESETS, CellConfig, UsageError, preset
 from .interface import STRATEGIES
 from .params import MODELS
-from .tasks import check_task_name
+from .records import RECORDS, EnvironmentProblem, LockHeld, RecordsError, occupied, read_records
+from .tasks import check_task_name, train_size
 from .trees import ParseError
 
+INTERRUPTED = 130
+_WHOLE = re.compile(r"[+-]?[0-9]+")   # ASCII digits only: int() also takes "1_0" and "\u0663"
 
-def _csv(text: str) -> List[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+# Upper bounds catch typos and values that overflow a timer, not real needs.
+MAX_THREADS, MAX_REPEATS, MAX_BATCH = 4096, 100000, 10 ** 7
+MAX_TIMEOUT_S = 30 * 24 * 3600
+MAX_EPOCHS = 10 ** 6
 
 
-def _multi(values) -> Optional[List[str]]:
-    """Accept ``--x a b`` and ``--x a,b``."""
-    if not values:
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, "error: %s: %s (see %s --help)\n" % (self.prog, message, self.prog))
+
+
+def _positive_int(what: str, maximum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        raw = text.strip()
+        if not _WHOLE.fullmatch(raw):
+            raise argparse.ArgumentTypeError("%s must be a whole number, not %r" % (what, text))
+        value = int(raw)
+        if not 1 <= value <= maximum:
+            raise argparse.ArgumentTypeError("%s must be between 1 and %d, not %s"
+                                             % (what, maximum, raw))
+        return value
+    return parse
+
+
+def _int_list(what: str, maximum: int) -> Callable[[str], List[int]]:
+    one = _positive_int(what, maximum)
+
+    def parse(text: str) -> List[int]:
+        return [one(t) for t in _items(text, what)]
+    return parse
+
+
+def _whole_list(what: str, minimum: int, maximum: int) -> Callable[[str], List[int]]:
+    """Whole numbers in [minimum, maximum] (``_int_list`` starts at 1; seeds start at 0)."""
+    def parse(text: str) -> List[int]:
+        out = []
+        for raw in _items(text, what):
+            if not _WHOLE.fullmatch(raw) or not minimum <= int(raw) <= maximum:
+                raise argparse.ArgumentTypeError("%s must be a whole number from %d to %d, not %r"
+                                                 % (what, minimum, maximum, raw))
+            out.append(int(raw))
+        return out
+    return parse
+
+
+def _positive_float(what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%s must be a number, not %r" % (what, text)) from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError("%s must be a finite number > 0, not %r" % (what, text))
+        return value
+    return parse
+
+
+def _whole(what: str, minimum: int, maximum: int) -> Callable[[str], int]:
+    one = _whole_list(what, minimum, maximum)
+
+    def parse(text: str) -> int:
+        values = one(text)
+        if len(values) != 1:
+            raise argparse.ArgumentTypeError("%s takes one number, not %r" % (what, text))
+        return values[0]
+    return parse
+
+
+def _epochs(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("epochs must be a number, not %r" % text) from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_EPOCHS:
+        raise argparse.ArgumentTypeError("epochs must be between 0 (no accuracy budget) and %d, "
+                                         "not %r" % (MAX_EPOCHS, text))
+    return value
+
+
+def _items(text: str, what: str) -> List[str]:
+    """``a,b`` -> [a, b]; an empty list or an empty item is refused, never read as 'the default'."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError("empty %s list %r" % (what, text))
+    if not all(items):
+        raise argparse.ArgumentTypeError("empty %s name in %r" % (what, text))
+    return items
+
+
+def _names(what: str, known) -> Callable[[str], List[str]]:
+    def parse(text: str) -> List[str]:
+        items = _items(text, what)
+        for item in items:
+            if callable(known):
+                try:
+                    known(item)
+                except ValueError as exc:
+                    raise argparse.ArgumentTypeError(str(exc)) from None
+            elif item not in known:
+                raise argparse.ArgumentTypeError("unknown %s %r; known: %s"
+                                                 % (what, item, ", ".join(known)))
+        return items
+    return parse
+
+
+def _threshold(text: str):
+    from .compare import Threshold
+    try:
+        return Threshold.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flat(values) -> Optional[list]:
+    """``--x a b`` and ``--x a,b`` (each token parsed to a list) -> one list; None if not given."""
+    if values is None:
         return None
-    out: List[str] = []
-    for v in values:
-        out.extend(_csv(v))
-    return out
+    return [v for group in values for v in group]
+
+
+def _check_out_dir(path: str, create: bool) -> None:
+    """--out must be a directory we can write: refuse a file, a path under a file, read-only."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError("--out %s is a file, not a directory" % path)
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError("--out %s lies under a file (%s)" % (path, parent))
+    if not create:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError("--out %s is not writable: %s" % (path, exc.strerror or exc)) from None
 
 
 def cmd_list(args) -> int:
@@ -53,21 +195,11 @@ def cmd_list(args) -> int:
 
 
 def _cells(args) -> List[CellConfig]:
-    frameworks = _multi(args.frameworks)
-    if frameworks:
-        unknown = [f for f in frameworks if f not in registry.FRAMEWORKS]
-        if unknown:
-            raise SystemExit("unknown framework(s) %s; known: %s"
-                             % (", ".join(unknown), ", ".join(registry.FRAMEWORKS)))
+    frameworks = _flat(args.frameworks)
     grid = preset(args.preset, frameworks)
     cells = grid.cells()
-    models, strategies = _multi(args.models), _multi(args.strategies)
-    tasks, batch_sizes = _multi(args.tasks), _multi(args.batch_sizes)
-    for name, values, allowed in (("model", models, MODELS),
-                                  ("strategy", strategies, sum(STRATEGIES.values(), ()))):
-        for v in values or ():
-            if v not in allowed:
-                raise SystemExit("unknown %s %r; known: %s" % (name, v, ", ".join(allowed)))
+    models, strategies = _flat(args.models), _flat(args.strategies)
+    tasks, batch_sizes = _flat(args.tasks), _flat(args.batch_sizes)
     if models:
         cells = [c for c in cells if c.model in models]
     if strategies:
@@ -82,12 +214,10 @@ def _cells(args) -> List[CellConfig]:
             replace(c, task=t) for t in tasks if t not in present for c in cells if c.task == first]
     if batch_sizes:
         # Replace the axis rather than filter it, so any batch size can be asked for.
-        cells = [replace(c, batch_size=int(b)) for c in cells for b in batch_sizes]
-    seeds = _multi(args.seeds)
+        cells = [replace(c, batch_size=b) for c in cells for b in batch_sizes]
+    seeds = _flat(args.seeds)
     if seeds:
-        if not all(s.isdigit() for s in seeds):
-            raise SystemExit("--seeds takes whole numbers >= 0, e.g. --seeds 0 1 2")
-        cells = [replace(c, seed=int(s)) for c in cells for s in seeds]   # replaced, like batch sizes
+        cells = [replace(c, seed=s) for c in cells for s in seeds]   # replaced, like batch sizes
     seen, unique = set(), []
     for c in cells:
         if c.key() not in seen:
@@ -95,36 +225,34 @@ def _cells(args) -> List[CellConfig]:
             unique.append(c)
     cells = unique
     overrides = {}
-    if args.device:
-        overrides["device"] = args.device
-    if args.threads:
-        overrides["threads"] = args.threads
-    if args.repeats:
-        overrides["repeats"] = args.repeats
-    if args.timeout:
-        overrides["timeout_s"] = args.timeout
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.spectral_radius is not None:
-        overrides["spectral_radius"] = args.spectral_radius
+    for option, field in (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
+                          ("timeout", "timeout_s"), ("epochs", "epochs"),
+                          ("spectral_radius", "spectral_radius")):
+        if getattr(args, option) is not None:
+            overrides[field] = getattr(args, option)
     if overrides:
         try:
             cells = [replace(c, **overrides) for c in cells]
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+        except ValueError as exc:   # e.g. --epochs on the readout preset
+            raise UsageError(str(exc)) from None
     if args.fastest_from or args.preset in ("parity", "readout"):
-        cells = _keep_fastest(cells, args.fastest_from)
+        cells = _keep_fastest(cells, args.fastest_from, args.skip_corrupt)
     if not cells:
-        raise SystemExit("no cells match the filters")
-    for t in sorted({c.task for c in cells}):
-        try:
-            check_task_name(t)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+        raise UsageError("no cells match the filters")
+    sizes = {}
+    for c in cells:
+        if c.task not in sizes:
+            check_task_name(c.task)
+            sizes[c.task] = train_size(c.task)
+        if c.batch_size > sizes[c.task]:
+            # The timed pool is drawn from the training split: a bigger batch would run smaller.
+            raise UsageError("batch size %d is larger than %s's training split (%d examples)"
+                             % (c.batch_size, c.task, sizes[c.task]))
     return cells
 
 
-def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str]) -> List[CellConfig]:
+def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str], skip_corrupt: bool = False
+                  ) -> List[CellConfig]:
     """One strategy per (framework, model): the fastest ok one in RUN_DIR's records.
 
     Training throughput decides (inference where a cell has none). Without a
@@ -134,9 +262,11 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str]) -> List[CellC
     best = {}
     if run_dir:
         from .report import load_run, _median
-        records, _ = load_run(run_dir)
+        if not os.path.isdir(run_dir):
+            raise UsageError("--fastest-from %s: not a directory" % run_dir)
+        records, _ = load_run(run_dir, skip_corrupt=skip_corrupt)
         if not records:
-            raise SystemExit("--fastest-from %s: no records there" % run_dir)
+            raise UsageError("--fastest-from %s: no records there" % run_dir)
         for r in records:
             if r.get("status") != "ok":
                 continue
@@ -159,24 +289,58 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str]) -> List[CellC
 
 
 def cmd_run(args) -> int:
-    from .runner import run
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: complete the run in --out, "
+                         "or keep it as a generation and start afresh")
+    if args.retry_failed and not args.resume:
+        raise UsageError("--retry-failed needs --resume (it reruns the failed cells of the run "
+                         "in --out)")
     cells = _cells(args)
+    _check_out_dir(args.out, create=not args.dry_run)
     if args.dry_run:
-        for c in cells:
-            print(c.label())
-        return 0
-    return run(cells, args.out, resume=args.resume)
+        return _dry_run(args, cells)
+    from .runner import run
+    return run(cells, args.out, resume=args.resume, overwrite=args.overwrite,
+               retry_failed=args.retry_failed, skip_corrupt=args.skip_corrupt)
+
+
+def _dry_run(args, cells: List[CellConfig]) -> int:
+    """Print the cells a run would start: with --resume, only those not recorded yet."""
+    from .runner import occupied_message, plan
+    todo = cells
+    if args.resume:
+        earlier = read_records(os.path.join(args.out, RECORDS), skip_corrupt=args.skip_corrupt)
+        todo = plan(cells, earlier, args.retry_failed)
+        sys.stderr.write("resume: %d of %d cells already recorded; %d would run\n"
+                         % (len(cells) - len(todo), len(cells), len(todo)))
+    elif os.path.isdir(args.out) and occupied(args.out) and not args.overwrite:
+        sys.stderr.write("note: the run itself would refuse: %s\n"
+                         % occupied_message(args.out, occupied(args.out)))
+    for c in todo:
+        print(c.label())
+    return 0
 
 
 def cmd_cell(args) -> int:
-    """Internal: run one cell (the runner starts this in a fresh process)."""
-    from .cell import run_cell
+    """Internal: run one cell (the runner starts this in a fresh process).
+
+    Exit codes the runner reads when no result came back: cell.WATCHDOG_EXIT,
+    RESULT_DISK_FULL, RESULT_UNWRITABLE.
+    """
+    import errno
+    from .cell import RESULT_DISK_FULL, RESULT_UNWRITABLE, guard, run_cell
     cfg = CellConfig.from_dict(json.loads(args.config))
+    guard(args.parent_pid if args.parent_pid is not None else os.getppid(), cfg.timeout_s)
     rec = run_cell(cfg, framework_version=args.framework_version)
     tmp = args.result + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(rec, fh, allow_nan=True)
-    os.replace(tmp, args.result)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(rec, fh, allow_nan=True)
+        os.replace(tmp, args.result)
+    except OSError as exc:
+        sys.stderr.write("error: cannot write the cell's result %s: %s\n" % (args.result, exc))
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        return RESULT_DISK_FULL if full else RESULT_UNWRITABLE
     return 0
 
 
@@ -189,35 +353,23 @@ def cmd_probe(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import update_readme, write_report
-    write_report(args.run_dir, args.out or args.run_dir)
+    for d in [args.run_dir] + (args.also or []):
+        if not os.path.isdir(d):
+            raise UsageError("%s is not a directory" % d)
+    if args.out:
+        _check_out_dir(args.out, create=True)
+    write_report(args.run_dir, args.out or args.run_dir, skip_corrupt=args.skip_corrupt)
     if args.readme:
-        update_readme(args.readme, [args.run_dir] + (args.also or []))
+        update_readme(args.readme, [args.run_dir] + (args.also or []), skip_corrupt=args.skip_corrupt)
     return 0
 
 
 def cmd_study(args) -> int:
     """A study over the NumPy reference (no framework): ``study gradients``."""
     from . import study_gradients as sg
-    models = _multi(args.models) or list(MODELS)
-    for m in models:
-        if m not in MODELS:
-            return _usage("unknown model %r; known: %s" % (m, ", ".join(MODELS)))
-    try:
-        leaves = [int(n) for n in _multi(args.leaves)] if args.leaves else list(sg.DEFAULT_LEAVES)
-    except ValueError:
-        return _usage("--leaves takes whole numbers, e.g. --leaves 8 32 128 512")
-    checks = [(bool(leaves) and min(leaves) >= 2, "--leaves: every length must be >= 2"),
-              (args.train_steps >= 0, "--train-steps must be >= 0"),
-              (args.hidden >= 1 and args.embed_dim >= 1, "--hidden and --embed-dim must be >= 1"),
-              (args.batch_size >= 1, "--batch-size must be >= 1"),
-              (args.lr > 0, "--lr must be > 0"),
-              (args.sst_examples >= 0, "--sst-examples must be >= 0 (0: every dev sentence)"),
-              (args.probe_examples >= 1, "--probe-examples must be >= 1")]
-    for ok, message in checks:
-        if not ok:
-            return _usage(message)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return _usage("--out %s exists and is not a directory" % args.out)
+    models = _flat(args.models) or list(MODELS)
+    leaves = _flat(args.leaves) or list(sg.DEFAULT_LEAVES)
+    _check_out_dir(args.out, create=True)
     from .environment import describe
     # taken first: the commit and load the study started under, not those it ended under
     env = describe({}, 1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -232,86 +384,116 @@ def cmd_study(args) -> int:
     try:
         paths = sg.write_outputs(args.out, rows, meta)
     except OSError as exc:   # a full disk or a read-only folder: earlier outputs stay whole
-        sys.stderr.write("error: could not write the study to %s: %s\n" % (args.out, exc))
-        return 1
+        raise EnvironmentProblem("could not write the study to %s: %s" % (args.out, exc)) from None
     print(sg.format_summary(rows))
     print("wrote %s" % ", ".join(paths))
     return 0
 
 
-def _usage(message: str) -> int:
-    sys.stderr.write("error: %s\n" % message)
-    return 2
-
-
 def cmd_compare(args) -> int:
     from .compare import main as compare_main
+    for path in (args.base, args.new):
+        if not os.path.exists(path):
+            raise UsageError("%s does not exist" % path)
     return compare_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench",
-                                description="RNN vs RvNN benchmarks across frameworks")
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
+    # from resetting what the main parser read.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+    p = _Parser(prog="python -m bench", description="RNN vs RvNN benchmarks across frameworks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command")
 
-    s = sub.add_parser("list", help="every (framework, model, strategy) and whether it can run here")
+    s = sub.add_parser("list", parents=[common],
+                       help="every (framework, model, strategy) and whether it can run here")
     s.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="for refusals that only one device has (default: cpu)")
     s.set_defaults(fn=cmd_list)
 
-    s = sub.add_parser("run", help="run a preset's cells, each in its own process")
+    s = sub.add_parser("run", parents=[common], help="run a preset's cells, each in its own process")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    s.add_argument("--frameworks", nargs="+", help="e.g. torch jax (default: the preset's)")
-    s.add_argument("--models", nargs="+", help="elman lstm rvnn treelstm")
-    s.add_argument("--strategies", nargs="+", help="loop fused compiled recursive levels")
-    s.add_argument("--tasks", nargs="+", help="sst sst2 listops synth-SHAPE-N")
-    s.add_argument("--batch-sizes", nargs="+")
-    s.add_argument("--seeds", nargs="+", help="replace the preset's seeds, e.g. --seeds 0")
+    s.add_argument("--frameworks", nargs="+", type=_names("framework", list(registry.FRAMEWORKS)),
+                   help="e.g. torch jax (default: the preset's)")
+    s.add_argument("--models", nargs="+", type=_names("model", MODELS),
+                   help="elman lstm rvnn treelstm")
+    s.add_argument("--strategies", nargs="+", type=_names("strategy", sum(STRATEGIES.values(), ())),
+                   help="loop fused compiled recursive levels")
+    s.add_argument("--tasks", nargs="+", type=_names("task", check_task_name),
+                   help="sst sst2 listops synth-SHAPE-N")
+    s.add_argument("--batch-sizes", nargs="+", type=_int_list("batch size", MAX_BATCH))
+    s.add_argument("--seeds", nargs="+", type=_whole_list("seed", 0, 2 ** 31 - 1),
+                   help="replace the preset's seeds, e.g. --seeds 0")
     s.add_argument("--device", choices=["cpu", "gpu"])
-    s.add_argument("--threads", type=int)
-    s.add_argument("--repeats", type=int)
-    s.add_argument("--timeout", type=int, help="seconds per cell")
-    s.add_argument("--epochs", type=float,
+    s.add_argument("--threads", type=_positive_int("threads", MAX_THREADS))
+    s.add_argument("--repeats", type=_positive_int("repeats", MAX_REPEATS))
+    s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S), help="seconds per cell")
+    s.add_argument("--epochs", type=_epochs,
                    help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
-    s.add_argument("--spectral-radius", type=float,
+    s.add_argument("--spectral-radius", type=_positive_float("spectral radius"),
                    help="readout cells: radius of the frozen recurrent/composition blocks")
     s.add_argument("--out", default=os.path.join("results", "latest"))
-    s.add_argument("--resume", action="store_true", help="skip cells already in DIR/records.jsonl")
+    s.add_argument("--resume", action="store_true",
+                   help="complete the run in --out: skip cells already recorded there")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: also rerun cells whose last record failed, timed out, "
+                        "crashed or ran out of memory")
+    s.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty --out; its earlier run is kept in "
+                        "OUT/.generations/N")
+    s.add_argument("--skip-corrupt", action="store_true",
+                   help="read past corrupt record lines (each is named) instead of refusing")
     s.add_argument("--fastest-from", metavar="RUN_DIR",
                    help="keep one strategy per framework and model: the fastest in that run")
-    s.add_argument("--dry-run", action="store_true", help="print the cells and stop")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the cells that would run (with --resume: only those not recorded)")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("report", help="report.md, summary.csv and plots from a run directory")
+    s = sub.add_parser("report", parents=[common],
+                       help="report.md, summary.csv and plots from a run directory")
     s.add_argument("run_dir")
     s.add_argument("--out")
     s.add_argument("--readme", help="also rewrite this README's generated tables from the run")
     s.add_argument("--also", nargs="+", help="more run directories for the README tables")
+    s.add_argument("--skip-corrupt", action="store_true",
+                   help="read past corrupt record lines (each is named) instead of refusing")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("compare", help="regression check of NEW against BASE")
+    s = sub.add_parser("compare", parents=[common], help="regression check of NEW against BASE")
     s.add_argument("base")
     s.add_argument("new")
-    s.add_argument("--threshold", default="10%")
+    s.add_argument("--threshold", default="10%", type=_threshold,
+                   help="slowdown that counts as a regression: 10%%, 0.1 or median:10%%")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--allow-missing", action="store_true",
+                   help="do not fail on cells that are ok in BASE but missing, failed or "
+                        "non-finite in NEW (they are still listed)")
+    s.add_argument("--skip-corrupt", action="store_true",
+                   help="read past corrupt record lines (each is named) instead of refusing")
     s.set_defaults(fn=cmd_compare)
 
-    s = sub.add_parser("study", help="studies over the NumPy reference: gradients (gradient flow)")
+    s = sub.add_parser("study", parents=[common],
+                       help="studies over the NumPy reference: gradients (gradient flow)")
     s.add_argument("name", choices=("gradients",))
     s.add_argument("--out", default=os.path.join("results", "latest-study"),
                    help="folder for gradients.jsonl / .csv / .json (default: results/latest-study)")
-    s.add_argument("--models", nargs="+", help="elman lstm rvnn treelstm (default: all)")
-    s.add_argument("--leaves", nargs="+", help="synthetic input lengths (default: 8 32 128 512)")
-    s.add_argument("--train-steps", type=int, default=342,
+    s.add_argument("--models", nargs="+", type=_names("model", MODELS),
+                   help="elman lstm rvnn treelstm (default: all)")
+    s.add_argument("--leaves", nargs="+", type=_whole_list("leaves", 2, 1 << 16),
+                   help="synthetic input lengths, each >= 2 (default: 8 32 128 512)")
+    s.add_argument("--train-steps", type=_whole("train steps", 0, 10 ** 7), default=342,
                    help="Adam steps on SST before the 'trained' probe (default 342: one epoch)")
-    s.add_argument("--lr", type=float, default=2e-3)
-    s.add_argument("--batch-size", type=int, default=25)
-    s.add_argument("--hidden", type=int, default=150)
-    s.add_argument("--embed-dim", type=int, default=100)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sst-examples", type=int, default=0,
+    s.add_argument("--lr", type=_positive_float("lr"), default=2e-3)
+    s.add_argument("--batch-size", type=_positive_int("batch size", MAX_BATCH), default=25)
+    s.add_argument("--hidden", type=_positive_int("hidden", 1 << 16), default=150)
+    s.add_argument("--embed-dim", type=_positive_int("embed dim", 1 << 16), default=100)
+    s.add_argument("--seed", type=_whole("seed", 0, 2 ** 31 - 1), default=0)
+    s.add_argument("--sst-examples", type=_whole("sst examples", 0, 10 ** 7), default=0,
                    help="SST dev sentences probed (default 0: all)")
-    s.add_argument("--probe-examples", type=int, default=8,
+    s.add_argument("--probe-examples", type=_positive_int("probe examples", 10 ** 6), default=8,
                    help="synthetic sequences per length (default 8)")
     s.set_defaults(fn=cmd_study)
 
@@ -319,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--result", required=True)
     s.add_argument("--framework-version")
+    s.add_argument("--parent-pid", type=int)
     s.set_defaults(fn=cmd_cell)
 
     s = sub.add_parser("probe", help=argparse.SUPPRESS)
@@ -327,17 +510,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say(text: str) -> None:
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):   # the terminal may be gone (SIGHUP)
+        pass
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 success; 1 a cell failed (run), a regression or lost cell (compare), or
+    an internal error; 2 bad input or a refusal; 3 the environment failed a run; 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    if args.command in ("run", "report", "compare", "study"):
+        from .runner import stop_on_signals
+        stop_on_signals()
     try:
         return args.fn(args)
-    except ParseError as exc:
-        sys.stderr.write("error: %s\n" % exc)
-        return 2
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; finished cells are in the records file\n")
-        return 130
+        _say("interrupted; finished cells are in the records file" if args.command == "run"
+             else "interrupted")
+        return INTERRUPTED
+    except (UsageError, ParseError, RecordsError, LockHeld) as exc:
+        if args.debug:
+            traceback.print_exc()
+        _say("error: %s" % exc)
+        return 2
+    except EnvironmentProblem as exc:
+        if args.debug:
+            traceback.print_exc()
+        _say("error: %s" % exc)
+        return 3
+    except Exception as exc:  # a bug: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _say("error: internal error: %s: %s (rerun with --debug for the traceback)"
+             % (type(exc).__name__, first))
+        return 1

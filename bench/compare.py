@@ -9,10 +9,19 @@ Cells are matched by their configuration (``cell_id``). For each matched
   slowdown (1 - median(NEW) / median(BASE)) reaches the threshold, i.e. the
   data are consistent with a slowdown at least that large.
 
-Only when both hold is the change a regression, and only regressions make the
-exit code 1. Under no change the false-alarm rate is at most ALPHA; a real
-slowdown equal to the threshold is caught whenever the samples separate,
-which ``tests/test_compare.py`` checks on synthetic data.
+Only when both hold is the change a regression. Under no change the
+false-alarm rate is at most ALPHA; a real slowdown equal to the threshold is
+caught whenever the samples separate, which ``tests/test_compare.py`` checks
+on synthetic data.
+
+A cell that is ``ok`` in BASE but missing, not ``ok`` or without finite
+samples in NEW is a *lost cell*: a regression the statistics cannot see.
+Statistics use finite samples only, and a metric with fewer than two in BASE
+is listed as not compared, never as "no change".
+
+Exit codes: 0 no regression and no lost cell; 1 a regression, or a lost cell
+(unless ``--allow-missing``); 2 a refusal (different machines, thread counts
+or unknown schema versions without ``--force``; unreadable records).
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .records import KNOWN_SCHEMAS, finite_samples, latest, read_records
+
 ALPHA = 0.01
 CONFIDENCE = 0.95
 BOOTSTRAP = 2000
 METRICS = ("train_samples_per_s", "infer_samples_per_s")  # higher is better
+COMPARABLE_SCHEMAS = KNOWN_SCHEMAS   # 2 added statuses; timing fields are those of 1
 
 
 @dataclass(frozen=True)
@@ -141,12 +153,12 @@ def judge(base: Sequence[float], new: Sequence[float], threshold: Threshold,
     return verdict, p_slower, (point, lo, hi)
 
 
-def _load(path: str) -> List[Dict]:
+def _load(path: str, skip_corrupt: bool = False) -> List[Dict]:
+    """The records of a file or a run directory, the last record of each cell in each file."""
     from .report import load_run  # local import: report pulls nothing heavy at import time
-    from .runner import read_records
     if os.path.isfile(path):
-        return read_records(path)
-    return load_run(path)[0]
+        return latest(read_records(path, skip_corrupt=skip_corrupt))
+    return load_run(path, skip_corrupt=skip_corrupt)[0]
 
 
 def _identity(rec: Dict) -> Tuple:
@@ -154,33 +166,72 @@ def _identity(rec: Dict) -> Tuple:
     return (m.get("cpu"), m.get("cores"), m.get("gpu"))
 
 
+def _schema_family(rec: Dict):
+    """Schema versions whose timings mean the same compare as one (1 and 2 differ in statuses)."""
+    return "1-2" if rec.get("schema_version") in COMPARABLE_SCHEMAS else rec.get("schema_version")
+
+
+def _label(rec: Dict) -> str:
+    return "%s/%s/%s %s b%s %s" % (rec["framework"], rec["model"], rec["strategy"],
+                                   rec["task"], rec["batch_size"], rec["device"])
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A cell that is ok in BASE and cannot be judged in NEW: missing, not ok, or no finite samples."""
+
+    label: str
+    why: str
+
+
 def compare_records(base: List[Dict], new: List[Dict], threshold: Threshold,
                     force: bool = False) -> Tuple[List[Change], List[str]]:
     """Changes of every matched ok cell, and the problems that block a fair comparison."""
+    changes, problems, _, _ = compare_runs(base, new, threshold, force)
+    return changes, problems
+
+
+def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force: bool = False
+                 ) -> Tuple[List[Change], List[str], List[Lost], List[str]]:
+    """(changes, problems that block a fair comparison, lost cells, metrics not compared)."""
     problems = []
-    for what, key in (("schema versions", lambda r: r.get("schema_version")),
+    for what, key in (("schema versions", _schema_family),
                       ("machines", _identity), ("thread counts", lambda r: r.get("threads"))):
         a, b = {key(r) for r in base}, {key(r) for r in new}
         if a != b:
             problems.append("different %s: %s vs %s" % (what, sorted(map(str, a)), sorted(map(str, b))))
     if problems and not force:
-        return [], problems
-    by_id = {r["cell_id"]: r for r in base if r.get("status") == "ok"}
-    changes = []
-    for rec in new:
-        old = by_id.get(rec.get("cell_id"))
-        if old is None or rec.get("status") != "ok":
+        return [], problems, [], []
+    by_id = {r["cell_id"]: r for r in latest(new)}
+    changes, lost, skipped = [], [], []
+    for old in latest(base):
+        if old.get("status") != "ok":
             continue
-        label = "%s/%s/%s %s b%s %s" % (rec["framework"], rec["model"], rec["strategy"],
-                                       rec["task"], rec["batch_size"], rec["device"])
+        label = _label(old)
+        rec = by_id.get(old["cell_id"])
+        if rec is None:
+            lost.append(Lost(label, "missing in NEW"))
+            continue
+        if rec.get("status") != "ok":
+            lost.append(Lost(label, "%s in NEW: %s" % (rec.get("status"), rec.get("reason", ""))))
+            continue
         for metric in METRICS:
-            a, b = old.get(metric) or [], rec.get(metric) or []
-            if len(a) < 2 or len(b) < 2:
+            raw_a, raw_b = old.get(metric) or [], rec.get(metric) or []
+            a, b = finite_samples(raw_a), finite_samples(raw_b)
+            if not raw_a:
+                continue   # BASE never measured it (an inference-only cell)
+            if len(a) < 2:
+                skipped.append("%s %s: BASE has %d finite samples of %d; not compared"
+                               % (label, metric, len(a), len(raw_a)))
+                continue
+            if len(b) < 2 or len(b) < len(raw_b):
+                lost.append(Lost(label, "%s in NEW has %d finite samples of %d"
+                                 % (metric, len(b), len(raw_b))))
                 continue
             verdict, p, (point, lo, hi) = judge(a, b, threshold)
             changes.append(Change(label, metric, float(np.median(a)), float(np.median(b)),
                                   point, lo, hi, p, verdict))
-    return changes, problems
+    return changes, problems, lost, skipped
 
 
 def format_table(changes: Sequence[Change]) -> str:
@@ -194,23 +245,33 @@ def format_table(changes: Sequence[Change]) -> str:
 
 
 def main(args) -> int:
-    threshold = Threshold.parse(args.threshold)
-    base, new = _load(args.base), _load(args.new)
+    threshold = args.threshold if isinstance(args.threshold, Threshold) else \
+        Threshold.parse(args.threshold)
+    skip = getattr(args, "skip_corrupt", False)
+    base, new = _load(args.base, skip), _load(args.new, skip)
     if not base or not new:
         sys.stderr.write("error: no records in %s\n" % (args.base if not base else args.new))
         return 2
-    changes, problems = compare_records(base, new, threshold, force=args.force)
+    changes, problems, lost, skipped = compare_runs(base, new, threshold, force=args.force)
     if problems and not args.force:
         sys.stderr.write("refusing to compare (use --force to override):\n  %s\n"
                          % "\n  ".join(problems))
         return 2
     for p in problems:
         sys.stderr.write("warning (forced): %s\n" % p)
-    if not changes:
-        sys.stderr.write("no matching ok cells with repeats in both runs\n")
-        return 0
-    print(format_table(changes))
+    for line in skipped:
+        sys.stderr.write("not compared: %s\n" % line)
+    if changes:
+        print(format_table(changes))
+    else:
+        sys.stderr.write("no matching ok cells with finite repeats in both runs\n")
+    allow = getattr(args, "allow_missing", False)
+    if lost:
+        print("\nlost cells (ok in BASE, not judged in NEW%s):" % ("; accepted by --allow-missing"
+                                                                  if allow else ""))
+        for item in lost:
+            print("  %s: %s" % (item.label, item.why))
     bad = [c for c in changes if c.verdict == "REGRESSION"]
-    print("\n%d comparisons, %d regressions (threshold %.0f%%, alpha %g)"
-          % (len(changes), len(bad), 100 * threshold.fraction, ALPHA))
-    return 1 if bad else 0
+    print("\n%d comparisons, %d regressions, %d lost cells (threshold %.0f%%, alpha %g)"
+          % (len(changes), len(bad), len(lost), 100 * threshold.fraction, ALPHA))
+    return 1 if bad or (lost and not allow) else 0

@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .interface import STRATEGIES
 from .params import MODELS, family
 
-SCHEMA_VERSION = 1
+
+class UsageError(ValueError):
+    """Bad input, or a refusal before any work: the command prints one line and exits 2."""
 
 
 @dataclass(frozen=True)

@@ -5,21 +5,29 @@ cell; its columns are a stable contract) and PNG plots. Everything is derived
 from ``records.jsonl`` and ``env.json`` files under RUN_DIR, so a published
 report can be rebuilt from its raw files. pandas and matplotlib are imported
 here only.
+
+Records are read through ``bench.records`` (corrupt lines refuse, earlier
+generations are not read, the last record of a cell wins); medians, IQRs and
+``repeats`` use finite samples only. Outputs are written into a scratch
+directory and renamed into place, so an interrupted report leaves the previous
+outputs whole.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import shutil
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .config import UsageError
 from .coverage import coverage_rows
 from .interface import BASELINE_STRATEGY
 from .params import family
-from .runner import RECORDS, read_records
+from .records import ENV, RECORDS, atomic_write, finite_samples, latest, read_records, run_files
 
 SUMMARY_COLUMNS = [
     "framework", "model", "strategy", "task", "device", "batch_size", "threads", "status",
@@ -32,30 +40,46 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def load_run(run_dir: str) -> Tuple[List[dict], List[dict]]:
-    """Records and env.json files of a run directory and its sub-directories."""
+def load_run(run_dir: str, skip_corrupt: bool = False) -> Tuple[List[dict], List[dict]]:
+    """Records and env.json files of a run directory and its sub-directories.
+
+    Hidden directories are not read (``.generations/`` holds the earlier runs
+    that ``run --overwrite`` kept); within one records file the last record of
+    a cell wins (``--retry-failed`` appends a cell's new record).
+    """
     recs, envs = [], []
-    for path in sorted(glob.glob(os.path.join(run_dir, "**", RECORDS), recursive=True)):
+    for path in run_files(run_dir):
         where = os.path.relpath(os.path.dirname(path), run_dir)
         # The same cell may come from several runs (a sweep repeats the quick
         # preset's batch 25): tables name the run a row comes from.
-        recs.extend(dict(r, run=r.get("run", where)) for r in read_records(path))
-        env_path = os.path.join(os.path.dirname(path), "env.json")
+        recs.extend(dict(r, run=r.get("run", where))
+                    for r in latest(read_records(path, skip_corrupt=skip_corrupt)))
+        env_path = os.path.join(os.path.dirname(path), ENV)
         if os.path.exists(env_path):
             with open(env_path, encoding="utf-8") as fh:
-                env = json.load(fh)
+                try:
+                    env = json.load(fh)
+                except ValueError as exc:
+                    raise UsageError("%s: not JSON (%s)" % (env_path, exc)) from None
             env["_dir"] = os.path.relpath(os.path.dirname(path), run_dir)
             envs.append(env)
     return recs, envs
 
 
 def _median(xs) -> Optional[float]:
-    xs = [x for x in (xs or []) if x is not None and np.isfinite(x)]
+    xs = finite_samples(xs)
     return float(np.median(xs)) if xs else None
 
 
+def _repeats(r: Dict) -> int:
+    """Samples behind the row's medians: finite ones, the fewest over its throughput metrics."""
+    counts = [len(finite_samples(r.get(m))) for m in ("train_samples_per_s", "infer_samples_per_s")
+              if r.get(m)]
+    return min(counts) if counts else 0
+
+
 def _iqr(xs) -> Optional[float]:
-    xs = [x for x in (xs or []) if x is not None and np.isfinite(x)]
+    xs = finite_samples(xs)
     if len(xs) < 2:
         return None
     q1, q3 = np.percentile(xs, [25, 75])
@@ -99,7 +123,7 @@ def summarise(records: List[Dict]):
             "roofline_pct": roof, "accuracy": acc.get("test"),
             "train_iqr": _iqr(r.get("train_samples_per_s")),
             "infer_iqr": _iqr(r.get("infer_samples_per_s")),
-            "repeats": len(r.get("infer_samples_per_s") or []),
+            "repeats": _repeats(r),
             "latency_ms_p95": r.get("latency_ms_p95"), "device_peak_mb": r.get("device_peak_mb"),
             "infer_speedup_vs_baseline": None, "dev_accuracy": acc.get("dev"),
             "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
@@ -499,21 +523,42 @@ def _study_sections(run_dir: str, out_dir: str, records) -> Tuple[List[str], Lis
     return md, images
 
 
-def write_report(run_dir: str, out_dir: str) -> str:
-    """Write report.md, summary.csv and plots into out_dir; returns the report's path."""
-    records, envs = load_run(run_dir)
-    if not records:
-        os.makedirs(out_dir, exist_ok=True)
-        studies, images = _study_sections(run_dir, out_dir, [])
-        if not studies:
-            raise SystemExit("no records under %s (expected %s files)" % (run_dir, RECORDS))
-        path = os.path.join(out_dir, "report.md")
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(["# Study report", "", "Built from `%s` by `python -m bench report`."
-                                % os.path.basename(os.path.abspath(run_dir)), ""] + studies) + "\n")
-        print("wrote %s and %d plots" % (path, len(images)))
-        return path
+def write_report(run_dir: str, out_dir: str, skip_corrupt: bool = False) -> str:
+    """Write report.md, summary.csv and plots into out_dir; returns the report's path.
+
+    Each output is written in a scratch directory inside out_dir and renamed
+    into place only when all are done, report.md last. A run directory that
+    holds only a study (``gradients.jsonl``) gets a report of its study alone.
+    """
+    from .report_studies import load_gradient_rows
+    records, envs = load_run(run_dir, skip_corrupt=skip_corrupt)
+    if not records and not load_gradient_rows(run_dir):
+        raise UsageError("no records under %s (expected %s files)" % (run_dir, RECORDS))
     os.makedirs(out_dir, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".report-", dir=out_dir)
+    try:
+        if records:
+            _write_outputs(records, envs, run_dir, stage)
+        else:
+            _write_study_outputs(run_dir, stage)
+        names = sorted(os.listdir(stage), key=lambda n: n == "report.md")
+        for name in names:
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    path = os.path.join(out_dir, "report.md")
+    print("wrote %s, summary.csv and %d plots" % (path, sum(n.endswith(".png") for n in names)))
+    return path
+
+
+def _write_study_outputs(run_dir: str, out_dir: str) -> None:
+    studies, _ = _study_sections(run_dir, out_dir, [])
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(["# Study report", "", "Built from `%s` by `python -m bench report`."
+                            % os.path.basename(os.path.abspath(run_dir)), ""] + studies) + "\n")
+
+
+def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir: str) -> None:
     df = summarise(records)
     df.to_csv(os.path.join(out_dir, "summary.csv"), index=False, float_format="%.6g")
     images = plots(df, out_dir, envs)
@@ -536,18 +581,15 @@ def write_report(run_dir: str, out_dir: str) -> str:
     md += studies
     if images:
         md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(md) + "\n")
-    print("wrote %s, summary.csv and %d plots" % (path, len(images)))
-    return path
 
 
-def readme_blocks(run_dirs: List[str]) -> Dict[str, str]:
+def readme_blocks(run_dirs: List[str], skip_corrupt: bool = False) -> Dict[str, str]:
     """Markdown blocks for the README, generated from published runs."""
     records: List[Dict] = []
     for d in run_dirs:
-        records.extend(load_run(d)[0])
+        records.extend(load_run(d, skip_corrupt=skip_corrupt)[0])
     df = summarise(records)
     ok = df[(df["status"] == "ok") & df["accuracy"].isna() & (df["batch_size"] == 25)
             & (df["task"] == "sst")]
@@ -567,16 +609,15 @@ def readme_blocks(run_dirs: List[str]) -> Dict[str, str]:
             "accuracy": _accuracy_section(df), "anchors": _anchors_section(df)}
 
 
-def update_readme(readme: str, run_dirs: List[str]) -> None:
+def update_readme(readme: str, run_dirs: List[str], skip_corrupt: bool = False) -> None:
     """Rewrite the README's generated blocks (between <!-- NAME:start --> and <!-- NAME:end -->)."""
     with open(readme, encoding="utf-8") as fh:
         text = fh.read()
-    for name, block in readme_blocks(run_dirs).items():
+    for name, block in readme_blocks(run_dirs, skip_corrupt=skip_corrupt).items():
         start, end = "<!-- %s:start -->" % name, "<!-- %s:end -->" % name
         if start not in text or end not in text:
             continue
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = head + start + "\n" + block + "\n" + end + tail
-    with open(readme, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    atomic_write(readme, text)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import study_gradients as sg
+from .config import UsageError
 from .params import MODELS
 
 COLOURS = {"elman": "tab:blue", "lstm": "tab:orange", "rvnn": "tab:green", "treelstm": "tab:red"}
@@ -43,7 +44,7 @@ def load_gradient_rows(run_dir: str) -> List[Dict]:
         try:
             rows.extend(sg.read_rows(path))
         except ValueError as exc:    # a damaged file is named, never half-read
-            raise SystemExit("error: %s" % exc) from None
+            raise UsageError(str(exc)) from None
     return rows
 
 

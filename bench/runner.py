@@ -1,12 +1,24 @@
 """The runner: every cell in a fresh subprocess, records appended as JSON Lines.
 
-``DIR/records.jsonl`` gets one line per finished cell (flushed and fsynced), so
-a killed run loses at most the cell in flight; ``--resume`` skips cells whose
-record is already there. ``DIR/env.json`` describes the machine and versions.
+``DIR/records.jsonl`` gets one line per finished cell (one write, fsynced; see
+``bench.records``), so a killed run loses at most the cell in flight;
+``--resume`` skips cells whose record is already there (``--retry-failed``
+also reruns those that failed). ``DIR/env.json`` describes the machine and
+versions. One run per directory (a lock); a directory that holds an earlier
+run is refused unless ``--resume`` or ``--overwrite`` (which keeps the earlier
+run as a generation) says what to do with it.
+
+Exit codes: 0 every cell completed (ok, unavailable, not-applicable); 1 a cell
+of the run (earlier parts included) failed, timed out, crashed or ran out of
+memory; 2 a refusal (see ``bench.cli``); 3 the environment failed the run (a
+full disk, an output directory that stopped being writable); 130 interrupted
+(SIGINT, SIGTERM, SIGHUP). Finished cells are never lost by any of these.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import os
 import signal
@@ -17,13 +29,15 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import registry
-from .cell import base_record
-from .config import CellConfig
+from .cell import RESULT_DISK_FULL, RESULT_UNWRITABLE, WATCHDOG_EXIT, base_record
+from .config import CellConfig, UsageError
 from .environment import describe, thread_env
+from .records import (CELL_TEMP_PREFIX, ENV, FAILED, RECORDS, STATUSES, EnvironmentProblem,
+                      RunLock, append_record, atomic_write, keep_generation, latest, occupied,
+                      read_records, remove_stale_cell_files, repair_tail)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STATUSES = ("ok", "failed", "timeout", "oom", "unavailable", "not-applicable")
-RECORDS = "records.jsonl"
+_CELL_NUMBER = itertools.count(1)   # result file names: unique within this runner (it holds the lock)
 
 
 class Progress:
@@ -39,51 +53,32 @@ class Progress:
         s = int(time.time() - self.t0)
         return "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60)
 
+    def _write(self, text: str) -> None:
+        # Progress is best effort: a terminal that went away (SIGHUP) must not end the run.
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
     def start(self, label: str) -> None:
         if self.tty:
             width = 24
             filled = int(width * self.done / max(1, self.total))
             line = "[%s%s] %d/%d %s  %s" % ("#" * filled, "." * (width - filled), self.done,
                                            self.total, self._elapsed(), label)
-            self.stream.write("\r\033[K" + line[:160])
-            self.stream.flush()
+            self._write("\r\033[K" + line[:160])
 
     def finish(self, label: str, status: str, seconds: float) -> None:
         self.done += 1
         if not self.tty:
-            self.stream.write("[%d/%d %s] %-15s %6.1fs  %s\n" % (
+            self._write("[%d/%d %s] %-15s %6.1fs  %s\n" % (
                 self.done, self.total, self._elapsed(), status, seconds, label))
-            self.stream.flush()
 
     def close(self) -> None:
         if self.tty:
-            self.stream.write("\r\033[K[%s] %d/%d cells in %s\n" % ("#" * 24, self.done,
-                                                                  self.total, self._elapsed()))
-            self.stream.flush()
-
-
-def read_records(path: str) -> List[Dict]:
-    """Records of a JSONL file; a torn last line (a killed run) is ignored."""
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-
-def append_record(path: str, record: Dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+            self._write("\r\033[K[%s] %d/%d cells in %s\n" % ("#" * 24, self.done,
+                                                               self.total, self._elapsed()))
 
 
 def _child_env(cfg: CellConfig) -> Dict[str, str]:
@@ -114,53 +109,145 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
-def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys.executable
-                      ) -> Dict:
-    """Run one cell in a fresh interpreter; timeouts, crashes and OOM kills become records."""
-    fd, result_path = tempfile.mkstemp(prefix="bench-cell-", suffix=".json")
-    os.close(fd)
+def _oom_counter_file() -> Optional[str]:
+    """The file that counts OOM kills in this process's memory cgroup, if the machine has one.
+
+    cgroup v2: ``memory.events`` (line ``oom_kill N``); v1: ``memory.oom_control``
+    (the same line, kernels >= 4.13). A cell runs in its runner's cgroup.
+    """
+    try:
+        with open("/proc/self/cgroup") as fh:
+            groups = [line.rstrip("\n").split(":", 2) for line in fh if line.count(":") >= 2]
+        with open("/proc/self/mounts") as fh:
+            mounts = [line.split() for line in fh]
+    except OSError:
+        return None
+    candidates = []
+    for _, controllers, rel in groups:
+        for m in mounts:
+            if len(m) < 4:
+                continue
+            point, fstype, options = m[1], m[2], m[3].split(",")
+            if controllers == "" and fstype == "cgroup2":
+                candidates.append(os.path.join(point + rel, "memory.events"))
+            elif "memory" in controllers.split(",") and fstype == "cgroup" and "memory" in options:
+                candidates.append(os.path.join(point + rel, "memory.oom_control"))
+    for path in candidates:
+        if oom_kills(path) is not None:
+            return path
+    return None
+
+
+def oom_kills(path: Optional[str]) -> Optional[int]:
+    """The ``oom_kill`` counter in a cgroup file, or None where there is none."""
+    if not path:
+        return None
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+OOM_FILE = _oom_counter_file()
+
+
+def _oom_evidence(err: str, before: Optional[int], after: Optional[int]) -> Optional[str]:
+    """Why a cell that died without a result ran out of memory, or None without evidence."""
+    if before is not None and after is not None and after > before:
+        return "the memory cgroup's oom_kill count rose from %d to %d during the cell" % (before, after)
+    for line in reversed((err or "").splitlines()):
+        if "MemoryError" in line or "out of memory" in line.lower():
+            return "its stderr says %r" % line.strip()[:200]
+    return None
+
+
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "an unknown signal"
+        return "killed by signal %d (%s)" % (-returncode, name)
+    if returncode > 128:   # a shell between us and the cell reports its signal this way
+        return "exited with code %d (128 + signal %d) without a result" % (returncode, returncode - 128)
+    return "exited with code %d without a result" % returncode
+
+
+def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys.executable,
+                      result_dir: Optional[str] = None) -> Dict:
+    """Run one cell in a fresh interpreter; timeouts, crashes and OOM kills become records.
+
+    Raises OSError (with the result file's name) when the cell could not write its result.
+
+    The cell writes its result to ``result_dir/.cell-PID-N.json`` (the run
+    directory: a runner killed mid-cell leaves nothing in /tmp, and the next
+    run clears what it left); the file does not exist until the cell finishes.
+    """
+    folder = result_dir or tempfile.gettempdir()
+    result_path = os.path.join(folder, "%s%d-%d.json" % (CELL_TEMP_PREFIX, os.getpid(),
+                                                         next(_CELL_NUMBER)))
     cmd = [python, "-m", "bench", "cell", "--config", json.dumps(cfg.to_dict()),
-           "--result", result_path]
+           "--result", result_path, "--parent-pid", str(os.getpid())]
     if version:
         cmd += ["--framework-version", version]
+    oom_before = oom_kills(OOM_FILE)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_child_env(cfg), cwd=ROOT, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=cfg.timeout_s)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        timed_out = True
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C: take the cell's process group with us
-        proc.communicate()
-        os.unlink(result_path)
-        raise
-    rec = None
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_child_env(cfg), cwd=ROOT, start_new_session=True)
+    except OSError as exc:
+        return dict(base_record(cfg), framework_version=version, status="crashed",
+                    reason="the cell process could not start: %s" % exc, cell_wall_s=0.0)
     try:
-        with open(result_path, encoding="utf-8") as fh:
-            text = fh.read()
-        rec = json.loads(text) if text.strip() else None
-    except (OSError, ValueError):
+        try:
+            _, err = proc.communicate(timeout=cfg.timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            timed_out = True
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C, SIGTERM, SIGHUP: the cell's group goes too
+            proc.communicate()
+            raise
         rec = None
+        try:
+            with open(result_path, encoding="utf-8") as fh:
+                text = fh.read()
+            rec = json.loads(text) if text.strip() else None
+        except (OSError, ValueError):
+            rec = None
     finally:
-        if os.path.exists(result_path):
-            os.unlink(result_path)
+        for leftover in (result_path, result_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    if rec is None and proc.returncode in (RESULT_DISK_FULL, RESULT_UNWRITABLE):
+        # Not the cell's failure: the machine's. The runner stops the run (exit 3).
+        code = errno.ENOSPC if proc.returncode == RESULT_DISK_FULL else errno.EIO
+        raise OSError(code, _tail(err, 1) or os.strerror(code), result_path)
     if rec is None:
         rec = base_record(cfg)
         rec["framework_version"] = version
         rec["stderr_tail"] = _tail(err)
+        rec["returncode"] = proc.returncode
+        evidence = _oom_evidence(err, oom_before, oom_kills(OOM_FILE))
         if timed_out:
             rec["status"], rec["reason"] = "timeout", "no result after %d s" % cfg.timeout_s
-        elif proc.returncode in (-9, 137) or "MemoryError" in (err or "") or \
-                "out of memory" in (err or "").lower():
-            rec["status"], rec["reason"] = "oom", "killed (signal 9 / out of memory)"
+        elif evidence:
+            rec["status"] = "oom"
+            rec["reason"] = "out of memory: %s; the cell %s" % (evidence, _how_it_ended(proc.returncode))
+        elif proc.returncode == WATCHDOG_EXIT:
+            rec["status"] = "timeout"
+            rec["reason"] = "the cell's own deadline (%d s and a grace period) passed" % cfg.timeout_s
         else:
-            rec["status"] = "failed"
-            last = _tail(err, 1) or "no output"
-            rec["reason"] = "cell process exited with %s: %s" % (proc.returncode, last)
+            rec["status"] = "crashed"
+            last = _tail(err, 1)
+            rec["reason"] = _how_it_ended(proc.returncode) + (": %s" % last if last else "")
     rec["cell_wall_s"] = time.time() - t0
     return rec
 
@@ -186,16 +273,81 @@ def _merge_env(path: str, env: Dict) -> Dict:
     return env
 
 
-def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
-        python: str = sys.executable, stream=None) -> int:
-    """Run cells into ``out_dir``; returns the process exit code (1 if any cell failed)."""
+def occupied_message(out_dir: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3]) + (", %d more" % (len(names) - 3) if len(names) > 3 else "")
+    return ("--out %s is not empty (%s): pass --resume to complete the run there, or --overwrite "
+            "to keep it as an earlier generation and start afresh" % (out_dir, shown))
+
+
+def plan(cells: Sequence[CellConfig], earlier: Sequence[Dict], retry_failed: bool
+         ) -> List[CellConfig]:
+    """The cells a run still has to do, given the records already there (last record wins)."""
+    last = {r["cell_id"]: r["status"] for r in latest(earlier)}
+    return [c for c in cells if c.key() not in last or (retry_failed and last[c.key()] in FAILED)]
+
+
+def stop_on_signals():
+    """SIGTERM and SIGHUP stop like Ctrl-C (KeyboardInterrupt): a run kills the cell in flight
+    and keeps its records, a report keeps its previous outputs. Returns the old handlers."""
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            saved[sig] = signal.signal(sig, _stop)
+        except ValueError:  # not the main thread (e.g. called from a test helper thread)
+            pass
+    return saved
+
+
+def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False, overwrite: bool = False,
+        retry_failed: bool = False, skip_corrupt: bool = False, python: str = sys.executable,
+        stream=None) -> int:
+    """Run cells into ``out_dir``; returns the process exit code (see the module docstring).
+
+    Raises UsageError / RecordsError / LockHeld (refusals, exit 2) before any
+    cell runs, and EnvironmentProblem (exit 3) when the machine fails the run.
+    """
+    out = stream or sys.stderr
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, RECORDS)
-    if not resume and os.path.exists(path) and os.path.getsize(path) > 0:
-        # Nothing is lost: the previous run's records move aside.
-        os.replace(path, path + ".prev")
-    done = {r.get("cell_id") for r in read_records(path)} if resume else set()
-    todo = [c for c in cells if c.key() not in done]
+    saved = stop_on_signals()
+    lock = RunLock(out_dir).acquire()
+    try:
+        remove_stale_cell_files(out_dir)
+        path = os.path.join(out_dir, RECORDS)
+        if resume:
+            note = repair_tail(path)
+            if note:
+                out.write("resume: %s\n" % note)
+            earlier = read_records(path, skip_corrupt=skip_corrupt,
+                                   warn=lambda text: out.write("warning: %s\n" % text))
+        else:
+            busy = occupied(out_dir)
+            if busy and not overwrite:
+                raise UsageError(occupied_message(out_dir, busy))
+            kept = keep_generation(out_dir) if busy else None
+            if kept:
+                out.write("overwrite: the earlier run is kept in %s\n" % kept)
+            earlier = []
+        return _run_locked(cells, out_dir, path, earlier, retry_failed, python, out)
+    finally:
+        lock.release()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out) -> int:
+    todo = plan(cells, earlier, retry_failed)
+    final = {r["cell_id"]: r for r in latest(earlier)}
+    if earlier:
+        again = sum(1 for c in todo if c.key() in final)
+        out.write("resume: %d of %d cells already recorded%s\n" % (
+            len(cells) - len(todo) + again, len(cells),
+            "; rerunning %d that failed" % again if again else ""))
 
     fws = sorted({c.framework for c in cells}, key=list(registry.FRAMEWORKS).index)
     probes = probe_frameworks(fws, python=python)
@@ -203,24 +355,14 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
     env = describe({k: v.get("detail") if v.get("ok") else None for k, v in probes.items()},
                    threads[0] if len(threads) == 1 else threads, ROOT)
     env["framework_probes"] = probes
-    env_path = os.path.join(out_dir, "env.json")
-    if resume:
+    env_path = os.path.join(out_dir, ENV)
+    if earlier or os.path.exists(env_path):
         env = _merge_env(env_path, env)
-    with open(env_path, "w", encoding="utf-8") as fh:
-        json.dump(env, fh, indent=2, sort_keys=True)
+    try:
+        atomic_write(env_path, json.dumps(env, indent=2, sort_keys=True))
+    except OSError as exc:
+        raise EnvironmentProblem(_write_failure(env_path, exc, len(final))) from None
 
-    out = stream or sys.stderr
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt  # unwinds through run_in_subprocess, which kills the cell
-
-    if hasattr(signal, "SIGTERM"):
-        try:
-            signal.signal(signal.SIGTERM, _terminate)
-        except ValueError:  # not the main thread (e.g. called from a test helper thread)
-            pass
-    if resume and len(todo) < len(cells):
-        out.write("resume: %d of %d cells already recorded\n" % (len(cells) - len(todo), len(cells)))
     progress = Progress(len(todo), stream=out)
     counts = {s: 0 for s in STATUSES}
     # (framework, device) -> why the device is absent, learnt from the first cell that
@@ -242,17 +384,36 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False,
                 rec = dict(base_record(cfg), framework_version=probe.get("detail"), status="unavailable",
                            reason=no_device[(cfg.framework, cfg.device)], unavailable_scope="device")
             else:
-                rec = run_in_subprocess(cfg, probe.get("detail"), python=python)
+                try:
+                    rec = run_in_subprocess(cfg, probe.get("detail"), python=python,
+                                            result_dir=out_dir)
+                except OSError as exc:
+                    raise EnvironmentProblem(_write_failure(exc.filename or out_dir, exc,
+                                                            len(final), "the cell's result")) from None
                 if rec.get("unavailable_scope") == "device":
                     no_device[(cfg.framework, cfg.device)] = rec.get("reason", "")
-            append_record(path, rec)
+            try:
+                append_record(path, rec)
+            except OSError as exc:
+                raise EnvironmentProblem(_write_failure(path, exc, len(final))) from None
+            final.pop(rec["cell_id"], None)
+            final[rec["cell_id"]] = rec
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
             progress.finish(label, rec["status"], time.time() - t0)
     finally:
         progress.close()
     out.write("cells: " + ", ".join("%s %d" % (k, v) for k, v in counts.items() if v) + "\n")
-    for rec in read_records(path):
-        if rec.get("status") in ("failed", "timeout", "oom"):
-            out.write("  %s %s/%s/%s %s: %s\n" % (rec["status"], rec["framework"], rec["model"],
-                                                 rec["strategy"], rec["task"], rec["reason"]))
-    return 1 if counts.get("failed") else 0
+    failed = [r for r in final.values() if r.get("status") in FAILED]
+    for rec in failed:
+        out.write("  %s %s/%s/%s %s: %s\n" % (rec["status"], rec["framework"], rec["model"],
+                                             rec["strategy"], rec["task"], rec.get("reason", "")))
+    return 1 if failed else 0
+
+
+def _write_failure(path: str, exc: OSError, recorded: int, what: str = "") -> str:
+    """One line for a write the machine refused: what, where, what is safe, what to do."""
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    problem = "disk full" if full else "cannot write (%s)" % (exc.strerror or exc)
+    return ("%s while writing %s%s: %d cells recorded, rerun with --resume when %s"
+            % (problem, path, " (%s)" % what if what else "", recorded,
+               "space is free" if full else "it is writable"))

@@ -51,6 +51,7 @@ from . import reference
 from .batches import SeqBatch, TreeBatch, batch_examples, make_seq_batch, make_tree_batch
 from .interface import ADAM
 from .params import MODELS, ModelConfig, family, init_params
+from .records import atomic_write
 from .tasks import Dataset, Example, load_sst
 from .trees import Tree, build_tree
 
@@ -380,19 +381,6 @@ ROW_FIELDS = ("model", "task", "shape", "leaves", "phase", "distance", "count", 
 ROWS_FILE, META_FILE, CSV_FILE = "gradients.jsonl", "gradients.json", "gradients.csv"
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):     # a failed write leaves no stray temporary file
-            os.unlink(tmp)
-
-
 def write_outputs(out_dir: str, rows: Sequence[Dict], meta: Dict) -> List[str]:
     """gradients.jsonl (one row per distance), gradients.csv (the same) and gradients.json
     (how they were made), each written whole or not at all."""
@@ -405,9 +393,9 @@ def write_outputs(out_dir: str, rows: Sequence[Dict], meta: Dict) -> List[str]:
     for r in rows:
         writer.writerow(["" if r.get(k) is None else r.get(k) for k in ROW_FIELDS])
     paths = [os.path.join(out_dir, name) for name in (ROWS_FILE, CSV_FILE, META_FILE)]
-    _atomic_write(paths[0], jsonl)
-    _atomic_write(paths[1], buf.getvalue())
-    _atomic_write(paths[2], json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    for path, text in zip(paths, (jsonl, buf.getvalue(), json.dumps(meta, indent=2, sort_keys=True)
+                                  + "\n")):
+        atomic_write(path, text)
     return paths
 
 

@@ -17,17 +17,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .trees import Tree, build_tree, read_trees
+from .trees import ParseError, Tree, build_tree, read_trees
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SST_DIR = os.path.join(DATA_DIR, "sst")
+SST_CLASSES = 5   # the files' labels, 0..4; binary SST is derived from them
 UNK = "<unk>"
+LISTOPS_SPLITS = (2000, 200, 200)   # train, dev, test expressions
+SYNTH_EXAMPLES = 200
 
 
 class Vocab:
@@ -113,9 +117,16 @@ def _load_sst(num_classes: int, data_dir: str) -> Dataset:
         raise ValueError("SST has 5 or 2 classes, not %r" % num_classes)
     raw = {}
     for split in ("train", "dev", "test"):
-        trees = read_trees(os.path.join(data_dir, split + ".txt"), source="sst/%s.txt" % split)
+        # Errors name the file as opened (a custom data directory's, not the package's).
+        path = os.path.join(data_dir, split + ".txt")
+        trees = read_trees(path, labels=range(SST_CLASSES))
+        if not trees:
+            raise ParseError(path, 1, 1, "at least one tree", "an empty split")
         if num_classes == 2:
             trees = [t.map_labels(_binary_label) for t in trees if t.label != 2]
+            if not trees:
+                raise ParseError(path, 1, 1, "a non-neutral root for binary SST",
+                                 "only neutral roots")
         raw[split] = trees
     vocab = Vocab.from_examples(t.tokens() for t in raw["train"])
     name = "sst" if num_classes == 5 else "sst2"
@@ -210,7 +221,8 @@ def expr_depth(expr) -> int:
     return 1 + max(expr_depth(a) for a in expr[1])
 
 
-def load_listops(n_train: int = 2000, n_dev: int = 200, n_test: int = 200, seed: int = 0,
+def load_listops(n_train: int = LISTOPS_SPLITS[0], n_dev: int = LISTOPS_SPLITS[1],
+                 n_test: int = LISTOPS_SPLITS[2], seed: int = 0,
                  max_length: Optional[int] = 100, max_depth: int = 20) -> Dataset:
     """Unique ListOps expressions, split train/dev/test, labels 0-9.
 
@@ -246,7 +258,8 @@ def load_listops(n_train: int = 2000, n_dev: int = 200, n_test: int = 200, seed:
 SHAPES = ("balanced", "left", "right", "random")
 
 
-def load_synthetic(shape: str, n_leaves: int, n_examples: int = 200, vocab_size: int = 1000,
+def load_synthetic(shape: str, n_leaves: int, n_examples: int = SYNTH_EXAMPLES,
+                   vocab_size: int = 1000,
                    num_classes: int = 5, seed: int = 0) -> Dataset:
     """Trees of one shape and size with random tokens and root labels.
 
@@ -281,6 +294,26 @@ def check_task_name(name: str) -> None:
         return
     raise ValueError("unknown task %r: use sst, sst2, listops or synth-SHAPE-N "
                      "(SHAPE in %s)" % (name, ", ".join(SHAPES)))
+
+
+_ROOT_LABEL = re.compile(rb"\s*\(\s*([^\s()]+)")
+
+
+def train_size(name: str) -> int:
+    """Examples in a task's training split, without building the task (the runner checks
+    batch sizes against it before any work). SST counts the roots in its train file."""
+    check_task_name(name)
+    if name == "listops":
+        return LISTOPS_SPLITS[0]
+    if name.startswith("synth-"):
+        return SYNTH_EXAMPLES
+    roots = 0
+    with open(os.path.join(SST_DIR, "train.txt"), "rb") as fh:
+        for raw in fh:
+            label = _ROOT_LABEL.match(raw)
+            if label and (name == "sst" or label.group(1) != b"2"):   # sst2 drops neutral roots
+                roots += 1
+    return roots
 
 
 def load_task(name: str, seed: int = 0) -> Dataset:

@@ -139,10 +139,16 @@ class Tree(tuple):
 
 
 _TOKEN = re.compile(r"[()]|[^ ()]+")
+# ASCII digits only: int() also takes "1_0" and other scripts' digits ("\u0663").
+_LABEL = re.compile(r"-?[0-9]+")
 
 
-def parse_tree(text: str, source: str = "<string>", line: int = 1) -> Tree:
-    """Parse one bracketed binary tree. Raises ParseError on malformed input."""
+def parse_tree(text: str, source: str = "<string>", line: int = 1,
+               labels: Optional[range] = None) -> Tree:
+    """Parse one bracketed binary tree. Raises ParseError on malformed input.
+
+    ``labels``: the range every node label must fall in (None: any integer).
+    """
     text = text.rstrip("\r\n")
     tokens = [(m.group(), m.start() + 1) for m in _TOKEN.finditer(text)]
     end_col = len(text) + 1
@@ -168,10 +174,11 @@ def parse_tree(text: str, source: str = "<string>", line: int = 1) -> Tree:
         tok, _ = peek()
         if tok in ("(", ")", "end of line"):
             fail("a node label")
-        try:
-            value = int(tok)
-        except ValueError:
-            fail("an integer node label")
+        if not _LABEL.fullmatch(tok):
+            fail("an integer node label (ASCII digits)")
+        value = int(tok)
+        if labels is not None and value not in labels:
+            fail("a node label in %d..%d" % (labels[0], labels[-1]))
         pos += 1
         return value
 
@@ -216,14 +223,20 @@ def parse_tree(text: str, source: str = "<string>", line: int = 1) -> Tree:
     return result
 
 
-def read_trees(path, source: Optional[str] = None) -> List[Tree]:
-    """One tree per non-empty line of a UTF-8 file."""
+def read_trees(path, source: Optional[str] = None, labels: Optional[range] = None) -> List[Tree]:
+    """One tree per non-empty line of a UTF-8 file (bytes that are not UTF-8: a ParseError)."""
     source = source or str(path)
     out = []
-    with open(path, "r", encoding="utf-8", newline="\n") as fh:
-        for lineno, text in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[:exc.start].decode("utf-8", errors="replace")) + 1
+                raise ParseError(source, lineno, column, "UTF-8 text",
+                                 "byte 0x%02x" % raw[exc.start]) from None
             if text.strip(" \r\n"):
-                out.append(parse_tree(text, source=source, line=lineno))
+                out.append(parse_tree(text, source=source, line=lineno, labels=labels))
     return out
 
 

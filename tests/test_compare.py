@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from bench.compare import Threshold, compare_records, judge, mann_whitney_less
+from bench.compare import Threshold, compare_records, compare_runs, judge, mann_whitney_less
 from bench.config import CellConfig
-from bench.runner import read_records
+from bench.records import read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden", "records.jsonl")
@@ -98,7 +98,7 @@ def test_golden_records_injected_slowdown_is_flagged_only_where_injected():
 def test_refuses_different_machines_threads_or_schema_unless_forced():
     recs = read_records(GOLDEN)
     for field, value in (("machine", {"cpu": "Other", "cores": 64, "gpu": None}),
-                         ("threads", 8), ("schema_version", 2)):
+                         ("threads", 8), ("schema_version", 3)):
         other = copy.deepcopy(recs)
         for r in other:
             r[field] = value
@@ -106,6 +106,14 @@ def test_refuses_different_machines_threads_or_schema_unless_forced():
         assert problems and not changes, field
         _, problems = compare_records(recs, other, Threshold(0.1), force=True)
         assert problems
+
+
+def test_schema_1_and_2_compare_as_one():
+    # 2 added statuses; the published runs (schema 1) stay comparable with new ones
+    recs = read_records(GOLDEN)
+    newer = [dict(r, schema_version=2) for r in recs]
+    changes, problems = compare_records(recs, newer, Threshold(0.1))
+    assert not problems and changes
 
 
 def _cli(base, new, *extra):
@@ -132,3 +140,38 @@ def test_cli_exit_codes(tmp_path):
     refused = _cli(GOLDEN, str(other))
     assert refused.returncode == 2 and "refusing" in refused.stderr
     assert _cli(GOLDEN, str(other), "--force").returncode == 0
+
+
+def test_cells_ok_in_base_but_missing_failed_or_timed_out_in_new_are_lost(tmp_path):
+    recs = read_records(GOLDEN)
+    ok = [r for r in recs if r["status"] == "ok"]
+    new = copy.deepcopy(recs)
+    gone, failed, timed = ok[0]["cell_id"], ok[1]["cell_id"], ok[2]["cell_id"]
+    new = [r for r in new if r["cell_id"] != gone]
+    for r in new:
+        if r["cell_id"] == failed:
+            r.update(status="failed", reason="not equivalent: logits differ")
+        if r["cell_id"] == timed:
+            r.update(status="timeout", reason="no result after 900 s")
+    changes, problems, lost, _ = compare_runs(recs, new, Threshold(0.1))
+    assert not problems and changes
+    assert sorted(x.why.split(":")[0] for x in lost) == ["failed in NEW", "missing in NEW",
+                                                         "timeout in NEW"]
+    path = tmp_path / "new.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in new))
+    res = _cli(GOLDEN, str(path))
+    assert res.returncode == 1 and "0 regressions, 3 lost cells" in res.stdout
+    assert "missing in NEW" in res.stdout
+    allowed = _cli(GOLDEN, str(path), "--allow-missing")
+    assert allowed.returncode == 0 and "accepted by --allow-missing" in allowed.stdout
+
+
+def test_a_retried_cell_is_judged_by_its_last_record(tmp_path):
+    recs = read_records(GOLDEN)
+    first = next(r for r in recs if r["status"] == "ok")
+    path = tmp_path / "new.jsonl"
+    # the cell failed first, then a --retry-failed run appended its new record
+    path.write_text("".join(json.dumps(r) + "\n" for r in
+                            [dict(first, status="crashed", reason="killed by signal 9")] + recs))
+    res = _cli(GOLDEN, str(path))
+    assert res.returncode == 0 and "0 lost cells" in res.stdout

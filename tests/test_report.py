@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 
 from bench.coverage import SEED_FRAMEWORKS  # noqa: E402
 from bench.report import SUMMARY_COLUMNS, summarise, write_report  # noqa: E402
-from bench.runner import read_records  # noqa: E402
+from bench.records import read_records  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(ROOT, "tests", "data", "golden")
@@ -177,3 +177,33 @@ def test_keras_cost_is_the_raw_backend_throughput_over_keras():
     rows = wrapper_rows(summarise([fast, slow, alone]))
     assert len(rows) == 1 and rows[0][0] == "keras-jax vs jax"
     assert rows[0][6] == "3.00x" and rows[0][7] == "3.00x"
+
+
+def test_repeats_count_only_the_finite_samples_the_medians_used():
+    rec = _acc_record("torch", "lstm", "sst", 0.4)
+    rec.update(accuracy=None, train_samples_per_s=[float("nan"), 10.0, 12.0, float("inf")],
+               infer_samples_per_s=[20.0, 21.0, 22.0])
+    row = summarise([rec]).iloc[0]
+    assert row["train_samples_per_s"] == 11.0 and row["repeats"] == 2
+
+
+def test_an_interrupted_report_leaves_the_previous_outputs_whole(tmp_path, monkeypatch):
+    from bench import report
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(GOLDEN_DIR, "records.jsonl"), str(run))
+    write_report(str(run), str(run))
+    names = sorted(n for n in os.listdir(str(run)) if n != "records.jsonl")
+    assert "report.md" in names and "summary.csv" in names and "throughput.png" in names
+    before = {n: (run / n).read_bytes() for n in names}
+
+    def interrupted(df, out_dir, envs=None):
+        with open(os.path.join(out_dir, "throughput.png"), "wb") as fh:
+            fh.write(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plots", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(str(run), str(run))
+    assert {n: (run / n).read_bytes() for n in names} == before
+    assert sorted(os.listdir(str(run))) == sorted(names + ["records.jsonl"])   # no scratch left

@@ -12,7 +12,7 @@ import pytest
 from bench import registry
 from bench.cell import base_record
 from bench.config import CellConfig, preset
-from bench.runner import RECORDS, read_records
+from bench.records import RECORDS, SCHEMA_VERSION, read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_FIELDS = (
@@ -38,7 +38,7 @@ def test_smoke_run_with_numpy_writes_valid_records(tmp_path):
     for r in recs:
         for f in REQUIRED_FIELDS:
             assert f in r, f
-        assert r["schema_version"] == 1 and r["threads"] == 2
+        assert r["schema_version"] == SCHEMA_VERSION == 2 and r["threads"] == 2
     for key in [("elman", "loop"), ("lstm", "loop"), ("rvnn", "recursive"), ("treelstm", "recursive")]:
         r = by[key]
         assert r["status"] == "ok", r
@@ -99,7 +99,7 @@ def test_a_device_found_absent_once_is_not_probed_again(tmp_path, monkeypatch):
     from bench import runner
     started = []
 
-    def fake_cell(cfg, version, python):
+    def fake_cell(cfg, version, python, result_dir=None):
         started.append(cfg)
         rec = base_record(cfg)
         if cfg.device == "gpu":
@@ -131,8 +131,8 @@ def test_failures_are_recorded_and_make_the_exit_code_nonzero(tmp_path, monkeypa
         fh.write("#!/bin/sh\necho 'boom: cell crashed' >&2\nexit 3\n")
     os.chmod(bad, 0o755)
     rec = runner.run_in_subprocess(cfg, "x", python=bad)
-    assert rec["status"] == "failed" and "exited with 3" in rec["reason"]
-    assert "boom" in rec["stderr_tail"]
+    assert rec["status"] == "crashed" and "exited with code 3 without a result" in rec["reason"]
+    assert "boom" in rec["stderr_tail"] and rec["returncode"] == 3
     slow = str(tmp_path / "slow_python")
     with open(slow, "w") as fh:
         fh.write("#!/bin/sh\nsleep 30\n")
@@ -140,14 +140,25 @@ def test_failures_are_recorded_and_make_the_exit_code_nonzero(tmp_path, monkeypa
     rec = runner.run_in_subprocess(CellConfig.from_dict(dict(cfg.to_dict(), timeout_s=1)), "x",
                                    python=slow)
     assert rec["status"] == "timeout"
-    killed = str(tmp_path / "oom_python")
+    # a bare SIGKILL is no evidence of memory exhaustion
+    killed = str(tmp_path / "killed_python")
     with open(killed, "w") as fh:
         fh.write("#!/bin/sh\nkill -9 $$\n")
     os.chmod(killed, 0o755)
-    assert runner.run_in_subprocess(cfg, "x", python=killed)["status"] == "oom"
+    rec = runner.run_in_subprocess(cfg, "x", python=killed)
+    assert rec["status"] == "crashed" and rec["reason"] == "killed by signal 9 (SIGKILL)"
+    # what a framework prints when it runs out of memory is evidence
+    oom = str(tmp_path / "oom_python")
+    with open(oom, "w") as fh:
+        fh.write("#!/bin/sh\necho 'RuntimeError: CUDA out of memory. Tried to allocate' >&2\nexit 1\n")
+    os.chmod(oom, 0o755)
+    rec = runner.run_in_subprocess(cfg, "x", python=oom)
+    assert rec["status"] == "oom" and "CUDA out of memory" in rec["reason"]
+    assert "exited with code 1" in rec["reason"]
     # and a failed cell makes the run's exit code 1 while the run goes on
     monkeypatch.setattr(runner, "run_in_subprocess",
-                        lambda c, v, python: dict(base_record(c), status="failed", reason="x"))
+                        lambda c, v, python, result_dir=None: dict(base_record(c), status="failed",
+                                                                   reason="x"))
     monkeypatch.setattr(runner, "probe_frameworks",
                         lambda names, python: {n: {"ok": True, "detail": "1"} for n in names})
     cells = preset("smoke", ["numpy"]).cells()

@@ -294,7 +294,7 @@ def test_study_command_writes_rows_the_report_draws(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--leaves", "1"], "--leaves"), (["--leaves", "x"], "whole numbers"),
+    (["--leaves", "1"], "--leaves"), (["--leaves", "x"], "whole number"),
     (["--models", "gru"], "unknown model"), (["--train-steps", "-1"], "--train-steps"),
     (["--probe-examples", "0"], "--probe-examples")])
 def test_study_command_refuses_bad_input_in_one_line(args, message):
@@ -336,3 +336,17 @@ def test_a_damaged_rows_file_is_named_by_the_report(tmp_path):
     res = _bench("report", str(tmp_path / "study"), "--out", str(tmp_path / "rep"), timeout=120)
     assert res.returncode != 0 and "gradients.jsonl:2: not a JSON row" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_study_command_says_when_the_disk_fails_it(tmp_path, monkeypatch, capsys):
+    from bench import cli, runner
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "stop_on_signals", lambda: {})   # keep pytest's own handlers
+    monkeypatch.setattr(sg, "run", lambda **kw: ([], {"study": "gradients"}))
+    monkeypatch.setattr(sg, "write_outputs", no_space)
+    assert cli.main(["study", "gradients", "--out", str(tmp_path / "s")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]

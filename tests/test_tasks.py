@@ -5,7 +5,8 @@ import pytest
 
 from bench.tasks import (LISTOPS_OPS, Vocab, check_task_name, expr_depth, generate_listops,
                          listops_eval, listops_tokens, listops_tree, load_listops, load_sst,
-                         load_synthetic, load_task)
+                         load_synthetic, load_task, train_size)
+from bench.trees import ParseError
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,44 @@ def test_synthetic_and_task_names():
         check_task_name("imdb")
     check_task_name("synth-random-100")
     assert set(LISTOPS_OPS) == {"MIN", "MAX", "MED", "SM"}
+
+
+def test_train_size_matches_the_loaded_split_without_loading_it(sst5):
+    assert train_size("sst") == len(sst5.train) == 8544
+    assert train_size("sst2") == 6920
+    assert train_size("listops") == len(load_listops().train)
+    assert train_size("synth-left-8") == len(load_task("synth-left-8").train)
+
+
+def _sst_dir(tmp_path, train, dev="(1 (2 a) (2 b))\n", test="(3 (2 a) (4 b))\n"):
+    d = tmp_path / "mysst"
+    d.mkdir()
+    for name, text in (("train", train), ("dev", dev), ("test", test)):
+        (d / ("%s.txt" % name)).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return d
+
+
+@pytest.mark.parametrize("train,line,col,what", [
+    ("(1 (2 a) (2 b))\n(7 (2 a) (2 b))\n", 2, 2, "a node label in 0..4"),        # 5 classes: 0..4
+    ("(1 (2 a) (2 b))\n(1 (2 a) (1_0 b))\n", 2, 11, "ASCII digits"),
+    ("(1 (2 a) (\u0661 b))\n", 1, 11, "ASCII digits"),
+    (b"(1 (2 a) (2 \xff))\n", 1, 13, "UTF-8 text"),
+    ("", 1, 1, "at least one tree"),
+    ("\n\n", 1, 1, "at least one tree"),
+])
+def test_sst_loader_refuses_bad_files_naming_the_real_path(tmp_path, train, line, col, what):
+    d = _sst_dir(tmp_path, train)
+    with pytest.raises(ParseError) as info:
+        load_sst(5, data_dir=str(d))
+    err = info.value
+    # the custom directory's own file, not the package's sst/train.txt
+    assert (err.source, err.line, err.column) == (str(d / "train.txt"), line, col)
+    assert what in str(err)
+
+
+def test_binary_sst_refuses_a_split_of_only_neutral_roots(tmp_path):
+    d = _sst_dir(tmp_path, "(1 (2 a) (2 b))\n", dev="(2 (2 a) (2 b))\n")
+    with pytest.raises(ParseError) as info:
+        load_sst(2, data_dir=str(d))
+    assert info.value.source == str(d / "dev.txt") and "only neutral roots" in str(info.value)
+    assert len(load_sst(5, data_dir=str(d)).splits["dev"]) == 1

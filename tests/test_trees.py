@@ -34,6 +34,9 @@ def test_tokens_split_on_ascii_space_only():
     ("3 a", 1, "'('"),
     ("(3 (2 a) (2 b)) extra", 17, "end of line"),
     ("()", 2, "a node label"),
+    ("(1_0 a)", 2, "an integer node label (ASCII digits)"),        # int() would take it
+    ("(3 (\u0663 a) (2 b))", 5, "an integer node label (ASCII digits)"),  # Arabic-Indic 3
+    ("(+1 a)", 2, "an integer node label"),
 ])
 def test_malformed_input_names_place_and_expectation(text, col, expected):
     with pytest.raises(ParseError) as info:
@@ -50,6 +53,23 @@ def test_read_trees_reports_file_and_line(tmp_path):
     with pytest.raises(ParseError) as info:
         read_trees(str(p))
     assert info.value.line == 3 and info.value.source == str(p)
+
+
+def test_labels_outside_the_range_name_their_column():
+    assert parse_tree("(4 (0 a) (2 b))", labels=range(5)).label == 4
+    for text, col in (("(5 (0 a) (2 b))", 2), ("(4 (0 a) (-1 b))", 11)):
+        with pytest.raises(ParseError) as info:
+            parse_tree(text, source="f.txt", labels=range(5))
+        assert info.value.column == col and "a node label in 0..4" in str(info.value)
+
+
+def test_bytes_that_are_not_utf8_name_line_and_column(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes(b"(1 (2 a) (2 b))\n(1 (2 caf\xe9) (2 b))\n")
+    with pytest.raises(ParseError) as info:
+        read_trees(str(p))
+    assert (info.value.line, info.value.column) == (2, 10)
+    assert str(info.value) == "%s:2:10: expected UTF-8 text, found byte 0xe9" % p
 
 
 def test_trees_are_immutable():
