@@ -29,10 +29,12 @@ Two phases, from the same seeded canonical initialisation: ``init``, and
 constants, ``bench.interface.ADAM``) on SST 5-class root labels, batch 25, in
 float64 here (a small Adam of its own: the study runs without any framework).
 The same trained parameters are probed on SST and on the synthetic inputs.
+One more probe shows the seed's claim: the left-branching RvNN given the Elman
+RNN's weights (shape ``left-elman``) reproduces the Elman rows exactly.
 
 Rows: (model, task, shape, leaves, phase, distance) with the count of states
 and quantiles of log10 ||d loss / d h||; states whose gradient is exactly zero
-(float64 underflow, or an example without a label) are counted apart.
+(float64 underflow) are counted apart; examples without a label are left out.
 """
 
 from __future__ import annotations
