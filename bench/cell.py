@@ -17,7 +17,8 @@ Order of work, and what is timed:
    loops itself, ``Implementation.timed_passes`` / ``timed_calls``, so IPC
    stays outside the clock);
 8. optionally, the accuracy budget: fresh parameters, ``epochs`` of training,
-   root accuracy on dev and test.
+   root accuracy on dev and test; or, for a ``readout`` cell, reservoir training
+   (frozen weights, a ridge readout fitted on their features: ``_readout``).
 
 A cell that reports a throughput, token rate or latency that is not finite and
 positive is recorded ``failed`` with the reason: no such number is published.
@@ -38,7 +39,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import registry, verify
+from . import readout, reference, registry, verify
 from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_batch
 from .config import CellConfig
 from .environment import limit_blas_threads, machine, peak_rss_mb
@@ -257,6 +258,68 @@ def _accuracy(impl, model_cfg, family, dataset, cfg: CellConfig) -> Dict:
     return out
 
 
+def _readout(cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset) -> Dict:
+    """Reservoir training (``train_mode="readout"``): features from a second instance of the
+    implementation whose logits are the hidden state (``readout.feature_config``: W_o = I,
+    b_o = 0) with frozen weights at ``cfg.spectral_radius``, then a ridge readout fitted in
+    NumPy (alpha chosen on dev), accuracy on dev and test.
+
+    ``train_s`` is what training costs: extracting train and dev features (dev picks
+    alpha) and the fit, compiles included, as the full budget's ``train_s`` includes
+    its own. The features are checked against the reference afterwards, on the first
+    batch of each split and the batch holding its longest example, from the very
+    arrays that were fitted (so the check adds no call to the implementation and no
+    shape to compile before the clock). ``verified`` False fails the cell.
+    """
+    feat_cfg = readout.feature_config(model_cfg)
+    feat = readout.feature_params(readout.reservoir_params(
+        model_cfg, init_params(model_cfg, cfg.seed), cfg.spectral_radius))
+    impl = registry.load(cfg.framework, cfg.model)(feat_cfg, cfg.strategy, cfg.device, cfg.threads)
+    impl.load_params(feat)
+    train = dataset.train[:cfg.max_train_examples] if cfg.max_train_examples else dataset.train
+    out: Dict = {"mode": "readout", "spectral_radius": cfg.spectral_radius, "features": cfg.hidden}
+    feats, labels, checks = {}, {}, []
+    for split, examples in (("train", train), ("dev", dataset.splits["dev"]),
+                            ("test", dataset.splits["test"])):
+        groups = batch_examples(examples, cfg.batch_size, seed=0, shuffle=False)
+        longest = max(range(len(groups)), key=lambda i: max(len(e.tokens) for e in groups[i]))
+        rows = []
+        t0 = time.perf_counter()
+        for i, group in enumerate(groups):
+            batch = _make_batch(family, group)
+            rows.append(np.asarray(impl.to_numpy(impl.logits(impl.prepare(batch))), np.float64))
+            if i in (0, longest):
+                checks.append((batch, rows[-1]))
+        impl.sync()
+        out["extract_%s_s" % split] = time.perf_counter() - t0
+        gold = np.array([e.label for e in examples])
+        keep = gold >= 0   # unlabelled roots (none in SST, SST-2 or ListOps) take no part
+        feats[split], labels[split] = np.concatenate(rows)[keep], gold[keep]
+    worst = 0.0
+    for batch, got in checks:
+        worst = max(worst, verify.max_abs(got, reference.logits(feat_cfg, feat, batch, np.float64)))
+    out["verify_max_abs"] = worst
+    out["verified_batches"] = len(checks)
+    out["verified"] = bool(worst <= verify.TOLERANCE["logits_abs"]) and all(
+        np.isfinite(f).all() for f in feats.values())
+    if not out["verified"]:
+        return out
+    t0 = time.perf_counter()
+    fit = readout.fit_readout(feats["train"], labels["train"], feats["dev"], labels["dev"],
+                              dataset.num_classes)
+    out["fit_s"] = time.perf_counter() - t0
+    out["train_s"] = out["extract_train_s"] + out["extract_dev_s"] + out["fit_s"]
+    out.update(alpha=fit["alpha"], dev_by_alpha=fit["dev_by_alpha"], dev=fit["dev"],
+               test=readout.accuracy(feats["test"], labels["test"], fit["W"], fit["b"]),
+               train_accuracy=readout.accuracy(feats["train"], labels["train"], fit["W"], fit["b"]),
+               examples=int(labels["train"].size))
+    # the floor a readout must beat: always answering the most frequent training label
+    majority = int(np.bincount(labels["train"]).argmax())
+    out["majority_dev"] = float((labels["dev"] == majority).mean())
+    out["majority_test"] = float((labels["test"] == majority).mean())
+    return out
+
+
 def run_cell(cfg: CellConfig, framework_version: Optional[str] = None) -> Dict:
     """Measure one cell; always returns a record (status ok / failed / unavailable / not-applicable)."""
     rec = base_record(cfg)
@@ -408,6 +471,13 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
 
     if cfg.epochs > 0 and can_train:
         rec["accuracy"] = _accuracy(impl, model_cfg, family, dataset, cfg)
+    if cfg.train_mode == "readout":
+        rec["accuracy"] = _readout(cfg, model_cfg, family, dataset)
+        if not rec["accuracy"]["verified"]:
+            rec["status"] = "failed"
+            rec["reason"] = "not equivalent: readout features differ from the reference by %.3g" \
+                % rec["accuracy"]["verify_max_abs"]
+            return
 
     peak = impl.device_peak_bytes()
     rec["device_peak_mb"] = peak / 2 ** 20 if peak is not None else None

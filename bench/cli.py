@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import replace
 from typing import Callable, List, Optional
@@ -62,6 +63,42 @@ def _int_list(what: str, maximum: int) -> Callable[[str], List[int]]:
 
     def parse(text: str) -> List[int]:
         return [one(t) for t in _items(text, what)]
+    return parse
+
+
+def _whole_list(what: str, minimum: int, maximum: int) -> Callable[[str], List[int]]:
+    """Whole numbers in [minimum, maximum] (``_int_list`` starts at 1; seeds start at 0)."""
+    def parse(text: str) -> List[int]:
+        out = []
+        for raw in _items(text, what):
+            if not _WHOLE.fullmatch(raw) or not minimum <= int(raw) <= maximum:
+                raise argparse.ArgumentTypeError("%s must be a whole number from %d to %d, not %r"
+                                                 % (what, minimum, maximum, raw))
+            out.append(int(raw))
+        return out
+    return parse
+
+
+def _positive_float(what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%s must be a number, not %r" % (what, text)) from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError("%s must be a finite number > 0, not %r" % (what, text))
+        return value
+    return parse
+
+
+def _whole(what: str, minimum: int, maximum: int) -> Callable[[str], int]:
+    one = _whole_list(what, minimum, maximum)
+
+    def parse(text: str) -> int:
+        values = one(text)
+        if len(values) != 1:
+            raise argparse.ArgumentTypeError("%s takes one number, not %r" % (what, text))
+        return values[0]
     return parse
 
 
@@ -200,6 +237,9 @@ def _cells(args) -> List[CellConfig]:
     if batch_sizes:
         # Replace the axis rather than filter it, so any batch size can be asked for.
         cells = [replace(c, batch_size=b) for c in cells for b in batch_sizes]
+    seeds = _flat(args.seeds)
+    if seeds:
+        cells = [replace(c, seed=s) for c in cells for s in seeds]   # replaced, like batch sizes
     seen, unique = set(), []
     for c in cells:
         if c.key() not in seen:
@@ -208,12 +248,16 @@ def _cells(args) -> List[CellConfig]:
     cells = unique
     overrides = {}
     for option, field in (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
-                          ("timeout", "timeout_s"), ("epochs", "epochs")):
+                          ("timeout", "timeout_s"), ("epochs", "epochs"),
+                          ("spectral_radius", "spectral_radius")):
         if getattr(args, option) is not None:
             overrides[field] = getattr(args, option)
     if overrides:
-        cells = [replace(c, **overrides) for c in cells]
-    if args.fastest_from or args.preset == "parity":
+        try:
+            cells = [replace(c, **overrides) for c in cells]
+        except ValueError as exc:   # e.g. --epochs on the readout preset
+            raise UsageError(str(exc)) from None
+    if args.fastest_from or args.preset in ("parity", "readout"):
         cells = _keep_fastest(cells, args.fastest_from, args.skip_corrupt)
     if not cells:
         raise UsageError("no cells match the filters")
@@ -366,6 +410,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    """A study over the NumPy reference (no framework): ``study gradients``."""
+    from . import study_gradients as sg
+    models = _flat(args.models) or list(MODELS)
+    leaves = _flat(args.leaves) or list(sg.DEFAULT_LEAVES)
+    _check_out_dir(args.out, create=True)
+    from .environment import describe
+    # taken first: the commit and load the study started under, not those it ended under
+    env = describe({}, 1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    t0 = time.time()
+    rows, meta = sg.run(models=models, leaves=leaves, hidden=args.hidden, embed_dim=args.embed_dim,
+                        train_steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+                        seed=args.seed, sst_examples=args.sst_examples,
+                        probe_examples=args.probe_examples, progress=sg.stderr_progress)
+    meta["env"] = env
+    meta["wall_s"] = round(time.time() - t0, 1)
+    meta["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    try:
+        paths = sg.write_outputs(args.out, rows, meta)
+    except OSError as exc:   # a full disk or a read-only folder: earlier outputs stay whole
+        raise EnvironmentProblem("could not write the study to %s: %s" % (args.out, exc)) from None
+    print(sg.format_summary(rows))
+    print("wrote %s" % ", ".join(paths))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import main as compare_main
     for path in (args.base, args.new):
@@ -401,12 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", nargs="+", type=_names("task", check_task_name),
                    help="sst sst2 listops synth-SHAPE-N")
     s.add_argument("--batch-sizes", nargs="+", type=_int_list("batch size", MAX_BATCH))
+    s.add_argument("--seeds", nargs="+", type=_whole_list("seed", 0, 2 ** 31 - 1),
+                   help="replace the preset's seeds, e.g. --seeds 0")
     s.add_argument("--device", choices=["cpu", "gpu"])
     s.add_argument("--threads", type=_positive_int("threads", MAX_THREADS))
     s.add_argument("--repeats", type=_positive_int("repeats", MAX_REPEATS))
     s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S), help="seconds per cell")
     s.add_argument("--epochs", type=_epochs,
                    help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
+    s.add_argument("--spectral-radius", type=_positive_float("spectral radius"),
+                   help="readout cells: radius of the frozen recurrent/composition blocks")
     s.add_argument("--out", default=os.path.join("results", "latest"))
     s.add_argument("--resume", action="store_true",
                    help="complete the run in --out: skip cells already recorded there")
@@ -456,6 +530,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read past corrupt record lines (each is named) instead of refusing")
     s.set_defaults(fn=cmd_compare)
 
+    s = sub.add_parser("study", parents=[common],
+                       help="studies over the NumPy reference: gradients (gradient flow)")
+    s.add_argument("name", choices=("gradients",))
+    s.add_argument("--out", default=os.path.join("results", "latest-study"),
+                   help="folder for gradients.jsonl / .csv / .json (default: results/latest-study)")
+    s.add_argument("--models", nargs="+", type=_names("model", MODELS),
+                   help="elman lstm rvnn treelstm (default: all)")
+    s.add_argument("--leaves", nargs="+", type=_whole_list("leaves", 2, 1 << 16),
+                   help="synthetic input lengths, each >= 2 (default: 8 32 128 512)")
+    s.add_argument("--train-steps", type=_whole("train steps", 0, 10 ** 7), default=342,
+                   help="Adam steps on SST before the 'trained' probe (default 342: one epoch)")
+    s.add_argument("--lr", type=_positive_float("lr"), default=2e-3)
+    s.add_argument("--batch-size", type=_positive_int("batch size", MAX_BATCH), default=25)
+    s.add_argument("--hidden", type=_positive_int("hidden", 1 << 16), default=150)
+    s.add_argument("--embed-dim", type=_positive_int("embed dim", 1 << 16), default=100)
+    s.add_argument("--seed", type=_whole("seed", 0, 2 ** 31 - 1), default=0)
+    s.add_argument("--sst-examples", type=_whole("sst examples", 0, 10 ** 7), default=0,
+                   help="SST dev sentences probed (default 0: all)")
+    s.add_argument("--probe-examples", type=_positive_int("probe examples", 10 ** 6), default=8,
+                   help="synthetic sequences per length (default 8)")
+    s.set_defaults(fn=cmd_study)
+
     s = sub.add_parser("cell", help=argparse.SUPPRESS)
     s.add_argument("--config", required=True)
     s.add_argument("--result", required=True)
@@ -485,7 +581,7 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    if args.command in ("run", "report", "compare"):
+    if args.command in ("run", "report", "compare", "study"):
         from .runner import stop_on_signals
         stop_on_signals()
     try:

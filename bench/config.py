@@ -43,6 +43,11 @@ class CellConfig:
     max_train_examples: int = 0   # cap on training examples for the accuracy budget (0: all)
     timeout_s: int = 900
     verify_examples: int = 4      # examples in the equivalence check before timing
+    # full: the accuracy budget trains every weight (``epochs``); readout: reservoir training,
+    # frozen weights with the recurrent / composition matrix at ``spectral_radius`` and a
+    # ridge readout fitted in closed form (bench.readout; needs epochs 0)
+    train_mode: str = "full"
+    spectral_radius: float = 0.9  # readout only
 
     def __post_init__(self):
         fam = family(self.model)
@@ -54,6 +59,13 @@ class CellConfig:
         for name in ("batch_size", "threads", "pool_batches", "repeats", "hidden", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1" % name)
+        if self.train_mode not in ("full", "readout"):
+            raise ValueError("train_mode is 'full' or 'readout', not %r" % (self.train_mode,))
+        if self.train_mode == "readout" and self.epochs:
+            raise ValueError("a readout cell trains no epochs (its readout is fitted in closed "
+                             "form): epochs must be 0")
+        if not self.spectral_radius > 0:
+            raise ValueError("spectral_radius must be > 0")
 
     @property
     def family(self) -> str:
@@ -61,7 +73,10 @@ class CellConfig:
 
     def key(self) -> str:
         """Stable identity of the cell (every field that changes what is measured)."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["train_mode"] == "full":       # readout-only fields: absent from full cells' keys
+            del d["train_mode"], d["spectral_radius"]
+        text = json.dumps(d, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def label(self) -> str:
@@ -69,6 +84,8 @@ class CellConfig:
                                       self.batch_size, self.device)
         if self.epochs:
             text += " %gep seed%d" % (self.epochs, self.seed)
+        if self.train_mode == "readout":
+            text += " readout rho%g seed%d" % (self.spectral_radius, self.seed)
         return text
 
     def to_dict(self) -> Dict:
@@ -180,6 +197,19 @@ def parity(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
     ))
 
 
+def readout(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
+    """Reservoir (echo-state) training beside the parity preset: same tasks, seeds, batch
+    size, thread count and minimal timing, every model; instead of training, each cell
+    fits a ridge readout on frozen features (``train_mode="readout"``, spectral radius
+    0.9, root labels only; bench.readout). The runner keeps one strategy per framework
+    and model, as for parity (``--fastest-from``)."""
+    base = CellConfig("numpy", "lstm", "loop", optimizer="adam", lr=2e-3, pool_batches=1,
+                      repeats=2, warmup_passes=0, latency_samples=2, timeout_s=3600, threads=1,
+                      train_mode="readout", spectral_radius=0.9)
+    return Grid(tuple(frameworks), base=base, blocks=(
+        Block(tasks=("sst", "sst2", "listops"), seeds=(0, 1, 2)),))
+
+
 def gpu(frameworks: Sequence[str] = ("torch", "jax")) -> Grid:
     """A GPU run: SST quick sizes, batch sweep, tree-size sweep.
 
@@ -203,7 +233,8 @@ def gpu(frameworks: Sequence[str] = ("torch", "jax")) -> Grid:
     ))
 
 
-PRESETS = {"smoke": smoke, "quick": quick, "full": full, "parity": parity, "gpu": gpu}
+PRESETS = {"smoke": smoke, "quick": quick, "full": full, "parity": parity, "gpu": gpu,
+           "readout": readout}
 
 
 def preset(name: str, frameworks: Optional[Sequence[str]] = None) -> Grid:

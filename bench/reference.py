@@ -31,7 +31,9 @@ def _cast(params, dtype):
 
 # --- forward passes: each returns (states for backward, hidden at every classification point) ---
 
-def _rnn_forward(cfg: ModelConfig, p, batch: SeqBatch):
+def _rnn_forward(cfg: ModelConfig, p, batch: SeqBatch, offsets=None):
+    """``offsets`` [B, T, H] (optional) is added to each live step's new state: a probe
+    whose derivative is d loss / d h_t (see ``loss_with_offsets``); None adds nothing."""
     B, T = batch.tokens.shape
     H = cfg.hidden
     dt = p["E"].dtype
@@ -45,6 +47,8 @@ def _rnn_forward(cfg: ModelConfig, p, batch: SeqBatch):
         if cfg.model == "elman":
             h_new = np.tanh(z)
             steps.append((x, live, h, h_new))
+            if offsets is not None:
+                h_new = h_new + offsets[:, t]
             h = np.where(live, h_new, h)
         else:
             i, f, g, o = (z[:, k * H:(k + 1) * H] for k in range(4))
@@ -52,12 +56,16 @@ def _rnn_forward(cfg: ModelConfig, p, batch: SeqBatch):
             c_new = sf * c + si * tg
             h_new = so * np.tanh(c_new)
             steps.append((x, live, h, c, si, sf, tg, so, c_new))
+            if offsets is not None:
+                h_new = h_new + offsets[:, t]
             h = np.where(live, h_new, h)
             c = np.where(live, c_new, c)
     return steps, h
 
 
-def _tree_forward(cfg: ModelConfig, p, batch: TreeBatch):
+def _tree_forward(cfg: ModelConfig, p, batch: TreeBatch, offsets=None):
+    """``offsets`` [N, H] (optional) is added to each node's state once computed (see
+    ``_rnn_forward``); the Tree-LSTM's cell states are left alone."""
     N, H = batch.num_nodes, cfg.hidden
     dt = p["E"].dtype
     h = np.zeros((N, H), dt)
@@ -86,6 +94,8 @@ def _tree_forward(cfg: ModelConfig, p, batch: TreeBatch):
                 c[n] = si * tu + sfl * c[l] + sfr * c[r]
                 h[n] = so * np.tanh(c[n])
                 cache[n] = (si, sfl, sfr, so, tu)
+        if offsets is not None:
+            h[n] = h[n] + offsets[n]
     return (h, c, cache), h
 
 
@@ -104,13 +114,13 @@ def _check_batch(cfg: ModelConfig, batch) -> None:
         raise TypeError("model %s needs a %s, got %s" % (cfg.model, want.__name__, type(batch).__name__))
 
 
-def _forward(cfg, params, batch, dtype):
+def _forward(cfg, params, batch, dtype, offsets=None):
     _check_batch(cfg, batch)
     p = _cast(params, dtype)
     if cfg.family == "rnn":
-        state, hidden = _rnn_forward(cfg, p, batch)
+        state, hidden = _rnn_forward(cfg, p, batch, offsets)
     else:
-        state, hidden = _tree_forward(cfg, p, batch)
+        state, hidden = _tree_forward(cfg, p, batch, offsets)
     return p, state, hidden
 
 
@@ -146,6 +156,40 @@ def loss(cfg: ModelConfig, params, batch, dtype=np.float64) -> float:
     return float(value)
 
 
+def loss_with_offsets(cfg: ModelConfig, params, batch, offsets, dtype=np.float64) -> float:
+    """The loss with ``offsets`` added to every hidden state as it is computed (RNN:
+    [B, T, H], live steps only; trees: [N, H]). Its derivative in the offsets at zero
+    is d loss / d h, which ``hidden_grads`` computes: the finite-difference probe of it."""
+    p, _, hidden = _forward(cfg, params, batch, dtype, np.asarray(offsets, dtype))
+    idx, labels = _class_points(cfg, batch)
+    value, _ = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    return float(value)
+
+
+def hidden_grads(cfg: ModelConfig, params, batch, dtype=np.float64
+                 ) -> Tuple[float, np.ndarray]:
+    """Loss and d loss / d h for every step's or node's hidden state, from the backward pass.
+
+    RNN: [B, T, H], row t of example b being the state after its token t (zero at
+    padded steps); the LSTM's cell states are not included. Trees: [N, H] in the
+    TreeBatch's node order. The loss is the mean over classification points, as
+    in ``loss_and_grads``.
+    """
+    p, state, hidden = _forward(cfg, params, batch, dtype)
+    idx, labels = _class_points(cfg, batch)
+    value, dz = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    dh = np.zeros_like(hidden)
+    np.add.at(dh, idx, dz @ p["W_o"].T)
+    g = {k: np.zeros_like(v) for k, v in p.items()}
+    if cfg.family == "rnn":
+        trace = [None] * len(state)
+        _rnn_backward(cfg, p, batch, state, dh, g, trace)
+        out = np.stack(trace, axis=1) if trace else np.zeros(batch.tokens.shape + (cfg.hidden,))
+        return float(value), out
+    _tree_backward(cfg, p, batch, state, dh, g)   # fills dh in place, parents first
+    return float(value), dh
+
+
 def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
                    ) -> Tuple[float, Dict[str, np.ndarray]]:
     """Loss and the gradient of every canonical parameter (same names and shapes)."""
@@ -164,10 +208,15 @@ def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
     return float(value), g
 
 
-def _rnn_backward(cfg, p, batch, steps, dh, g):
+def _rnn_backward(cfg, p, batch, steps, dh, g, trace=None):
+    """``trace`` (a list of len T, optional) receives d loss / d h_t at each live step."""
     H = cfg.hidden
     dc = np.zeros_like(dh)
     for t in reversed(range(len(steps))):
+        if trace is not None:
+            # dh is now the gradient of the state carried out of step t: at a live
+            # step, the step's own state; at a padded one, a pass-through (no state).
+            trace[t] = np.where(steps[t][1], dh, 0.0)
         if cfg.model == "elman":
             x, live, h_prev, h_new = steps[t]
             dz = np.where(live, dh, 0.0) * (1.0 - h_new ** 2)

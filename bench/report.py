@@ -36,7 +36,7 @@ SUMMARY_COLUMNS = [
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
-    "threads_applied", "epochs", "loss_mode", "machine",
+    "threads_applied", "epochs", "loss_mode", "machine", "train_mode",
 ]
 
 
@@ -140,6 +140,7 @@ def summarise(records: List[Dict]):
             "epochs": acc.get("epochs") if r.get("accuracy") else None,
             "loss_mode": (r.get("config") or {}).get("loss_mode", "root"),
             "machine": machine_label(r.get("machine")),
+            "train_mode": (r.get("config") or {}).get("train_mode", "full"),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -307,7 +308,8 @@ def _results_section(df, records: List[Dict]) -> str:
 
 def accuracy_table(df):
     """Mean and std of accuracy over seeds for cells that ran an accuracy budget."""
-    acc = df[(df["status"] == "ok") & df["accuracy"].notna()]
+    # readout cells (reservoir training) have their own table (bench.report_studies)
+    acc = df[(df["status"] == "ok") & df["accuracy"].notna() & (df["train_mode"] == "full")]
     if acc.empty:
         return acc
     # One row per training budget: cells of different epochs or losses never average together.
@@ -538,19 +540,37 @@ def _coverage_section(records) -> str:
     return _md_table(header, [[r[h] for h in header] for r in rows])
 
 
+def _study_sections(run_dir: str, out_dir: str, records) -> Tuple[List[str], List[str]]:
+    """Markdown lines and plots of the studies whose data the run holds (none: nothing)."""
+    from .report_studies import gradient_section, readout_section
+    md: List[str] = []
+    text, images = gradient_section(run_dir, out_dir)
+    if text:
+        md += ["## Gradient flow", "", text, ""]
+    text = readout_section(records)
+    if text:
+        md += ["## Reservoir readout vs full training", "", text, ""]
+    return md, images
+
+
 def write_report(run_dir: str, out_dir: str, skip_corrupt: bool = False) -> str:
     """Write report.md, summary.csv and plots into out_dir; returns the report's path.
 
     Each output is written in a scratch directory inside out_dir and renamed
-    into place only when all are done, report.md last.
+    into place only when all are done, report.md last. A run directory that
+    holds only a study (``gradients.jsonl``) gets a report of its study alone.
     """
+    from .report_studies import load_gradient_rows
     records, envs = load_run(run_dir, skip_corrupt=skip_corrupt)
-    if not records:
+    if not records and not load_gradient_rows(run_dir):
         raise UsageError("no records under %s (expected %s files)" % (run_dir, RECORDS))
     os.makedirs(out_dir, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".report-", dir=out_dir)
     try:
-        _write_outputs(records, envs, run_dir, stage)
+        if records:
+            _write_outputs(records, envs, run_dir, stage)
+        else:
+            _write_study_outputs(run_dir, stage)
         names = sorted(os.listdir(stage), key=lambda n: n == "report.md")
         for name in names:
             os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
@@ -559,6 +579,13 @@ def write_report(run_dir: str, out_dir: str, skip_corrupt: bool = False) -> str:
     path = os.path.join(out_dir, "report.md")
     print("wrote %s, summary.csv and %d plots" % (path, sum(n.endswith(".png") for n in names)))
     return path
+
+
+def _write_study_outputs(run_dir: str, out_dir: str) -> None:
+    studies, _ = _study_sections(run_dir, out_dir, [])
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(["# Study report", "", "Built from `%s` by `python -m bench report`."
+                            % os.path.basename(os.path.abspath(run_dir)), ""] + studies) + "\n")
 
 
 def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir: str) -> None:
@@ -583,6 +610,8 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
            "## What Keras costs over its backend", "", _wrapper_section(df), "",
            "## Accuracy", "", _accuracy_section(df), "",
            "## Learning-parity goals", "", _anchors_section(df), ""]
+    studies, _ = _study_sections(run_dir, out_dir, records)   # their plots sit in their sections
+    md += studies
     if images:
         md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
