@@ -281,10 +281,16 @@ def bench(session):
     the others cost nothing. Other posargs go to `bench run` (e.g. `-- --preset smoke`).
     """
     chosen, args = split_frameworks(session.posargs)
+    if chosen == []:
+        session.error("--frameworks needs names (or all); known: %s" % ", ".join(FRAMEWORKS))
     chosen = chosen or CORE_SET
     unknown = [fw for fw in chosen if fw not in FRAMEWORKS]
     if unknown:
         session.error("unknown framework %s; known: all, %s" % (", ".join(unknown), ", ".join(FRAMEWORKS)))
+    if any(a == "--out" or a.startswith("--out=") for a in args):
+        # every framework would write into that one directory, each moving the last one's aside
+        session.error("nox -s bench writes results/latest/<framework>; for another directory run "
+                      "python -m bench run --out DIR")
     if _no_venv(session):
         _REPORT_PYTHON[:] = ["python"]
     else:

@@ -98,3 +98,15 @@ def test_an_interrupted_bench_still_writes_the_report_marking_what_is_missing(tm
     assert "**Incomplete:** numpy %d of 12 planned cells" % done in report
     env_json = json.loads((tmp_path / "results" / "latest" / "numpy" / "env.json").read_text())
     assert len(env_json["planned_cells"]["numpy"]) == 12
+
+
+@pytest.mark.parametrize("args,what", [(["--frameworks", "caffe3"], "unknown framework caffe3"),
+                                       (["--frameworks"], "--frameworks needs names"),
+                                       (["--out", "/tmp/x"], "python -m bench run --out DIR")])
+def test_bench_refuses_bad_choices_before_any_session(tmp_path, args, what):
+    cmd, env = _scratch(tmp_path)
+    res = subprocess.run(cmd + ["-s", "bench", "--"] + args, cwd=str(tmp_path), capture_output=True,
+                         text=True, env=env, timeout=120)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and "Session bench aborted" in log and what in log
+    assert "bench_framework" not in log and not (tmp_path / "results").exists()
