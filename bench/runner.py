@@ -135,26 +135,24 @@ def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 
     """(name, {ok, detail: version or why not}) for each framework, in order: each is imported
     in its own subprocess with its cells' environment, up to ``jobs`` at a time."""
     names = list(names)
-    running: Dict[str, Tuple[subprocess.Popen, float]] = {}
-    started = 0
+    running: Dict[str, Tuple[Optional[subprocess.Popen], float, str]] = {}   # proc, start, error
+    queue = iter(names)
     try:
         for name in names:
-            while started < len(names) and len(running) < max(1, jobs):
-                other = names[started]
-                started += 1
+            while len(running) < max(1, jobs):
+                other = next(queue, None)
+                if other is None:
+                    break
                 try:
-                    proc = subprocess.Popen(
+                    running[other] = (subprocess.Popen(
                         [python, "-m", "bench", "probe", other], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
-                        env=_child_env(CellConfig(other, "lstm", "loop")))
+                        stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True,
+                        env=_child_env(CellConfig(other, "lstm", "loop"))), time.time(), "")
                 except OSError as exc:
-                    proc = None
-                    running[other] = (None, "probe failed: %s" % exc)
-                if proc is not None:
-                    running[other] = (proc, time.time())
-            proc, since = running.pop(name)
-            if proc is None:   # could not start: `since` holds why
-                yield name, {"ok": False, "detail": since}
+                    running[other] = (None, time.time(), "probe failed: %s" % exc)
+            proc, since, error = running.pop(name)
+            if proc is None:
+                yield name, {"ok": False, "detail": error}
                 continue
             try:
                 out, _ = proc.communicate(timeout=max(1.0, since + PROBE_TIMEOUT_S - time.time()))
@@ -167,7 +165,7 @@ def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 
                 info = {"ok": False, "detail": "probe failed: %s" % exc}
             yield name, info
     finally:
-        for proc, _ in running.values():   # an interrupted listing leaves no probe behind
+        for proc, _, _ in running.values():   # an interrupted listing leaves no probe behind
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
