@@ -292,7 +292,6 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(args, cells)
     from .runner import run
-    sys.stderr.write("run: %d cells into %s\n" % (len(cells), args.out))
     return run(cells, args.out, resume=args.resume, overwrite=args.overwrite,
                retry_failed=args.retry_failed, skip_corrupt=args.skip_corrupt)
 

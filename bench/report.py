@@ -652,10 +652,10 @@ def write_report(run_dir: str, out_dir: str, skip_corrupt: bool = False) -> str:
     Each output is written in a scratch directory inside out_dir and renamed
     into place only when all are done, report.md last.
     """
-    require_pandas()
     records, envs = load_run(run_dir, skip_corrupt=skip_corrupt)
     if not records:
         raise UsageError("no records under %s (expected %s files)" % (run_dir, RECORDS))
+    require_pandas()   # after the records: a corrupt or empty run is named first
     os.makedirs(out_dir, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".report-", dir=out_dir)
     try:

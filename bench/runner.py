@@ -446,6 +446,8 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False, overwri
             if kept:
                 out.write("overwrite: the earlier run is kept in %s\n" % kept)
             earlier = []
+        # after every refusal: a refused run says one line, the error
+        out.write("run: %d cells into %s\n" % (len(cells), out_dir))
         return _run_locked(cells, out_dir, path, earlier, retry_failed, python, out)
     finally:
         lock.release()
