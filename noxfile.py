@@ -1,10 +1,13 @@
 """Every job is a nox session. The two the README names:
 
-    nox -s bench    every framework's benchmark (quick preset), then the report
+    nox -s bench    the core frameworks' benchmark (quick preset), a report after each
+                    (`nox -s bench -- --frameworks all`: every framework)
     nox -s tests    unit, equivalence and end-to-end tests
 
-Each framework benchmarks in its own virtualenv with its own Python and pins,
-so one framework's session never needs another framework installed.
+Each framework benchmarks in its own virtualenv with its own Python and pins
+(session `bench_framework(framework=...)`), so one framework's session never needs
+another framework installed; `bench` itself only chooses which of them run, so a
+framework left out costs nothing, not even a virtualenv.
 """
 
 import os
@@ -78,7 +81,14 @@ FRAMEWORKS = {
 CROSS = ["numpy", "torch", "jax", "tensorflow"]
 
 
+def _no_venv(session):
+    """`nox --no-venv`: sessions run in the current environment as it is, installing nothing."""
+    return session.venv_backend == "none"
+
+
 def _install(session, framework, extra=()):
+    if _no_venv(session):
+        return
     session.install(*CORE, *extra)
     for step in FRAMEWORKS[framework][1]:
         session.install(*step)
@@ -206,6 +216,32 @@ def _params(exclude=()):
                            ids=["framework='%s'" % fw for fw in names])
 
 
+# The default `nox -s bench`: the reference and the three frameworks most users choose between.
+CORE_SET = ["numpy", "torch", "jax", "tensorflow"]
+
+
+def split_frameworks(posargs):
+    """``--frameworks A B`` / ``A,B`` / ``all`` -> (names or None, the remaining runner options)."""
+    args, chosen, picking = [], None, False
+    for a in posargs:
+        if a == "--frameworks":
+            chosen, picking = [], True
+        elif picking and not a.startswith("-"):
+            chosen.extend(x for x in a.split(",") if x)
+        else:
+            picking = False
+            args.append(a)
+    if chosen is not None and "all" in chosen:
+        chosen = list(FRAMEWORKS)
+    return chosen, args
+
+
+# The Python of the `bench` session's venv (numpy, pandas, matplotlib): framework sessions
+# it started write the report with it after their run, also when the run fails or is
+# interrupted. None when a framework session runs on its own.
+_REPORT_PYTHON = []
+
+
 def _selected(session, framework):
     """Split posargs: `--frameworks A B` chooses sessions; the rest goes to `bench run`."""
     args, chosen, picking = [], None, False
@@ -228,22 +264,66 @@ def _fresh_or_resumed(args):
     return args if {"--resume", "--overwrite"} & set(args) else ["--overwrite"] + args
 
 
+def _report_now(session):
+    """results/latest/report.md from every record there so far (best effort: a report that
+    cannot be written, e.g. no records yet, never hides the run's own outcome)."""
+    try:
+        session.run(_REPORT_PYTHON[0], "-m", "bench", "report", LATEST, external=True,
+                    env={"PYTHONPATH": ROOT})
+    except BaseException as exc:  # noqa: B036 -- a second Ctrl-C stops the report, not the rest
+        session.warn("report not written: %s" % (exc or type(exc).__name__))
+
+
+@nox.session(python="3.11")
+def bench(session):
+    """The core set (numpy, torch, JAX, TensorFlow), a report after each; -- --frameworks all/NAMES.
+
+    Each chosen framework runs in its own session (bench_framework), which this one queues;
+    the others cost nothing. Other posargs go to `bench run` (e.g. `-- --preset smoke`).
+    """
+    chosen, args = split_frameworks(session.posargs)
+    if chosen == []:
+        session.error("--frameworks needs names (or all); known: %s" % ", ".join(FRAMEWORKS))
+    chosen = chosen or CORE_SET
+    unknown = [fw for fw in chosen if fw not in FRAMEWORKS]
+    if unknown:
+        session.error("unknown framework %s; known: all, %s" % (", ".join(unknown), ", ".join(FRAMEWORKS)))
+    if any(a == "--out" or a.startswith("--out=") for a in args):
+        # every framework would write into that one directory, each moving the last one's aside
+        session.error("nox -s bench writes results/latest/<framework>; for another directory run "
+                      "python -m bench run --out DIR")
+    if _no_venv(session):
+        _REPORT_PYTHON[:] = ["python"]
+    else:
+        session.install(*(CORE + REPORT))
+        _REPORT_PYTHON[:] = [os.path.join(session.bin, "python")]
+    session.log("frameworks: %s; each gets its own venv and results/latest/<framework>, then the "
+                "report is rewritten" % " ".join(chosen))
+    for fw in chosen:
+        session.notify("bench_framework(framework='%s')" % fw, posargs=args)
+
+
 def _bench(session, framework):
-    args = _fresh_or_resumed(_selected(session, framework))
+    args = _fresh_or_resumed(list(session.posargs))
     _install(session, framework)
-    # The report runs once, after every framework, even if a framework's run fails.
-    # Without posargs=[] the report would receive this session's runner options.
-    session.notify("report", posargs=[])
     if not any(a.startswith("--preset") for a in args):
         args = ["--preset", "quick"] + args
-    session.run("python", "-m", "bench", "run", "--frameworks", framework,
-                "--out", os.path.join(LATEST, framework), *args,
-                env=_env(session, framework, {"PYTHONPATH": ROOT}))
+    try:
+        session.run("python", "-m", "bench", "run", "--frameworks", framework,
+                    "--out", os.path.join(LATEST, framework), *args,
+                    env=_env(session, framework, {"PYTHONPATH": ROOT}))
+    finally:
+        if _REPORT_PYTHON:
+            _report_now(session)   # after each framework, and when its run fails or is interrupted
+        else:
+            # On its own: the report session runs once, after this one, even if the run failed.
+            # Without posargs=[] it would receive this session's runner options.
+            session.notify("report", posargs=[])
 
 
 @nox.session
 @_params()
-def bench(session, framework):
+def bench_framework(session, framework):
     """Benchmark one framework into results/latest/<framework> (posargs go to `bench run`)."""
     _bench(session, framework)
 
@@ -301,7 +381,8 @@ def tests(session):
         session.install("numpy==1.21.6", "pytest", "threadpoolctl")
         frameworks = "numpy"
     else:
-        session.install(*(CORE + REPORT + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark"]))
+        # nox: tests/test_noxfile.py runs the bench job's sessions (with --no-venv)
+        session.install(*(CORE + REPORT + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark", "nox"]))
         session.run("python", "-m", "pip", "check")
         frameworks = ",".join(CROSS)
     bench_flags = [] if session.python == "3.8" else ["--benchmark-disable"]

@@ -20,6 +20,11 @@ Order of work, and what is timed:
    root accuracy on dev and test; or, for a ``readout`` cell, reservoir training
    (frozen weights, a ridge readout fitted on their features: ``_readout``).
 
+Every record has ``phase_s``, the seconds each phase took (``PHASES``): all but
+``timed`` is the runner's overhead for the cell. While a cell runs, its current
+phase (and timed pass k of n) is in a small status file the runner polls for its
+progress line; it is written between passes, never inside one.
+
 A cell that reports a throughput, token rate or latency that is not finite and
 positive is recorded ``failed`` with the reason: no such number is published.
 The cell process dies with its runner and at its own deadline (``guard``).
@@ -27,6 +32,7 @@ The cell process dies with its runner and at its own deadline (``guard``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -70,6 +76,76 @@ _HELD = []   # what alloc:MB holds for the life of the process
 def _test_fault(kind: str) -> Optional[str]:
     name, _, value = os.environ.get(TEST_FAULT_ENV, "").partition(":")
     return value if name == kind else None
+
+
+# Where a cell's time goes (rec["phase_s"], seconds). startup: from the runner starting the
+# process to the cell's first line (interpreter, bench's own imports); data: the task (SST
+# from its parse cache, or parsed); imports: the framework and the model object; pool:
+# batches built and prepared, parameters loaded; first_call: the first train step and
+# inference call (compile); gate: the equivalence check; warmup; timed: the timed passes;
+# latency: batch-1 calls; gemm: the framework's GEMM peak (for roofline %); accuracy: the
+# training budget; exit: result written, interpreter shut down, result read by the runner
+# (the runner adds it).
+PHASES = ("startup", "data", "imports", "pool", "first_call", "gate", "warmup", "timed",
+          "latency", "gemm", "accuracy", "exit")
+
+
+class Phases:
+    """Adds up seconds per phase into a dict and tells the runner the current phase.
+
+    The status file holds one JSON object ({"phase", "detail"}), replaced whole; updates
+    within a phase (pass k of n) are written at most every ``min_interval_s``.
+    """
+
+    def __init__(self, seconds: Dict[str, float], status_path: Optional[str] = None,
+                 min_interval_s: float = 0.25):
+        self.seconds = seconds
+        self.path = status_path
+        self.min_interval_s = min_interval_s
+        self.name: Optional[str] = None
+        self.t0 = time.perf_counter()
+        self.written = -math.inf
+
+    def enter(self, name: Optional[str], detail: str = "") -> None:
+        """Close the current phase (its seconds are added) and open ``name`` (None: none)."""
+        now = time.perf_counter()
+        if self.name is not None:
+            self.seconds[self.name] = self.seconds.get(self.name, 0.0) + (now - self.t0)
+        self.name, self.t0 = name, now
+        if name is not None:
+            self.say(detail, force=True)
+
+    def say(self, detail: str, force: bool = False) -> None:
+        if not self.path or self.name is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.written < self.min_interval_s:
+            return
+        self.written = now
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump({"phase": self.name, "detail": detail}, fh)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass   # progress is best effort; the record is what counts
+
+
+_PHASES = Phases({})   # the running cell's (run_cell replaces it)
+
+
+def _phase(name: Optional[str], detail: str = "") -> None:
+    _PHASES.enter(name, detail)
+
+
+def read_status(path: str) -> Optional[Dict]:
+    """The phase a running cell last reported ({"phase", "detail"}), or None."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            status = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def guard(parent_pid: int, timeout_s: float, grace_s: float = WATCHDOG_GRACE_S) -> None:
@@ -181,6 +257,8 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
     supplies the pass durations instead of this loop."""
     per_s, tok_s = [], []
     n_samples, n_tokens = sum(sizes), sum(tokens)
+    what = "train" if call.__name__ == "train_step" else "inference"
+    _PHASES.say("%s pass 1/%d" % (what, repeats), force=True)
     durations = impl.timed_passes(call.__name__, prepared, repeats)
     if durations is None:
         durations = []
@@ -190,6 +268,8 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
                 call(ready)
             impl.sync()
             durations.append(time.perf_counter() - t0)
+            if len(durations) < repeats:
+                _PHASES.say("%s pass %d/%d" % (what, len(durations) + 1, repeats))
     fault = _test_fault("timing")
     if fault is not None:
         durations = [float(fault)] * len(durations)
@@ -320,10 +400,17 @@ def _readout(cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset) -> D
     return out
 
 
-def run_cell(cfg: CellConfig, framework_version: Optional[str] = None) -> Dict:
-    """Measure one cell; always returns a record (status ok / failed / unavailable / not-applicable)."""
+def run_cell(cfg: CellConfig, framework_version: Optional[str] = None,
+             status_path: Optional[str] = None) -> Dict:
+    """Measure one cell; always returns a record (status ok / failed / unavailable / not-applicable).
+
+    ``status_path``: where the current phase goes for the runner's progress line.
+    """
+    global _PHASES
     rec = base_record(cfg)
     rec["framework_version"] = framework_version
+    rec["phase_s"] = {}
+    _PHASES = Phases(rec["phase_s"], status_path)
     t_start = time.perf_counter()
     if os.environ.get(TEST_FAULT_ENV):
         rec["info"]["test_fault"] = os.environ[TEST_FAULT_ENV]
@@ -341,6 +428,7 @@ def run_cell(cfg: CellConfig, framework_version: Optional[str] = None) -> Dict:
         rec["status"] = "failed"
         rec["reason"] = "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         rec["traceback"] = traceback.format_exc()[-4000:]
+    _phase(None)
     rec["peak_rss_mb"] = peak_rss_mb()
     rec["wall_s"] = time.perf_counter() - t_start
     return rec
@@ -360,16 +448,20 @@ def _apply_test_faults() -> None:
 
 def _run(cfg: CellConfig, rec: Dict) -> None:
     family = cfg.family
+    _phase("data")
     dataset = load_task(cfg.task, seed=DATA_SEED)
+    rec["info"]["data_source"] = dataset.origin
     if cfg.batch_size > len(dataset.train):   # the pool is drawn from train: never claim a size
         raise ValueError("batch size %d is larger than %s's training split (%d examples)"
                          % (cfg.batch_size, cfg.task, len(dataset.train)))
     model_cfg = _model_config(cfg, dataset)
+    _phase("pool")
     groups = batch_examples(dataset.train, cfg.batch_size, seed=cfg.seed, bucket=True,
                             drop_last=len(dataset.train) >= cfg.batch_size)[:cfg.pool_batches]
     pool = [_make_batch(family, g) for g in groups]
     rec["batch_hash"] = hash_batches(pool)
 
+    _phase("imports")
     try:
         impl = registry.load(cfg.framework, cfg.model)(model_cfg, cfg.strategy, cfg.device,
                                                       cfg.threads)
@@ -383,6 +475,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
         return
 
     # After the framework import (which may load its own BLAS), before any work.
+    _phase("pool")
     rec["info"]["blas_threads"] = limit_blas_threads(cfg.threads)
     params = init_params(model_cfg, cfg.seed)
     impl.load_params(params)
@@ -391,6 +484,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     # The first calls come before the equivalence check: a framework that traces
     # or compiles lazily would otherwise compile inside the check, and its first
     # timed call would look free. The step they take is undone before the check.
+    _phase("first_call")
     can_train = True
     try:
         rec["compile_s"] = _first_call(impl, impl.train_step, prepared[0])
@@ -402,6 +496,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     impl.load_params(params)
 
     # Equivalence before any timed pass; a cell that fails keeps no timing.
+    _phase("gate")
     check_batch = _make_batch(family, groups[0][:cfg.verify_examples])
     try:
         result = verify.check(impl, model_cfg, params, check_batch, grads=can_train)
@@ -422,6 +517,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     rec["infer_flops_per_sample"] = sum(forward_flops(model_cfg, b) for b in pool) / n
     rec["train_flops_per_sample"] = sum(train_flops(model_cfg, b) for b in pool) / n
 
+    _phase("warmup")
     t0 = time.perf_counter()
     for _ in range(cfg.warmup_passes):
         for ready in prepared:
@@ -436,6 +532,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     impl.sync()
     rec["warmup_s"] = time.perf_counter() - t0
 
+    _phase("timed")
     if can_train:
         rec["train_samples_per_s"], rec["train_tokens_per_s"] = _timed_passes(
             impl, impl.train_step, prepared, sizes, tokens, cfg.repeats)
@@ -445,6 +542,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
         impl, impl.logits, prepared, sizes, tokens, cfg.repeats)
 
     # Batch-1 latency on dev examples; each shape is called once untimed first.
+    _phase("latency")
     singles = [impl.prepare(_make_batch(family, [e]))
                for e in dataset.splits["dev"][:cfg.latency_samples]]
     for ready in singles:
@@ -464,14 +562,17 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     rec["latency_ms_p50"] = percentile(lat, 50)
     rec["latency_ms_p95"] = percentile(lat, 95)
 
+    _phase("gemm")
     try:
         rec["gemm_flops"] = impl.gemm_flops()
     except NotImplementedError:
         pass
 
     if cfg.epochs > 0 and can_train:
+        _phase("accuracy")
         rec["accuracy"] = _accuracy(impl, model_cfg, family, dataset, cfg)
     if cfg.train_mode == "readout":
+        _phase("accuracy")
         rec["accuracy"] = _readout(cfg, model_cfg, family, dataset)
         if not rec["accuracy"]["verified"]:
             rec["status"] = "failed"

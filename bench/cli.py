@@ -197,22 +197,42 @@ def _check_out_dir(path: str, create: bool) -> None:
 
 
 def cmd_list(args) -> int:
-    """Every registry entry with available / unavailable / not-applicable and why.
+    """What can run here: one line per framework (``--verbose``: one per entry, with reasons).
 
-    Availability is this machine's (the framework imports); refusals are those
-    the frameworks declare statically for ``--device``.
+    Availability is this machine's: each framework is imported in its own process, with
+    the environment its cells get (as the runner probes it), so one framework's import
+    cannot change another's answer and their logs stay out of the listing. Refusals are
+    those the frameworks declare statically for ``--device``.
     """
-    probes = {}
-    for fw in registry.FRAMEWORKS:
-        probes[fw] = registry.probe(fw)
-    for fw, model, strategy in registry.entries():
-        ok, detail = probes[fw]
+    from .runner import iter_probes
+    probes = ((fw, (bool(info.get("ok")), str(info.get("detail", ""))))
+              for fw, info in iter_probes(registry.FRAMEWORKS))
+    if args.verbose:
+        probes = dict(probes)
+        for fw, model, strategy in registry.entries():
+            ok, detail = probes[fw]
+            if not ok:
+                status = "unavailable: %s" % detail
+            else:
+                static = registry.not_applicable(fw, model, strategy, args.device)
+                status = ("not-applicable: %s" % static) if static else "available (%s %s)" % (fw, detail)
+            print("%-16s %-9s %-10s %s" % (fw, model, strategy, status))
+        return 0
+    for fw, (ok, detail) in probes:
         if not ok:
-            status = "unavailable: %s" % detail
-        else:
-            static = registry.not_applicable(fw, model, strategy, args.device)
-            status = ("not-applicable: %s" % static) if static else "available (%s %s)" % (fw, detail)
-        print("%-12s %-9s %-10s %s" % (fw, model, strategy, status))
+            print("%-16s %-11s unavailable: %s" % (fw, "-", detail), flush=True)
+            continue
+        entries = registry.entries([fw])
+        refused: "dict[str, list]" = {}
+        for _, model, strategy in entries:
+            if registry.not_applicable(fw, model, strategy, args.device):
+                refused.setdefault(strategy, []).append(model)
+        runs = len(entries) - sum(len(m) for m in refused.values())
+        text = "all %d entries" % len(entries) if not refused else "%d of %d entries; not applicable: %s" % (
+            runs, len(entries), ", ".join("%s (%s)" % (st, " ".join(ms)) for st, ms in refused.items()))
+        print("%-16s %-11s %s" % (fw, detail, text), flush=True)
+    sys.stderr.write("(not applicable: on --device %s; `list --verbose` gives every entry with its "
+                     "reason)\n" % args.device)
     return 0
 
 
@@ -310,7 +330,23 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str], skip_corrupt:
     return out
 
 
+def default_out(root: str = "results") -> str:
+    """A new directory for an ad-hoc run: results/run-YYYYmmdd-HHMMSS (-2, -3... if taken), so
+    that runs never mix cells. ``nox -s bench`` names its own (results/latest/<framework>)."""
+    import time
+    base = os.path.join(root, time.strftime("run-%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = "%s-%d" % (base, n)
+    return path
+
+
 def cmd_run(args) -> int:
+    if args.out is None:
+        if args.resume:
+            raise UsageError("--resume needs --out: the directory of the run to complete")
+        args.out = default_out()
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: complete the run in --out, "
                          "or keep it as a generation and start afresh")
@@ -374,10 +410,16 @@ def cmd_cell(args) -> int:
     RESULT_DISK_FULL, RESULT_UNWRITABLE.
     """
     import errno
+    import time
     from .cell import RESULT_DISK_FULL, RESULT_UNWRITABLE, guard, run_cell
+    started = time.time()
     cfg = CellConfig.from_dict(json.loads(args.config))
     guard(args.parent_pid if args.parent_pid is not None else os.getppid(), cfg.timeout_s)
-    rec = run_cell(cfg, framework_version=args.framework_version)
+    rec = run_cell(cfg, framework_version=args.framework_version, status_path=args.status)
+    if args.spawned_at is not None:
+        # from the runner's Popen to here: interpreter start and bench's own imports
+        startup = {"startup": max(0.0, started - args.spawned_at)}
+        rec["phase_s"] = dict(startup, **rec.get("phase_s", {}))
     tmp = args.result + ".tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -444,44 +486,89 @@ def cmd_compare(args) -> int:
     return compare_main(args)
 
 
+def _presets_text() -> str:
+    """Each preset in one line: what it runs, cells per framework, and its settings."""
+    lines = ["presets (--preset; every cell's settings are also in its record):"]
+    for name in PRESETS:
+        grid = preset(name)
+        one = preset(name, grid.frameworks[:1]).cells()
+        if name == "parity":   # the run keeps one strategy per model (see --fastest-from)
+            one = _keep_fastest(one, None)
+        base = one[0] if one else grid.base
+        doc = (PRESETS[name].__doc__ or "").strip().splitlines()[0].rstrip(".")
+        lines.append("  %-7s %s%s" % (name, "(default) " if name == DEFAULT_PRESET else "", doc))
+        lines.append("          %d cells per framework, %d timed repeats, %d s timeout per cell; "
+                     "frameworks: %s" % (len(one), base.repeats, base.timeout_s,
+                                         " ".join(grid.frameworks)))
+    return "\n".join(lines)
+
+
+DEFAULT_PRESET = "quick"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
     # from resetting what the main parser read.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks")
-    p = _Parser(prog="python -m bench", description="RNN vs RvNN benchmarks across frameworks")
+    p = _Parser(prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="RNN vs RvNN benchmarks across frameworks: every implementation is "
+                            "checked against the NumPy reference before it is timed.",
+                epilog="start here:\n"
+                       "  python -m bench list                                  what can run here\n"
+                       "  python -m bench run --preset smoke --frameworks numpy  a run in seconds\n"
+                       "  python -m bench report results/run-...                report.md, CSV, "
+                       "plots\n"
+                       "every framework in its own venv, then the report: nox -s bench "
+                       "(see README.md)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command")
+    # The internal commands (cell, probe) are added without help: they stay out of --help.
+    sub = p.add_subparsers(dest="command", metavar="{list,run,report,compare,study}", title="commands")
 
     s = sub.add_parser("list", parents=[common],
-                       help="every (framework, model, strategy) and whether it can run here")
+                       help="what can run here: each framework, its version, or why it is unavailable")
     s.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="for refusals that only one device has (default: cpu)")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="one line per (framework, model, strategy), with every reason")
     s.set_defaults(fn=cmd_list)
 
-    s = sub.add_parser("run", parents=[common], help="run a preset's cells, each in its own process")
-    s.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    s = sub.add_parser("run", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="run a preset's cells, each in its own process",
+                       description="Run a preset's cells, each in a fresh process: the equivalence "
+                                   "check first, then the timed passes. Options below narrow or "
+                                   "override the preset.",
+                       epilog=_presets_text())
+    s.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                   help="what to run (default: %(default)s; see below)")
     s.add_argument("--frameworks", nargs="+", type=_names("framework", list(registry.FRAMEWORKS)),
-                   help="e.g. torch jax (default: the preset's)")
+                   help="e.g. torch jax (default: the preset's; `python -m bench list` shows "
+                        "which import here)")
     s.add_argument("--models", nargs="+", type=_names("model", MODELS),
-                   help="elman lstm rvnn treelstm")
+                   help="keep these models: elman lstm rvnn treelstm (default: all)")
     s.add_argument("--strategies", nargs="+", type=_names("strategy", sum(STRATEGIES.values(), ())),
-                   help="loop fused compiled recursive levels")
+                   help="keep these strategies: loop fused compiled recursive levels (default: all)")
     s.add_argument("--tasks", nargs="+", type=_names("task", check_task_name),
-                   help="sst sst2 listops synth-SHAPE-N")
-    s.add_argument("--batch-sizes", nargs="+", type=_int_list("batch size", MAX_BATCH))
+                   help="sst sst2 listops synth-SHAPE-N (default: the preset's; quick: sst)")
+    s.add_argument("--batch-sizes", nargs="+", type=_int_list("batch size", MAX_BATCH),
+                   help="replace the preset's batch sizes (quick: 25)")
     s.add_argument("--seeds", nargs="+", type=_whole_list("seed", 0, 2 ** 31 - 1),
                    help="replace the preset's seeds, e.g. --seeds 0")
-    s.add_argument("--device", choices=["cpu", "gpu"])
-    s.add_argument("--threads", type=_positive_int("threads", MAX_THREADS))
-    s.add_argument("--repeats", type=_positive_int("repeats", MAX_REPEATS))
-    s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S), help="seconds per cell")
+    s.add_argument("--device", choices=["cpu", "gpu"], help="(default: the preset's; cpu but for gpu)")
+    s.add_argument("--threads", type=_positive_int("threads", MAX_THREADS),
+                   help="threads per cell, set for every pool (default: the preset's; quick: 2)")
+    s.add_argument("--repeats", type=_positive_int("repeats", MAX_REPEATS),
+                   help="timed passes over the pool per cell (default: the preset's; quick: 7)")
+    s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S),
+                   help="seconds per cell before it is killed (default: the preset's; quick: 900)")
     s.add_argument("--epochs", type=_epochs,
                    help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
     s.add_argument("--spectral-radius", type=_positive_float("spectral radius"),
                    help="readout cells: radius of the frozen recurrent/composition blocks")
-    s.add_argument("--out", default=os.path.join("results", "latest"))
+    s.add_argument("--out", metavar="DIR",
+                   help="run directory (default: a new results/run-YYYYmmdd-HHMMSS, printed at the "
+                        "start; --resume needs the directory named)")
     s.add_argument("--resume", action="store_true",
                    help="complete the run in --out: skip cells already recorded there")
     s.add_argument("--retry-failed", action="store_true",
@@ -508,9 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", parents=[common],
-                       help="report.md, summary.csv and plots from a run directory")
-    s.add_argument("run_dir")
-    s.add_argument("--out")
+                       help="report.md, summary.csv and plots from a run directory (needs pandas; "
+                            "plots need matplotlib)")
+    s.add_argument("run_dir", help="a run directory; runs in its sub-directories are read too")
+    s.add_argument("--out", metavar="DIR", help="where the outputs go (default: RUN_DIR)")
     s.add_argument("--readme", help="also rewrite this README's generated tables from the run")
     s.add_argument("--also", nargs="+", help="more run directories for the README tables")
     s.add_argument("--skip-corrupt", action="store_true",
@@ -552,14 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic sequences per length (default 8)")
     s.set_defaults(fn=cmd_study)
 
-    s = sub.add_parser("cell", help=argparse.SUPPRESS)
+    s = sub.add_parser("cell")
     s.add_argument("--config", required=True)
     s.add_argument("--result", required=True)
     s.add_argument("--framework-version")
     s.add_argument("--parent-pid", type=int)
+    s.add_argument("--status", help="file the cell keeps its current phase in, for the runner")
+    s.add_argument("--spawned-at", type=float, help="time.time() when the runner started it")
     s.set_defaults(fn=cmd_cell)
 
-    s = sub.add_parser("probe", help=argparse.SUPPRESS)
+    s = sub.add_parser("probe")
     s.add_argument("framework", choices=list(registry.FRAMEWORKS))
     s.set_defaults(fn=cmd_probe)
     return p

@@ -16,7 +16,7 @@ so it only goes to nodes that have the framework. Cells that time nothing
 label) are recorded on the head and never leave it.
 
 On the node the framework's interpreter is, in order: ``--node-python FW=PATH``
-from the head; the node's nox venv ``ROOT/.nox/bench-framework-FW``; the node's
+from the head; the node's nox venv ``ROOT/.nox/bench_framework-framework-FW``; the node's
 own interpreter. A node where the framework does not import records the cell
 ``unavailable``, naming the node.
 
@@ -110,12 +110,16 @@ _PROBES: Dict[Tuple[str, str], Dict] = {}   # (python, framework) -> probe, per 
 def nox_python(root: str, framework: str) -> Optional[str]:
     """The interpreter of the node's nox venv for the framework's benchmark session, if any.
 
-    ``nox -s "bench(framework='FW')"`` makes ``.nox/bench-framework-FW`` (nox keeps
-    letters, digits and dashes of the session name).
+    ``nox -s "bench_framework(framework='FW')"`` makes ``.nox/bench_framework-framework-FW``
+    (nox keeps letters, digits, underscores and dashes of the session name); checkouts from
+    before that session's rename have ``.nox/bench-framework-FW``.
     """
-    name = "bench-framework-" + re.sub(r"[^\w-]+", "-", framework).strip("-").lower()
-    path = os.path.join(root, ".nox", name, "bin", "python")
-    return path if os.path.exists(path) else None
+    slug = re.sub(r"[^\w-]+", "-", framework).strip("-").lower()
+    for name in ("bench_framework-framework-" + slug, "bench-framework-" + slug):
+        path = os.path.join(root, ".nox", name, "bin", "python")
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def node_interpreter(framework: str, node_pythons: Dict[str, str], root: str

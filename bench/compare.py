@@ -12,7 +12,11 @@ Cells are matched by their configuration (``cell_id``). For each matched
 Only when both hold is the change a regression. Under no change the
 false-alarm rate is at most ALPHA; a real slowdown equal to the threshold is
 caught whenever the samples separate, which ``tests/test_compare.py`` checks
-on synthetic data.
+on synthetic data. A speed-up is judged the same way in the other direction: an
+*improvement* when it is significant and its interval reaches the threshold,
+*faster, within threshold* when it is significant only. Where so few repeats
+were taken that no arrangement of them could reach ALPHA (3 against 3: at best
+p = 0.05), the verdict says so instead of "no change".
 
 A cell that is ``ok`` in BASE but missing, not ``ok`` or without finite
 samples in NEW is a *lost cell*: a regression the statistics cannot see.
@@ -133,23 +137,39 @@ class Change:
     ci_low: float
     ci_high: float
     p_slower: float
-    verdict: str   # regression | slower (within threshold) | noise | faster
+    verdict: str   # see VERDICTS
+
+
+REGRESSION, IMPROVEMENT = "REGRESSION", "improvement"
+NO_CHANGE = "no change (noise)"
+VERDICTS = (REGRESSION, "slower, within threshold", NO_CHANGE, "faster, within threshold",
+            IMPROVEMENT, "too few repeats to tell")
+
+
+def smallest_p(n: int, m: int) -> float:
+    """The smallest one-sided p-value the exact test can give for n vs m samples (no ties)."""
+    return 1.0 / math.comb(n + m, n) if n and m else 1.0
 
 
 def judge(base: Sequence[float], new: Sequence[float], threshold: Threshold,
           alpha: float = ALPHA, seed: int = 0) -> Tuple[str, float, Tuple[float, float, float]]:
-    """Verdict for one metric's raw samples (higher is better)."""
+    """Verdict for one metric's raw samples (higher is better); one of VERDICTS."""
     p_slower = mann_whitney_less(new, base)
     p_faster = mann_whitney_less(base, new)
     point, lo, hi = slowdown_ci(base, new, seed=seed)
     if p_slower < alpha and hi >= threshold.fraction:
-        verdict = "REGRESSION"
+        verdict = REGRESSION
     elif p_slower < alpha:
         verdict = "slower, within threshold"
+    elif p_faster < alpha and lo <= -threshold.fraction:
+        verdict = IMPROVEMENT
     elif p_faster < alpha:
-        verdict = "faster"
+        verdict = "faster, within threshold"
+    elif len(base) <= 30 and len(new) <= 30 and smallest_p(len(base), len(new)) >= alpha:
+        # No outcome of so few repeats could be significant: "no change" would be a guess.
+        verdict = "too few repeats to tell"
     else:
-        verdict = "no change (noise)"
+        verdict = NO_CHANGE
     return verdict, p_slower, (point, lo, hi)
 
 
@@ -288,7 +308,12 @@ def main(args) -> int:
                                                                   if allow else ""))
         for item in lost:
             print("  %s: %s" % (item.label, item.why))
-    bad = [c for c in changes if c.verdict == "REGRESSION"]
-    print("\n%d comparisons, %d regressions, %d lost cells (threshold %.0f%%, alpha %g)"
-          % (len(changes), len(bad), len(lost), 100 * threshold.fraction, ALPHA))
+    bad = [c for c in changes if c.verdict == REGRESSION]
+    better = [c for c in changes if c.verdict == IMPROVEMENT]
+    blind = [c for c in changes if c.verdict == "too few repeats to tell"]
+    print("\n%d comparisons, %d regressions, %d improvements, %d lost cells (threshold %.0f%%, "
+          "alpha %g)%s" % (len(changes), len(bad), len(better), len(lost), 100 * threshold.fraction,
+                           ALPHA, "; %d with too few repeats to tell (no outcome of so few could "
+                           "reach p < %g: rerun with more --repeats)" % (len(blind), ALPHA)
+                           if blind else ""))
     return 1 if bad or (lost and not allow) else 0

@@ -157,7 +157,7 @@ def smoke(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
 
 
 def quick(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
-    """The default: SST 5-class, batch 25, hidden 150, 2 threads, CPU; every model and strategy."""
+    """SST 5-class, batch 25, hidden 150, 2 threads, CPU; every model and strategy."""
     return Grid(tuple(frameworks), base=CellConfig("numpy", "lstm", "loop"))
 
 

@@ -8,7 +8,7 @@ recipe that would install it elsewhere.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from . import registry
 from .params import RNN_MODELS, RVNN_MODELS
@@ -45,8 +45,14 @@ def _strategies(recs: List[Dict], models) -> str:
     return ", ".join(ok) if ok else "-"
 
 
-def coverage_rows(records: List[Dict]) -> List[Dict]:
-    """One row per seed framework: what ran, what was verified and timed, and why not."""
+def coverage_rows(records: List[Dict], incomplete: Optional[Dict[str, Tuple[int, int]]] = None
+                  ) -> List[Dict]:
+    """One row per seed framework: what ran, what was verified and timed, and why not.
+
+    ``incomplete``: {registry framework: (cells recorded, cells planned)} for runs that did
+    not finish; such a framework's status starts with "incomplete", never a bare "ok".
+    """
+    incomplete = incomplete or {}
     rows = []
     for name, (fws, why_not, recipe) in SEED_FRAMEWORKS.items():
         registered = [f for f in fws if f in registry.FRAMEWORKS]
@@ -62,6 +68,11 @@ def coverage_rows(records: List[Dict]) -> List[Dict]:
             reasons = sorted({"%s: %s" % (r["status"], r["reason"]) for r in recs
                               if r["status"] in ("unavailable", "failed", "timeout", "oom")})
             status = "ok" if ok else "no cell ran"
+            short = ["%s %d of %d planned cells recorded" % (f, *incomplete[f])
+                     for f in registered if f in incomplete]
+            if short:
+                status = "incomplete: %s (interrupted or still running)%s" % (
+                    ", ".join(short), "" if status == "ok" else "; " + status)
             if reasons:
                 status += "; " + "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
         diffs = [r["verify_max_abs_diff"] for r in ok if r.get("verify_max_abs_diff") is not None]

@@ -11,6 +11,10 @@ generations are not read, the last record of a cell wins); medians, IQRs and
 ``repeats`` use finite samples only. Outputs are written into a scratch
 directory and renamed into place, so an interrupted report leaves the previous
 outputs whole.
+
+pandas is required (``UsageError`` naming the install command without it);
+matplotlib is optional: without it the report and CSV are complete, with a line
+saying why there are no plots.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,8 +41,34 @@ SUMMARY_COLUMNS = [
     # beyond the contract
     "train_iqr", "infer_iqr", "repeats", "latency_ms_p95", "device_peak_mb", "infer_speedup_vs_baseline",
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
-    "threads_applied", "epochs", "loss_mode", "machine", "train_mode",
+    "threads_applied", "epochs", "loss_mode", "machine", "train_mode", "cell_wall_s", "timed_s",
+    "overhead_s",
 ]
+# Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
+QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
+# Phases a cell reports (bench.cell.PHASES) and their column names in the overhead table.
+OVERHEAD_PHASES = (("startup", "process start"), ("data", "data"), ("imports", "imports"),
+                   ("pool", "pool"), ("first_call", "first call"), ("gate", "gate"),
+                   ("warmup", "warm-up"), ("latency", "latency"), ("gemm", "GEMM peak"),
+                   ("accuracy", "accuracy"), ("exit", "exit"))
+
+
+def require_pandas() -> None:
+    """Refuse in one line where pandas is missing (a report without it would be a second,
+    hand-written copy of every table)."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        raise UsageError("python -m bench report needs pandas (and matplotlib for the plots): "
+                         "pip install pandas matplotlib, or let `nox -s report` install both") from None
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_run(run_dir: str, skip_corrupt: bool = False) -> Tuple[List[dict], List[dict]]:
@@ -79,11 +110,26 @@ def _repeats(r: Dict) -> int:
 
 
 def _iqr(xs) -> Optional[float]:
+    q = _quartiles(xs)
+    return q[1] - q[0] if q else None
+
+
+def _quartiles(xs) -> Optional[Tuple[float, float]]:
     xs = finite_samples(xs)
     if len(xs) < 2:
         return None
     q1, q3 = np.percentile(xs, [25, 75])
-    return float(q3 - q1)
+    return float(q1), float(q3)
+
+
+def _timed_and_overhead(r: Dict) -> Tuple[Optional[float], Optional[float]]:
+    """Seconds of timed passes, and everything else the cell's wall took (the runner's
+    overhead): from phase_s and cell_wall_s, where the record has them."""
+    phases, wall = r.get("phase_s"), r.get("cell_wall_s")
+    if not isinstance(phases, dict) or not isinstance(wall, (int, float)):
+        return None, None
+    timed = float(phases.get("timed", 0.0))
+    return timed, max(0.0, float(wall) - timed)
 
 
 def machine_label(m: Optional[Dict]) -> str:
@@ -113,6 +159,9 @@ def summarise(records: List[Dict]):
     rows = []
     for r in records:
         train, infer = _median(r.get("train_samples_per_s")), _median(r.get("infer_samples_per_s"))
+        tq = _quartiles(r.get("train_samples_per_s")) or (train, train)
+        iq = _quartiles(r.get("infer_samples_per_s")) or (infer, infer)
+        timed, overhead = _timed_and_overhead(r)
         acc = r.get("accuracy") or {}
         roof = None
         gemm = r.get("gemm_flops")
@@ -141,8 +190,10 @@ def summarise(records: List[Dict]):
             "loss_mode": (r.get("config") or {}).get("loss_mode", "root"),
             "machine": machine_label(r.get("machine")),
             "train_mode": (r.get("config") or {}).get("train_mode", "full"),
+            "cell_wall_s": r.get("cell_wall_s"), "timed_s": timed, "overhead_s": overhead,
+            "train_q1": tq[0], "train_q3": tq[1], "infer_q1": iq[0], "infer_q3": iq[1],
         })
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["_key"])
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + QUARTILE_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
     for i, row in df.iterrows():
         base = df[(df["_key"] == row["_key"]) & (df["status"] == "ok") &
@@ -404,6 +455,39 @@ def _newest_run_per_cell(df, envs: List[Dict]):
     return newest[newest["_t"] == last].drop(columns=["_t"])
 
 
+def throughput_bars(df, envs: Optional[List[Dict]] = None):
+    """What the throughput plot shows: (task, batch, device) -> {model: rows}.
+
+    The most common (task, batch size, device) of the timed cells, each cell's newest run;
+    one row per framework/strategy with train and inference medians and their quartiles.
+    Inference-only cells are rows too (no train bar). Rows sorted by train, then inference.
+    """
+    timed = df[(df["status"] == "ok") & df["accuracy"].isna()
+               & (df["train_samples_per_s"].notna() | df["infer_samples_per_s"].notna())]
+    if timed.empty:
+        return None, {}
+    main = timed.groupby(["task", "batch_size", "device"]).size().idxmax()
+    sub = timed[(timed["task"] == main[0]) & (timed["batch_size"] == main[1])
+                & (timed["device"] == main[2])]
+    sub = _newest_run_per_cell(sub, envs or [])
+    values = ["train_samples_per_s", "infer_samples_per_s"] + QUARTILE_COLUMNS
+    per = {}
+    for model in [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(sub["model"])]:
+        rows = sub[sub["model"] == model].groupby(["framework", "strategy"], as_index=False)[
+            values].median()
+        rows["_order"] = rows["train_samples_per_s"].fillna(0)
+        per[model] = rows.sort_values(["_order", "infer_samples_per_s"]).drop(columns=["_order"])
+    return main, per
+
+
+def _error_bars(rows, metric: str):
+    """Asymmetric x error bars from the quartiles: [median - q1, q3 - median], never negative."""
+    med = rows["%s_samples_per_s" % metric]
+    lo = (med - rows["%s_q1" % metric]).clip(lower=0).fillna(0)
+    hi = (rows["%s_q3" % metric] - med).clip(lower=0).fillna(0)
+    return np.vstack([lo.to_numpy(dtype=float), hi.to_numpy(dtype=float)])
+
+
 def plots(df, out_dir: str, envs: Optional[List[Dict]] = None) -> List[str]:
     """PNG plots; returns the file names written."""
     import matplotlib
@@ -413,15 +497,11 @@ def plots(df, out_dir: str, envs: Optional[List[Dict]] = None) -> List[str]:
     written = []
     ok = df[(df["status"] == "ok") & df["train_samples_per_s"].notna() & df["accuracy"].isna()]
 
-    # 1. Throughput by framework and strategy, on the most common (task, batch, device).
-    if not ok.empty:
-        main = ok.groupby(["task", "batch_size", "device"]).size().idxmax()
-        sub = ok[(ok["task"] == main[0]) & (ok["batch_size"] == main[1]) & (ok["device"] == main[2])]
-        sub = _newest_run_per_cell(sub, envs or [])
-        models = [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(sub["model"])]
-        per = {m: (sub[sub["model"] == m].groupby(["framework", "strategy"], as_index=False)[
-            ["train_samples_per_s", "infer_samples_per_s"]].median()
-            .sort_values("train_samples_per_s")) for m in models}
+    # 1. Throughput by framework and strategy, on the most common (task, batch, device);
+    # inference-only cells too; error bars span the interquartile range of the repeats.
+    main, per = throughput_bars(df, envs)
+    if per:
+        models = list(per)
         cols = min(2, len(models))
         rows_n = -(-len(models) // cols)
         tallest = max(len(t) for t in per.values())
@@ -433,21 +513,32 @@ def plots(df, out_dir: str, envs: Optional[List[Dict]] = None) -> List[str]:
         for ax, model in zip(axes.flat, models):
             m = per[model]
             y = np.arange(len(m))
-            ax.barh(y + 0.2, m["train_samples_per_s"], height=0.4, color="tab:blue", label="train")
-            ax.barh(y - 0.2, m["infer_samples_per_s"], height=0.4, color="tab:orange",
-                    label="inference")
+            train = m["train_samples_per_s"].notna().to_numpy()
+            infer = m["infer_samples_per_s"].notna().to_numpy()
+            for shown, metric, shift, color, name in ((train, "train", 0.2, "tab:blue", "train"),
+                                                      (infer, "infer", -0.2, "tab:orange", "inference")):
+                if shown.any():
+                    ax.barh(y[shown] + shift, m["%s_samples_per_s" % metric][shown], height=0.4,
+                            color=color, label=name, xerr=_error_bars(m[shown], metric), capsize=2,
+                            error_kw={"elinewidth": 0.8})
             ax.set_xscale("log")
+            # whole decades around every bar and whisker, so the axis always has labelled ticks
+            ends = m[["train_q1", "infer_q1", "train_q3", "infer_q3", "train_samples_per_s",
+                      "infer_samples_per_s"]].to_numpy(dtype=float)
+            ends = ends[np.isfinite(ends) & (ends > 0)]
+            if ends.size:
+                ax.set_xlim(10 ** np.floor(np.log10(ends.min())), 10 ** np.ceil(np.log10(ends.max())))
             ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels collide on short spans
             ax.set_yticks(y)
-            ax.set_yticklabels(["%s %s" % (a, b) for a, b in zip(m["framework"], m["strategy"])],
-                               fontsize=8)
+            ax.set_yticklabels(["%s %s%s" % (a, b, "" if t else " (inference only)")
+                                for a, b, t in zip(m["framework"], m["strategy"], train)], fontsize=8)
             ax.set_ylim(-0.7, len(m) - 0.3)
             ax.set_title(model)
             ax.set_xlabel("examples / s (log scale)")
             ax.grid(axis="x", alpha=0.3)
         axes.flat[0].legend(fontsize=8, loc="lower right")
-        fig.suptitle("Throughput: %s, batch %s, %s (median of repeats; the newest run of each cell)"
-                     % main)
+        fig.suptitle("Throughput: %s, batch %s, %s (median of repeats, bars: IQR; the newest run "
+                     "of each cell)" % main)
         fig.tight_layout(rect=(0, 0, 1, 0.98))
         fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=110)
         plt.close(fig)
@@ -533,8 +624,56 @@ def plots(df, out_dir: str, envs: Optional[List[Dict]] = None) -> List[str]:
     return written
 
 
-def _coverage_section(records) -> str:
-    rows = coverage_rows(records)
+def incomplete_runs(records: List[Dict], envs: List[Dict]) -> Dict[str, Tuple[int, int]]:
+    """{framework: (cells recorded, cells planned)} for each framework whose run directory's
+    env.json planned cells that have no record there (interrupted, or still running)."""
+    out: Dict[str, Tuple[int, int]] = {}
+    for env in envs:
+        where = env.get("_dir", ".")
+        for fw, ids in (env.get("planned_cells") or {}).items():
+            planned = set(ids)
+            have = {r.get("cell_id") for r in records
+                    if r.get("run", ".") == where and r.get("framework") == fw}
+            missing = planned - have
+            if missing:
+                done, total = out.get(fw, (0, 0))
+                out[fw] = (done + len(planned) - len(missing), total + len(planned))
+    return out
+
+
+def _overhead_section(df) -> str:
+    """Where each cell's time went: the timed passes, and the runner's overhead by phase."""
+    rows, totals = [], {}
+    have = df[df["cell_wall_s"].notna() & df["overhead_s"].notna()]
+    if have.empty:
+        return "_no record here has per-phase times (records older than this runner)_"
+    for _, r in have.sort_values(["framework", "model", "strategy"]).iterrows():
+        phases = r["_phase_s"] or {}
+        rows.append(["%s/%s/%s" % (r["framework"], r["model"], r["strategy"]),
+                     "%s b%s" % (r["task"], r["batch_size"]), _fmt(r["cell_wall_s"], "%.1f"),
+                     _fmt(r["timed_s"], "%.1f"), "%s (%s%%)" % (
+                         _fmt(r["overhead_s"], "%.1f"),
+                         _fmt(100 * r["overhead_s"] / r["cell_wall_s"] if r["cell_wall_s"] else None,
+                              "%.0f"))]
+                    + [_fmt(phases.get(key), "%.1f") for key, _ in OVERHEAD_PHASES])
+        t = totals.setdefault(r["framework"], [0, 0.0, 0.0, 0.0])
+        t[0] += 1
+        t[1] += r["cell_wall_s"]
+        t[2] += r["timed_s"]
+        t[3] += r["overhead_s"]
+    summary = _md_table(["framework", "cells", "wall s", "timed s", "overhead s", "overhead share"],
+                        [[fw, str(n), "%.0f" % w, "%.0f" % t, "%.0f" % o,
+                          "%.0f%%" % (100 * o / w if w else 0)] for fw, (n, w, t, o) in totals.items()])
+    detail = _md_table(["cell", "task", "wall s", "timed s", "overhead s (share)"]
+                       + [name for _, name in OVERHEAD_PHASES], rows)
+    return ("Each cell's wall time from the runner's side: the timed passes, and the rest (the "
+            "runner's overhead: process start, imports, data, pool, first call, the equivalence "
+            "gate, warm-up, latency and GEMM-peak probes, exit), seconds per phase.\n\n"
+            + summary + "\n\n" + detail)
+
+
+def _coverage_section(records, incomplete: Optional[Dict[str, Tuple[int, int]]] = None) -> str:
+    rows = coverage_rows(records, incomplete)
     header = ["framework", "entries", "RNN", "RvNN", "equivalence verified", "CPU timed",
               "GPU timed", "status / reason"]
     return _md_table(header, [[r[h] for h in header] for r in rows])
@@ -564,6 +703,7 @@ def write_report(run_dir: str, out_dir: str, skip_corrupt: bool = False) -> str:
     records, envs = load_run(run_dir, skip_corrupt=skip_corrupt)
     if not records and not load_gradient_rows(run_dir):
         raise UsageError("no records under %s (expected %s files)" % (run_dir, RECORDS))
+    require_pandas()   # after the records: a corrupt or empty run is named first
     os.makedirs(out_dir, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".report-", dir=out_dir)
     try:
@@ -588,10 +728,21 @@ def _write_study_outputs(run_dir: str, out_dir: str) -> None:
                             % os.path.basename(os.path.abspath(run_dir)), ""] + studies) + "\n")
 
 
+NO_MATPLOTLIB = "no plots: matplotlib is not installed here (pip install matplotlib)"
+
+
 def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir: str) -> None:
     df = summarise(records)
-    df.to_csv(os.path.join(out_dir, "summary.csv"), index=False, float_format="%.6g")
-    images = plots(df, out_dir, envs)
+    df.to_csv(os.path.join(out_dir, "summary.csv"), index=False, float_format="%.6g",
+              columns=SUMMARY_COLUMNS)
+    if have_matplotlib():
+        images = plots(df, out_dir, envs)
+    else:
+        images = []
+        sys.stderr.write("report: %s; report.md and summary.csv are complete\n" % NO_MATPLOTLIB)
+    df["_phase_s"] = [r.get("phase_s") if isinstance(r.get("phase_s"), dict) else None
+                      for r in records]
+    incomplete = incomplete_runs(records, envs)
     counts = df["status"].value_counts().to_dict()
     md = ["# Benchmark report", "",
           "Built from `%s` by `python -m bench report`; every number below comes from the raw "
@@ -600,13 +751,19 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
           "roofline %% is achieved matmul FLOP/s over the same framework's GEMM peak in the same "
           "cell (float32, same threads). Only cells that passed the equivalence check against "
           "the NumPy reference are timed." % os.path.basename(os.path.abspath(run_dir)), "",
-          "Cells: " + ", ".join("%s %d" % kv for kv in sorted(counts.items())), "",
-          "## Environment", "", _env_section(envs, records), ""]
+          "Cells: " + ", ".join("%s %d" % kv for kv in sorted(counts.items())), ""]
+    if incomplete:
+        md += ["**Incomplete:** %s (their runs were interrupted or are still going; "
+               "`--resume` completes them)." % ", ".join(
+                   "%s %d of %d planned cells" % (fw, done, total)
+                   for fw, (done, total) in sorted(incomplete.items())), ""]
+    md += ["## Environment", "", _env_section(envs, records), ""]
     machines = _machines_section(records)
     if machines:
         md += ["## Machines", "", machines, ""]
-    md += ["## Coverage", "", _coverage_section(records), "",
+    md += ["## Coverage", "", _coverage_section(records, incomplete), "",
            "## Results", "", _results_section(df, records), "",
+           "## Where each cell's time goes", "", _overhead_section(df), "",
            "## What Keras costs over its backend", "", _wrapper_section(df), "",
            "## Accuracy", "", _accuracy_section(df), "",
            "## Learning-parity goals", "", _anchors_section(df), ""]
@@ -614,12 +771,15 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
     md += studies
     if images:
         md += ["## Plots", ""] + ["![%s](%s)" % (img[:-4].replace("_", " "), img) for img in images]
+    elif not have_matplotlib():
+        md += ["## Plots", "", "_%s._" % (NO_MATPLOTLIB[0].upper() + NO_MATPLOTLIB[1:])]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(md) + "\n")
 
 
 def readme_blocks(run_dirs: List[str], skip_corrupt: bool = False) -> Dict[str, str]:
     """Markdown blocks for the README, generated from published runs."""
+    require_pandas()
     records: List[Dict] = []
     for d in run_dirs:
         records.extend(load_run(d, skip_corrupt=skip_corrupt)[0])

@@ -26,15 +26,16 @@ import errno
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import registry
-from .cell import RESULT_DISK_FULL, RESULT_UNWRITABLE, WATCHDOG_EXIT, base_record
+from .cell import RESULT_DISK_FULL, RESULT_UNWRITABLE, WATCHDOG_EXIT, base_record, read_status
 from .config import CellConfig, UsageError
 from .environment import describe, thread_env
 from .records import (CELL_TEMP_PREFIX, ENV, FAILED, RECORDS, STATUSES, EnvironmentProblem,
@@ -45,14 +46,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CELL_NUMBER = itertools.count(1)   # result file names: unique within this runner (it holds the lock)
 
 
-class Progress:
-    """A one-line progress bar on stderr (a line per cell when stderr is not a terminal)."""
+# What the progress line calls each phase a cell reports (bench.cell.PHASES).
+PHASE_WORDS = {"data": "loading data", "imports": "importing the framework",
+               "pool": "preparing batches", "first_call": "first call (compile)",
+               "gate": "equivalence check", "warmup": "warm-up", "timed": "timed",
+               "latency": "batch-1 latency", "gemm": "GEMM peak",
+               "accuracy": "training for accuracy"}
+POLL_S = 1.0   # how often the runner looks at a running cell's phase
 
-    def __init__(self, total: int, stream=None):
+
+def describe_status(status: Optional[Dict]) -> str:
+    """``{"phase": "timed", "detail": "train pass 3/7"}`` -> ``timed: train pass 3/7``."""
+    if not status or not status.get("phase"):
+        return "starting"
+    words = PHASE_WORDS.get(status["phase"], str(status["phase"]))
+    return "%s: %s" % (words, status["detail"]) if status.get("detail") else words
+
+
+class Progress:
+    """Progress on stderr. On a terminal, one line redrawn every second: cells done, the run's
+    elapsed time, the running cell, its elapsed time and phase (timed pass k of n). In a log
+    (not a terminal): a line per finished cell, and a line every ``every_s`` seconds while
+    one cell runs long, so that no cell runs for minutes without output."""
+
+    def __init__(self, total: int, stream=None, every_s: float = 30.0):
         self.total, self.done = total, 0
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.time()
+        self.every_s = every_s
+        self.label, self.noted = "", 0.0
 
     def _elapsed(self) -> str:
         s = int(time.time() - self.t0)
@@ -66,19 +89,34 @@ class Progress:
         except (OSError, ValueError):
             pass
 
-    def start(self, label: str) -> None:
-        if self.tty:
-            width = 24
-            filled = int(width * self.done / max(1, self.total))
-            line = "[%s%s] %d/%d %s  %s" % ("#" * filled, "." * (width - filled), self.done,
-                                           self.total, self._elapsed(), label)
-            self._write("\r\033[K" + line[:160])
+    def _draw(self, what: str) -> None:
+        width = 24
+        filled = int(width * self.done / max(1, self.total))
+        line = "[%s%s] %d/%d %s  %s  %s" % ("#" * filled, "." * (width - filled), self.done,
+                                            self.total, self._elapsed(), self.label, what)
+        columns = shutil.get_terminal_size((160, 24)).columns
+        self._write("\r\033[K" + line[:max(20, columns - 1)])
 
-    def finish(self, label: str, status: str, seconds: float) -> None:
+    def start(self, label: str) -> None:
+        self.label, self.noted = label, 0.0
+        if self.tty:
+            self._draw("starting")
+
+    def update(self, status: Optional[Dict], elapsed: float) -> None:
+        """The running cell's phase, as its status file says, ``elapsed`` seconds in."""
+        what = describe_status(status)
+        if self.tty:
+            self._draw("%ds %s" % (elapsed, what))
+        elif elapsed - self.noted >= self.every_s:
+            self.noted = elapsed
+            self._write("    ... %s: %ds, %s\n" % (self.label, elapsed, what))
+
+    def finish(self, label: str, status: str, seconds: float, timed: Optional[float] = None) -> None:
         self.done += 1
         if not self.tty:
-            self._write("[%d/%d %s] %-15s %6.1fs  %s\n" % (
-                self.done, self.total, self._elapsed(), status, seconds, label))
+            self._write("[%d/%d %s] %-15s %6.1fs  %s%s\n" % (
+                self.done, self.total, self._elapsed(), status, seconds, label,
+                "  (timed %.1fs)" % timed if timed is not None else ""))
 
     def close(self) -> None:
         if self.tty:
@@ -95,19 +133,52 @@ def _child_env(cfg: CellConfig) -> Dict[str, str]:
     return env
 
 
+PROBE_TIMEOUT_S = 300
+
+
+def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 4):
+    """(name, {ok, detail: version or why not}) for each framework, in order: each is imported
+    in its own subprocess with its cells' environment, up to ``jobs`` at a time."""
+    names = list(names)
+    running: Dict[str, Tuple[Optional[subprocess.Popen], float, str]] = {}   # proc, start, error
+    queue = iter(names)
+    try:
+        for name in names:
+            while len(running) < max(1, jobs):
+                other = next(queue, None)
+                if other is None:
+                    break
+                try:
+                    running[other] = (subprocess.Popen(
+                        [python, "-m", "bench", "probe", other], stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True,
+                        env=_child_env(CellConfig(other, "lstm", "loop"))), time.time(), "")
+                except OSError as exc:
+                    running[other] = (None, time.time(), "probe failed: %s" % exc)
+            proc, since, error = running.pop(name)
+            if proc is None:
+                yield name, {"ok": False, "detail": error}
+                continue
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, since + PROBE_TIMEOUT_S - time.time()))
+                info = json.loads(out.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                info = {"ok": False, "detail": "probe failed: no answer in %d s" % PROBE_TIMEOUT_S}
+            except Exception as exc:  # a probe that crashes means unavailable, never a broken run
+                info = {"ok": False, "detail": "probe failed: %s" % exc}
+            yield name, info
+    finally:
+        for proc, _, _ in running.values():   # an interrupted listing leaves no probe behind
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+
+
 def probe_frameworks(names: Iterable[str], python: str = sys.executable) -> Dict[str, Dict]:
     """Import each framework in its own subprocess: {name: {ok, version_or_reason}}."""
-    out = {}
-    for name in names:
-        cmd = [python, "-m", "bench", "probe", name]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                                 env=_child_env(CellConfig(name, "lstm", "loop")), cwd=ROOT)
-            info = json.loads(res.stdout.strip().splitlines()[-1])
-        except Exception as exc:  # a probe that crashes means unavailable, never a broken run
-            info = {"ok": False, "detail": "probe failed: %s" % exc}
-        out[name] = info
-    return out
+    return dict(iter_probes(names, python))
 
 
 def _tail(text: str, lines: int = 12) -> str:
@@ -183,8 +254,32 @@ def _how_it_ended(returncode: int) -> str:
     return "exited with code %d without a result" % returncode
 
 
+def _wait(proc: subprocess.Popen, timeout_s: float, t0: float, status_path: str,
+          on_status: Optional[Callable[[Optional[Dict], float], None]]) -> Tuple[str, bool]:
+    """Wait for the cell (its stderr, whether it timed out), telling ``on_status`` its phase
+    every POLL_S seconds. Ctrl-C, SIGTERM and SIGHUP kill the cell's process group too."""
+    deadline = t0 + timeout_s
+    try:
+        while True:
+            try:
+                _, err = proc.communicate(timeout=max(0.0, min(POLL_S, deadline - time.time())))
+                return err, False
+            except subprocess.TimeoutExpired:
+                if time.time() >= deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    _, err = proc.communicate()
+                    return err, True
+                if on_status is not None:
+                    on_status(read_status(status_path), time.time() - t0)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+
+
 def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys.executable,
-                      result_dir: Optional[str] = None) -> Dict:
+                      result_dir: Optional[str] = None,
+                      on_status: Optional[Callable[[Optional[Dict], float], None]] = None) -> Dict:
     """Run one cell in a fresh interpreter; timeouts, crashes and OOM kills become records.
 
     Raises OSError (with the result file's name) when the cell could not write its result.
@@ -192,34 +287,28 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
     The cell writes its result to ``result_dir/.cell-PID-N.json`` (the run
     directory: a runner killed mid-cell leaves nothing in /tmp, and the next
     run clears what it left); the file does not exist until the cell finishes.
+    Its current phase is in ``.cell-PID-N.status`` beside it, which ``on_status``
+    (status dict or None, seconds since the start) sees every POLL_S seconds; a cell
+    that ends without a result keeps its last phase in the record (``last_phase``).
     """
     folder = result_dir or tempfile.gettempdir()
-    result_path = os.path.join(folder, "%s%d-%d.json" % (CELL_TEMP_PREFIX, os.getpid(),
-                                                         next(_CELL_NUMBER)))
+    stem = os.path.join(folder, "%s%d-%d" % (CELL_TEMP_PREFIX, os.getpid(), next(_CELL_NUMBER)))
+    result_path, status_path = stem + ".json", stem + ".status"
     cmd = [python, "-m", "bench", "cell", "--config", json.dumps(cfg.to_dict()),
-           "--result", result_path, "--parent-pid", str(os.getpid())]
+           "--result", result_path, "--parent-pid", str(os.getpid()), "--status", status_path]
     if version:
         cmd += ["--framework-version", version]
     oom_before = oom_kills(OOM_FILE)
     t0 = time.time()
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_child_env(cfg), cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(cmd + ["--spawned-at", repr(t0)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=_child_env(cfg), cwd=ROOT,
+                                start_new_session=True)
     except OSError as exc:
         return dict(base_record(cfg), framework_version=version, status="crashed",
                     reason="the cell process could not start: %s" % exc, cell_wall_s=0.0)
     try:
-        try:
-            _, err = proc.communicate(timeout=cfg.timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            timed_out = True
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C, SIGTERM, SIGHUP: the cell's group goes too
-            proc.communicate()
-            raise
+        err, timed_out = _wait(proc, cfg.timeout_s, t0, status_path, on_status)
         rec = None
         try:
             with open(result_path, encoding="utf-8") as fh:
@@ -227,8 +316,9 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
             rec = json.loads(text) if text.strip() else None
         except (OSError, ValueError):
             rec = None
+        last_status = read_status(status_path) if rec is None else None
     finally:
-        for leftover in (result_path, result_path + ".tmp"):
+        for leftover in (result_path, result_path + ".tmp", status_path, status_path + ".tmp"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
     if rec is None and proc.returncode in (RESULT_DISK_FULL, RESULT_UNWRITABLE):
@@ -240,6 +330,8 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
         rec["framework_version"] = version
         rec["stderr_tail"] = _tail(err)
         rec["returncode"] = proc.returncode
+        if last_status:
+            rec["last_phase"] = describe_status(last_status)
         evidence = _oom_evidence(err, oom_before, oom_kills(OOM_FILE))
         if timed_out:
             rec["status"], rec["reason"] = "timeout", "no result after %d s" % cfg.timeout_s
@@ -254,6 +346,10 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
             last = _tail(err, 1)
             rec["reason"] = _how_it_ended(proc.returncode) + (": %s" % last if last else "")
     rec["cell_wall_s"] = time.time() - t0
+    phases = rec.get("phase_s")
+    if isinstance(phases, dict) and isinstance(rec.get("wall_s"), (int, float)):
+        # writing the result, the interpreter's exit and reading it back: the rest of the wall
+        phases["exit"] = max(0.0, rec["cell_wall_s"] - phases.get("startup", 0.0) - rec["wall_s"])
     return rec
 
 
@@ -273,9 +369,26 @@ def _merge_env(path: str, env: Dict) -> Dict:
         merged = dict(old.get(key) or {})
         merged.update(env.get(key) or {})
         env[key] = merged
+    planned = {fw: list(ids) for fw, ids in (old.get(PLANNED) or {}).items()}
+    for fw, ids in (env.get(PLANNED) or {}).items():
+        planned[fw] = sorted(set(planned.get(fw, [])) | set(ids))
+    if planned:
+        env[PLANNED] = planned
     env["earlier_starts"] = list(old.get("earlier_starts") or []) + [
         {k: old.get(k) for k in ("time", "git_commit", "threads", "executor") if k in old}]
     return env
+
+
+# env.json: {framework: [cell_id, ...]} the run set out to record, so that a report can tell a
+# framework whose run was interrupted (or is still going) from one that is complete.
+PLANNED = "planned_cells"
+
+
+def planned_cells(cells: Sequence[CellConfig]) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for c in cells:
+        out.setdefault(c.framework, []).append(c.key())
+    return {fw: sorted(ids) for fw, ids in out.items()}
 
 
 def occupied_message(out_dir: str, names: Sequence[str]) -> str:
@@ -341,6 +454,8 @@ def run(cells: Sequence[CellConfig], out_dir: str, resume: bool = False, overwri
             if kept:
                 out.write("overwrite: the earlier run is kept in %s\n" % kept)
             earlier = []
+        # after every refusal: a refused run says one line, the error
+        out.write("run: %d cells into %s\n" % (len(cells), out_dir))
         return _run_locked(cells, out_dir, path, earlier, retry_failed, python, out,
                            executor or LocalExecutor(python))
     finally:
@@ -392,7 +507,7 @@ class LocalExecutor:
             else:
                 # OSError (the cell could not write its result) goes to the runner: exit 3.
                 rec = run_in_subprocess(cfg, probe.get("detail"), python=self.python,
-                                        result_dir=out_dir)
+                                        result_dir=out_dir, on_status=progress.update)
                 if rec.get("unavailable_scope") == "device":
                     no_device[(cfg.framework, cfg.device)] = rec.get("reason", "")
             yield cfg, rec, time.time() - t0
@@ -416,6 +531,7 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, execut
                        threads[0] if len(threads) == 1 else threads, ROOT)
         env["framework_probes"] = probes
         env.update(executor.describe())
+        env[PLANNED] = planned_cells(cells)
         env_path = os.path.join(out_dir, ENV)
         if earlier or os.path.exists(env_path):
             env = _merge_env(env_path, env)
@@ -424,6 +540,11 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, execut
         except OSError as exc:
             raise EnvironmentProblem(_write_failure(env_path, exc, len(final))) from None
 
+        for fw in fws if executor.name == "local" else ():   # on a cluster the nodes decide
+            if not probes[fw].get("ok"):
+                n = sum(1 for c in todo if c.framework == fw)
+                out.write("%s: unavailable: %s (its %d cell%s are recorded as unavailable)\n"
+                          % (fw, probes[fw].get("detail", ""), n, "" if n == 1 else "s"))
         progress = Progress(len(todo), stream=out)
         counts = {s: 0 for s in STATUSES}
         cells_done = executor.records(todo, probes, out_dir, progress)
@@ -443,13 +564,21 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, execut
                 final.pop(rec["cell_id"], None)
                 final[rec["cell_id"]] = rec
                 counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-                progress.finish(cfg.label(), rec["status"], seconds)
+                progress.finish(cfg.label(), rec["status"], seconds,
+                                (rec.get("phase_s") or {}).get("timed"))
         finally:
             cells_done.close()   # an executor with cells in flight cancels them here
             progress.close()
     finally:
         executor.stop()
     out.write("cells: " + ", ".join("%s %d" % (k, v) for k, v in counts.items() if v) + "\n")
+    unavailable: Dict[Tuple[str, str], int] = {}
+    for rec in final.values():
+        if rec.get("status") == "unavailable":
+            key = (rec["framework"], rec.get("reason", ""))
+            unavailable[key] = unavailable.get(key, 0) + 1
+    for (fw, reason), n in unavailable.items():
+        out.write("  unavailable %s (%d cell%s): %s\n" % (fw, n, "" if n == 1 else "s", reason))
     failed = [r for r in final.values() if r.get("status") in FAILED]
     for rec in failed:
         out.write("  %s %s/%s/%s %s: %s\n" % (rec["status"], rec["framework"], rec["model"],

@@ -10,14 +10,23 @@ Task names used on the command line and in records:
 * ``listops`` -- the seeded ListOps generator (defaults below).
 * ``synth-SHAPE-N`` -- synthetic trees with N leaves of shape balanced, left,
   right or random, e.g. ``synth-balanced-64``.
+
+Parsing SST's 442k nodes costs seconds, and every cell runs in a fresh process,
+so the parsed treebank is cached on disk (see ``sst_cache_dir``): one file per
+(data files' checksum, number of classes, loader code), written atomically,
+checked in full when read; a cache that fails any check is parsed again and
+rewritten, never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import json
 import os
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -71,6 +80,7 @@ class Dataset:
     num_classes: int
     vocab: Vocab
     splits: Dict[str, List[Example]] = field(default_factory=dict)
+    origin: str = "built"   # SST: "parsed", "cache" or why the cache was not used
 
     @property
     def train(self) -> List[Example]:
@@ -102,9 +112,12 @@ def _gc_paused():
             gc.enable()
 
 
-def load_sst(num_classes: int = 5, data_dir: str = SST_DIR) -> Dataset:
+def load_sst(num_classes: int = 5, data_dir: str = SST_DIR, cache: bool = True) -> Dataset:
+    """SST, from the parse cache where it holds a valid copy of these files (see below)."""
     with _gc_paused():
-        return _load_sst(num_classes, data_dir)
+        if not cache:
+            return _load_sst(num_classes, data_dir)
+        return _load_sst_cached(num_classes, data_dir)
 
 
 def _load_sst(num_classes: int, data_dir: str) -> Dataset:
@@ -131,7 +144,187 @@ def _load_sst(num_classes: int, data_dir: str) -> Dataset:
     vocab = Vocab.from_examples(t.tokens() for t in raw["train"])
     name = "sst" if num_classes == 5 else "sst2"
     return Dataset(name, num_classes, vocab,
-                   {s: _examples_from_trees(ts, vocab) for s, ts in raw.items()})
+                   {s: _examples_from_trees(ts, vocab) for s, ts in raw.items()}, origin="parsed")
+
+
+# --- the SST parse cache ---------------------------------------------------------
+
+CACHE_ENV = "BENCH_CACHE_DIR"
+_SST_SPLITS = ("train", "dev", "test")
+_CACHE_FORMAT = 1
+_CACHE_KEEP = 8   # newest cache files kept per class count (several checkouts share the cache)
+_LOADER_SOURCES = (os.path.abspath(__file__),
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "trees.py"))
+
+
+def sst_cache_dir() -> Optional[str]:
+    """$BENCH_CACHE_DIR (set but empty: no cache), else $XDG_CACHE_HOME/rnn-rvnn-bench,
+    else ~/.cache/rnn-rvnn-bench."""
+    if CACHE_ENV in os.environ:
+        return os.environ[CACHE_ENV] or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rnn-rvnn-bench")
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        h.update(b"%d:" % len(data))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _sst_cache_path(folder: str, num_classes: int, data_dir: str) -> Tuple[str, Dict]:
+    """The cache file for these data files, class count and loader code, and its expected meta."""
+    data = _digest([os.path.join(data_dir, s + ".txt") for s in _SST_SPLITS])
+    code = _digest(_LOADER_SOURCES)
+    key = {"format": _CACHE_FORMAT, "num_classes": num_classes, "data_sha256": data,
+           "code_sha256": code}
+    return os.path.join(folder, "sst%d-%s-%s.npz" % (num_classes, data[:16], code[:12])), key
+
+
+def _load_sst_cached(num_classes: int, data_dir: str) -> Dataset:
+    folder = sst_cache_dir()
+    if folder is None:
+        ds = _load_sst(num_classes, data_dir)
+        ds.origin = "parsed (cache off: %s is empty)" % CACHE_ENV
+        return ds
+    path, key = _sst_cache_path(folder, num_classes, data_dir)
+    why = "no cache file yet"
+    if os.path.exists(path):
+        try:
+            ds = _read_sst_cache(path, key)
+            ds.origin = "cache"
+            return ds
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
+                zipfile.BadZipFile) as exc:   # a damaged cache is never trusted: parse again
+            why = "cache file unusable (%s), rewritten" % _short(exc)
+    ds = _load_sst(num_classes, data_dir)   # a parse error raises before anything is written
+    try:
+        _write_sst_cache(path, key, ds)
+        ds.origin = "parsed (%s)" % why
+    except OSError as exc:   # a read-only or full cache directory only costs the parse
+        ds.origin = "parsed (cache not written: %s)" % _short(exc)
+    return ds
+
+
+def _short(exc: BaseException) -> str:
+    text = ("%s: %s" % (type(exc).__name__, exc)).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _write_sst_cache(path: str, key: Dict, ds: Dataset) -> None:
+    """Trees in postorder as two arrays (label, token id or -1 inside) plus nodes per tree:
+    numbers only, so reading needs no pickle and every value can be checked."""
+    labels: List[int] = []
+    tokens: List[int] = []
+    sizes: List[int] = []
+    for split in _SST_SPLITS:
+        for ex in ds.splits[split]:
+            sizes.append(ex.tree.size)
+            for node in ex.tree.postorder():
+                labels.append(node.label)
+                tokens.append(-1 if node.token is None else node.token)
+    meta = dict(key, name=ds.name, vocab=ds.vocab.itos,
+                splits=[len(ds.splits[s]) for s in _SST_SPLITS])
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+                     labels=np.asarray(labels, dtype=np.int8),
+                     tokens=np.asarray(tokens, dtype=np.int32),
+                     sizes=np.asarray(sizes, dtype=np.int32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)   # readers see the old file or the whole new one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _prune_cache(folder, "sst%d-" % ds.num_classes)
+
+
+def _prune_cache(folder: str, prefix: str) -> None:
+    """Keep the newest few cache files of a kind: each edit of the loader code makes a new one."""
+    with contextlib.suppress(OSError):
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".npz")]
+        names.sort(key=lambda n: os.path.getmtime(os.path.join(folder, n)), reverse=True)
+        for name in names[_CACHE_KEEP:]:
+            os.unlink(os.path.join(folder, name))
+
+
+def _read_sst_cache(path: str, key: Dict) -> Dataset:
+    """The dataset a cache file holds; ValueError (or another read error) unless every check
+    passes: the zip's CRCs, the key, array types and lengths, labels and token ids in range,
+    and a well-formed binary tree for every example."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+        labels, tokens, sizes = z["labels"], z["tokens"], z["sizes"]
+    if any(meta.get(k) != v for k, v in key.items()):
+        raise ValueError("key mismatch")
+    num_classes = key["num_classes"]
+    vocab = meta["vocab"]
+    counts = meta["splits"]
+    if not (isinstance(vocab, list) and vocab and vocab[0] == UNK
+            and all(isinstance(t, str) for t in vocab) and len(set(vocab)) == len(vocab)):
+        raise ValueError("bad vocabulary")
+    if not (isinstance(counts, list) and len(counts) == len(_SST_SPLITS)
+            and all(isinstance(c, int) and c > 0 for c in counts)):
+        raise ValueError("bad split counts")
+    if (labels.dtype != np.int8 or tokens.dtype != np.int32 or sizes.dtype != np.int32
+            or labels.ndim != 1 or tokens.shape != labels.shape or sizes.ndim != 1):
+        raise ValueError("bad array types")
+    if len(sizes) != sum(counts) or int(sizes.min()) < 1 or int(sizes.sum()) != len(labels):
+        raise ValueError("bad tree sizes")
+    low = -1 if num_classes == 2 else 0   # binary SST leaves neutral phrases unlabelled
+    if len(labels) and (int(labels.min()) < low or int(labels.max()) >= num_classes
+                        or int(tokens.min()) < -1 or int(tokens.max()) >= len(vocab)):
+        raise ValueError("label or token out of range")
+    trees = _rebuild_trees(labels.tolist(), tokens.tolist(), sizes.tolist())
+    if any(t.label < 0 for t in trees):
+        raise ValueError("an unlabelled root")
+    leaf_ids = tokens[tokens >= 0].tolist()
+    examples, at = [], 0
+    for tree in trees:
+        n = (tree.size + 1) // 2   # a binary tree of n leaves has 2n - 1 nodes
+        examples.append(Example(tuple(leaf_ids[at:at + n]), tree, tree.label))
+        at += n
+    splits, start = {}, 0
+    for split, count in zip(_SST_SPLITS, counts):
+        splits[split] = examples[start:start + count]
+        start += count
+    return Dataset(meta["name"], num_classes, Vocab(vocab), splits)
+
+
+def _rebuild_trees(labels: List[int], tokens: List[int], sizes: List[int]) -> List[Tree]:
+    """Postorder arrays back to trees. Nodes are built as Tree's tuples directly (Tree.__new__'s
+    checks, done here once per node, cost half the time); malformed input raises ValueError."""
+    new = tuple.__new__
+    out = []
+    i = 0
+    for size in sizes:
+        stack: List[Tree] = []
+        push, pop = stack.append, stack.pop
+        for j in range(i, i + size):
+            tok = tokens[j]
+            if tok >= 0:
+                push(new(Tree, (labels[j], tok, None, None, 1, 0)))
+            else:
+                if len(stack) < 2:
+                    raise ValueError("an internal node without two children")
+                r = pop()
+                l = pop()
+                hl, hr = l[5], r[5]
+                push(new(Tree, (labels[j], None, l, r, 1 + l[4] + r[4], 1 + (hl if hl > hr else hr))))
+        if len(stack) != 1:
+            raise ValueError("a tree's nodes do not form one tree")
+        out.append(stack[0])
+        i += size
+    return out
 
 
 # --- ListOps -------------------------------------------------------------------

@@ -112,7 +112,8 @@ def test_a_cell_needs_a_whole_slot_its_gpu_and_in_a_labelled_cluster_its_label()
 def test_a_node_picks_the_named_interpreter_then_its_nox_venv_then_its_own(tmp_path):
     root = str(tmp_path)
     assert cluster.node_interpreter("torch", {}, root) == (sys.executable, "the node's own interpreter")
-    for fw, name in (("torch", "bench-framework-torch"), ("keras-torch", "bench-framework-keras-torch")):
+    for fw, name in (("torch", "bench_framework-framework-torch"),
+                     ("keras-torch", "bench-framework-keras-torch")):   # the name before the rename
         venv = tmp_path / ".nox" / name / "bin"
         venv.mkdir(parents=True)
         os.symlink(sys.executable, str(venv / "python"))

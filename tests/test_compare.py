@@ -48,9 +48,22 @@ def test_small_real_slowdown_is_not_a_regression():
     assert "REGRESSION" not in verdicts
 
 
-def test_speedup_is_reported_as_faster():
+def test_a_significant_speedup_is_an_improvement_never_no_change():
     rng = np.random.default_rng(6)
-    assert judge(_draws(rng, 100.0), _draws(rng, 130.0), Threshold(0.1))[0] == "faster"
+    assert judge(_draws(rng, 100.0), _draws(rng, 130.0), Threshold(0.1))[0] == "improvement"
+    verdicts = [judge(rng.lognormal(0, 0.005, 15) * 100, rng.lognormal(0, 0.005, 15) * 102,
+                      Threshold(0.1), seed=i)[0] for i in range(20)]
+    assert set(verdicts) == {"faster, within threshold"}
+
+
+def test_too_few_repeats_to_reach_the_level_are_not_called_no_change():
+    # 3 against 3 (at best p = 1/20) and 4 against 4 (1/70) can never reach 0.01
+    for n in (2, 3, 4):
+        base, new = [100.0 + i for i in range(n)], [200.0 + i for i in range(n)]
+        assert judge(base, new, Threshold(0.1))[0] == "too few repeats to tell"
+        assert judge(new, base, Threshold(0.1))[0] == "too few repeats to tell"
+    # 5 against 4 can (1/126): complete separation is significant
+    assert judge([100.0, 101, 102, 103, 104], [200.0, 201, 202, 203], Threshold(0.1))[0] == "improvement"
 
 
 def test_mann_whitney_exact_values():
@@ -84,7 +97,12 @@ def test_golden_records_same_run_has_no_regression():
     recs = read_records(GOLDEN)
     changes, problems = compare_records(recs, copy.deepcopy(recs), Threshold(0.1))
     assert not problems and changes
-    assert all(c.verdict == "no change (noise)" for c in changes)
+    # 7 repeats against 7: no change; the accuracy cells' 3 against 3 cannot tell
+    expected = sorted("no change (noise)" if len(r[m]) >= 5 else "too few repeats to tell"
+                      for r in recs if r["status"] == "ok"
+                      for m in ("train_samples_per_s", "infer_samples_per_s"))
+    assert sorted(c.verdict for c in changes) == expected
+    assert expected.count("no change (noise)") == 16
 
 
 def test_golden_records_injected_slowdown_is_flagged_only_where_injected():
@@ -160,7 +178,7 @@ def test_cells_ok_in_base_but_missing_failed_or_timed_out_in_new_are_lost(tmp_pa
     path = tmp_path / "new.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in new))
     res = _cli(GOLDEN, str(path))
-    assert res.returncode == 1 and "0 regressions, 3 lost cells" in res.stdout
+    assert res.returncode == 1 and "0 regressions, 0 improvements, 3 lost cells" in res.stdout
     assert "missing in NEW" in res.stdout
     allowed = _cli(GOLDEN, str(path), "--allow-missing")
     assert allowed.returncode == 0 and "accepted by --allow-missing" in allowed.stdout

@@ -508,20 +508,20 @@ def test_a_non_finite_or_non_positive_throughput_fails_the_cell(tmp_path, value)
 
 
 def test_compare_never_calls_nan_samples_no_change(tmp_path):
-    base = [dict(GOOD, cell_id="a", infer_samples_per_s=[100.0, 101.0, 99.0]),
-            dict(GOOD, cell_id="b", infer_samples_per_s=[100.0, 101.0, 99.0])]
-    new = [dict(GOOD, cell_id="a", infer_samples_per_s=[float("nan")] * 3),
-           dict(GOOD, cell_id="b", infer_samples_per_s=[100.0, 100.5, 99.5])]
+    base = [dict(GOOD, cell_id="a", infer_samples_per_s=[100.0, 101.0, 99.0, 100.2, 99.8]),
+            dict(GOOD, cell_id="b", infer_samples_per_s=[100.0, 101.0, 99.0, 100.2, 99.8])]
+    new = [dict(GOOD, cell_id="a", infer_samples_per_s=[float("nan")] * 5),
+           dict(GOOD, cell_id="b", infer_samples_per_s=[100.0, 100.5, 99.5, 100.1, 99.9])]
     for name, recs in (("base.jsonl", base), ("new.jsonl", new)):
         with open(str(tmp_path / name), "w") as fh:
             for r in recs:
                 fh.write(json.dumps(r) + "\n")
     res = _bench("compare", str(tmp_path / "base.jsonl"), str(tmp_path / "new.jsonl"))
     assert res.returncode == 1 and "lost cells" in res.stdout
-    assert "infer_samples_per_s in NEW has 0 finite samples of 3" in res.stdout
+    assert "infer_samples_per_s in NEW has 0 finite samples of 5" in res.stdout
     assert res.stdout.count("no change") == 1          # only cell b, whose samples are finite
     swapped = _bench("compare", str(tmp_path / "new.jsonl"), str(tmp_path / "base.jsonl"))
-    assert "not compared" in swapped.stderr and "BASE has 0 finite samples of 3" in swapped.stderr
+    assert "not compared" in swapped.stderr and "BASE has 0 finite samples of 5" in swapped.stderr
     assert swapped.stdout.count("no change") == 1
 
 

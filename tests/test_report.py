@@ -1,7 +1,9 @@
 """Reports are derived from records only: golden records in, known tables out."""
 
+import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -207,3 +209,106 @@ def test_an_interrupted_report_leaves_the_previous_outputs_whole(tmp_path, monke
         write_report(str(run), str(run))
     assert {n: (run / n).read_bytes() for n in names} == before
     assert sorted(os.listdir(str(run))) == sorted(names + ["records.jsonl"])   # no scratch left
+
+
+def _timed_record(fw, model, strategy, train, infer, phases=None, wall=None):
+    from bench.cell import base_record
+    from bench.config import CellConfig
+    rec = base_record(CellConfig(fw, model, strategy))
+    rec.update(status="ok", train_samples_per_s=train, infer_samples_per_s=infer)
+    if phases is not None:
+        rec.update(phase_s=phases, cell_wall_s=wall)
+    return rec
+
+
+def test_the_throughput_plot_shows_inference_only_cells_with_their_iqr():
+    from bench.report import throughput_bars
+    recs = [_timed_record("torch", "lstm", "fused", [100.0, 110.0, 120.0, 130.0, 140.0],
+                          [400.0, 420.0, 440.0]),
+            _timed_record("numpy", "lstm", "loop", [], [50.0, 60.0, 70.0, 80.0, 90.0])]
+    main, per = throughput_bars(summarise(recs))
+    assert main == ("sst", 25, "cpu") and list(per) == ["lstm"]
+    rows = per["lstm"].set_index("framework")
+    assert list(per["lstm"]["framework"]) == ["numpy", "torch"]       # inference-only sorts first
+    assert pd.isna(rows.loc["numpy", "train_samples_per_s"])
+    assert rows.loc["numpy", "infer_samples_per_s"] == 70.0
+    assert (rows.loc["numpy", "infer_q1"], rows.loc["numpy", "infer_q3"]) == (60.0, 80.0)
+    assert (rows.loc["torch", "train_q1"], rows.loc["torch", "train_q3"]) == (110.0, 130.0)
+
+
+def test_overhead_is_everything_but_the_timed_passes(tmp_path):
+    from bench.report import _overhead_section
+    phases = {"startup": 0.5, "data": 0.8, "imports": 2.0, "pool": 0.2, "first_call": 10.0,
+              "gate": 1.0, "warmup": 0.5, "timed": 4.0, "latency": 0.3, "gemm": 0.6, "exit": 0.1}
+    recs = [_timed_record("torch", "lstm", "compiled", [100.0] * 3, [200.0] * 3, phases, 20.0),
+            _timed_record("torch", "lstm", "fused", [100.0] * 3, [200.0] * 3,
+                          dict(phases, first_call=0.0), 10.0),
+            _timed_record("jax", "lstm", "loop", [100.0] * 3, [200.0] * 3)]     # an older record
+    df = summarise(recs)
+    assert list(df["overhead_s"][:2]) == [16.0, 6.0] and list(df["timed_s"][:2]) == [4.0, 4.0]
+    assert pd.isna(df["overhead_s"].iloc[2])
+    df["_phase_s"] = [r.get("phase_s") for r in recs]
+    text = _overhead_section(df)
+    assert "| torch | 2 | 30 | 8 | 22 | 73% |" in text
+    assert ("| torch/lstm/compiled | sst b25 | 20.0 | 4.0 | 16.0 (80%) | 0.5 | 0.8 | 2.0 | 0.2 | 10.0 |"
+            in text)
+    assert "jax" not in text
+    # and in the CSV, per cell
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(str(run / "records.jsonl"), "w") as fh:
+        for r in recs:
+            fh.write(json.dumps(r) + "\n")
+    write_report(str(run), str(run))
+    csv = pd.read_csv(str(run / "summary.csv"))
+    assert list(csv["overhead_s"][:2]) == [16.0, 6.0]
+    assert "## Where each cell's time goes" in (run / "report.md").read_text()
+
+
+def test_a_framework_whose_run_did_not_finish_is_marked_incomplete(tmp_path):
+    from bench.config import CellConfig
+    from bench.runner import planned_cells
+    cells = [CellConfig("torch", "lstm", s) for s in ("loop", "fused", "compiled")]
+    run = tmp_path / "latest" / "torch"
+    run.mkdir(parents=True)
+    done = _timed_record("torch", "lstm", "loop", [10.0] * 3, [20.0] * 3)
+    (run / "records.jsonl").write_text(json.dumps(done) + "\n")
+    env = {"time": "T", "planned_cells": planned_cells(cells)}
+    (run / "env.json").write_text(json.dumps(env))
+    write_report(str(tmp_path / "latest"), str(tmp_path / "latest"))
+    text = (tmp_path / "latest" / "report.md").read_text()
+    assert "**Incomplete:** torch 1 of 3 planned cells" in text
+    assert ("| PyTorch | torch | loop | - | - | 1 | 0 | incomplete: torch 1 of 3 planned cells recorded"
+            in text)
+    # once the others are recorded, it is ok
+    with open(str(run / "records.jsonl"), "a") as fh:
+        for c in cells[1:]:
+            fh.write(json.dumps(_timed_record("torch", "lstm", c.strategy, [10.0] * 3, [20.0] * 3)) + "\n")
+    write_report(str(tmp_path / "latest"), str(tmp_path / "latest"))
+    text = (tmp_path / "latest" / "report.md").read_text()
+    assert "Incomplete" not in text and "incomplete" not in text
+    assert "| PyTorch | torch | compiled, fused, loop | - | - | 3 | 0 | ok |" in text
+
+
+def test_without_matplotlib_the_report_and_csv_are_whole_and_say_why(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(GOLDEN_DIR, "records.jsonl"), str(run))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+    write_report(str(run), str(run))
+    assert sorted(os.listdir(str(run))) == ["records.jsonl", "report.md", "summary.csv"]
+    assert "no plots: matplotlib is not installed here (pip install matplotlib)" in capsys.readouterr().err
+    text = (run / "report.md").read_text()
+    assert "## Results" in text and "No plots: matplotlib is not installed" in text
+
+
+def test_without_pandas_the_report_is_one_line_naming_what_to_install(tmp_path, monkeypatch, capsys):
+    from bench import cli
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(GOLDEN_DIR, "records.jsonl"), str(run))
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs pandas" in err and "pip install pandas matplotlib" in err
+    assert sorted(os.listdir(str(run))) == ["records.jsonl"]

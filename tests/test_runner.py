@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bench import registry
-from bench.cell import base_record
+from bench.cell import PHASES, base_record
 from bench.config import CellConfig, preset
 from bench.records import RECORDS, SCHEMA_VERSION, read_records
 
@@ -47,10 +47,18 @@ def test_smoke_run_with_numpy_writes_valid_records(tmp_path):
         assert r["train_samples_per_s"] == [] and "inference only" in r["reason"]
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
         assert r["peak_rss_mb"] > 10 and len(r["batch_hash"]) == 16
+        # where the cell's time went: every phase, from the runner's Popen to reading the result
+        phases = r["phase_s"]
+        assert set(PHASES) - set(phases) == {"accuracy"} and min(phases.values()) >= 0
+        assert 0.8 * r["cell_wall_s"] <= sum(phases.values()) <= r["cell_wall_s"] + 1e-6
+        assert r["info"]["data_source"] in ("cache", "parsed (no cache file yet)")
     for key in [("lstm", "fused"), ("rvnn", "levels"), ("treelstm", "compiled")]:
         assert by[key]["status"] == "not-applicable" and by[key]["reason"]
     env = json.load(open(os.path.join(out, "env.json")))
     assert env["frameworks"]["numpy"] and env["machine"]["cores"] >= 1
+    assert sorted(env["planned_cells"]["numpy"]) == sorted(c.key() for c in cells)
+    # SST is parsed once per run at most: the cells after the first read the cache
+    assert [r["info"]["data_source"] for r in recs if r["status"] == "ok"][1:] == ["cache"] * 3
     assert "OMP_NUM_THREADS" in env["thread_env"]
 
 
@@ -90,6 +98,10 @@ def test_a_resumed_run_keeps_the_frameworks_its_earlier_steps_recorded(tmp_path)
     assert set(env["framework_probes"]) == {"torch", "jax"}
     assert env["time"] == "T2"
     assert env["earlier_starts"] == [{"time": "T1", "git_commit": "abc", "threads": 2}]
+    # the cells each step planned add up, so a report can tell what is still missing
+    path.write_text(json.dumps({"planned_cells": {"torch": ["a", "b"]}}))
+    env = _merge_env(str(path), {"planned_cells": {"torch": ["b", "c"], "jax": ["d"]}})
+    assert env["planned_cells"] == {"torch": ["a", "b", "c"], "jax": ["d"]}
     # no earlier env.json: the new one as it is
     assert _merge_env(str(tmp_path / "none.json"), {"frameworks": {}}) == {"frameworks": {}}
 
@@ -99,7 +111,7 @@ def test_a_device_found_absent_once_is_not_probed_again(tmp_path, monkeypatch):
     from bench import runner
     started = []
 
-    def fake_cell(cfg, version, python, result_dir=None):
+    def fake_cell(cfg, version, python, result_dir=None, on_status=None):
         started.append(cfg)
         rec = base_record(cfg)
         if cfg.device == "gpu":
@@ -157,8 +169,8 @@ def test_failures_are_recorded_and_make_the_exit_code_nonzero(tmp_path, monkeypa
     assert "exited with code 1" in rec["reason"]
     # and a failed cell makes the run's exit code 1 while the run goes on
     monkeypatch.setattr(runner, "run_in_subprocess",
-                        lambda c, v, python, result_dir=None: dict(base_record(c), status="failed",
-                                                                   reason="x"))
+                        lambda c, v, python, result_dir=None, on_status=None: dict(
+                            base_record(c), status="failed", reason="x"))
     monkeypatch.setattr(runner, "probe_frameworks",
                         lambda names, python: {n: {"ok": True, "detail": "1"} for n in names})
     cells = preset("smoke", ["numpy"]).cells()
@@ -174,24 +186,124 @@ def test_missing_framework_is_unavailable_not_broken(tmp_path, monkeypatch):
         n: {"ok": False, "detail": "nofw does not import: ModuleNotFoundError"} for n in names})
     import io
     cells = preset("smoke", ["numpy"]).cells()
-    code = runner.run(cells, str(tmp_path / "r"), stream=io.StringIO())
+    said = io.StringIO()
+    code = runner.run(cells, str(tmp_path / "r"), stream=said)
     recs = read_records(str(tmp_path / "r" / RECORDS))
     assert code == 0 and {r["status"] for r in recs} == {"unavailable"}
     assert all("does not import" in r["reason"] for r in recs)
+    # said with its reason, before the cells and in the closing summary
+    text = said.getvalue()
+    assert "numpy: unavailable: nofw does not import: ModuleNotFoundError (its 12 cells" in text
+    assert "unavailable numpy (12 cells): nofw does not import" in text
 
 
-def test_list_is_accurate():
+def test_list_is_accurate_and_compact():
     res = _bench("list", timeout=600)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
+    assert [l.split()[0] for l in lines] == list(registry.FRAMEWORKS)     # one line each
+    assert "4 of 12 entries; not applicable: fused (elman lstm)" in lines[0]
+    for fw, line in zip(registry.FRAMEWORKS, lines):
+        ok, detail = registry.probe(fw)
+        assert ("unavailable" in line) != ok, fw
+        assert detail.splitlines()[0][:40] in line     # the version, or why it is unavailable
+    assert "oneDNN" not in res.stdout + res.stderr     # framework logs stay in their probes
+
+
+def test_list_verbose_names_every_entry_and_reason(capsys, monkeypatch):
+    from bench import cli, runner
+    monkeypatch.setattr(runner, "iter_probes", lambda names: (
+        (n, {"ok": n == "numpy", "detail": "2.0" if n == "numpy" else "no %s here" % n}) for n in names))
+    assert cli.main(["list", "--verbose"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(registry.entries())
     numpy_lines = [l for l in lines if l.startswith("numpy")]
-    assert sum("available (numpy" in l for l in numpy_lines) == 4
-    assert sum("not-applicable" in l for l in numpy_lines) == 8
-    for fw in registry.FRAMEWORKS:
-        ok, _ = registry.probe(fw)
-        fw_lines = [l for l in lines if l.split()[0] == fw]
-        assert all(("unavailable" in l) != ok for l in fw_lines), fw
+    assert sum("available (numpy 2.0)" in l for l in numpy_lines) == 4
+    assert sum("not-applicable: numpy runs the reference" in l for l in numpy_lines) == 8
+    assert all("unavailable: no torch here" in l for l in lines if l.split()[0] == "torch")
+
+
+def test_help_hides_internal_commands_and_explains_presets_and_defaults():
+    from bench import cli
+    from bench.config import PRESETS
+    parser = cli.build_parser()
+    top = parser.format_help()
+    assert "cell" not in top.replace("cells", "") and "probe" not in top and "SUPPRESS" not in top
+    for command in ("list", "run", "report", "compare"):
+        assert command in top
+    run = parser._subparsers._group_actions[0].choices["run"].format_help()
+    for name in PRESETS:
+        assert "\n  %s " % name in run
+    assert "(default) SST 5-class, batch 25" in run
+    assert "12 cells per framework, 7 timed repeats, 900 s timeout" in run
+    flat = " ".join(run.split())
+    assert "default: a new results/run-YYYYmmdd" in flat and "(default: the preset's; quick: 2)" in flat
+
+
+def test_an_ad_hoc_run_gets_a_new_directory_and_resume_needs_one(tmp_path, monkeypatch, capsys):
+    from bench import cli
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--preset", "smoke", "--frameworks", "numpy", "--models", "lstm",
+            "--strategies", "fused"]          # not applicable for numpy: recorded without a process
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0
+    runs = sorted(os.listdir(str(tmp_path / "results")))
+    assert len(runs) == 2 and all(r.startswith("run-") for r in runs)
+    err = capsys.readouterr().err
+    for r in runs:
+        assert "into %s" % os.path.join("results", r) in err
+        assert len(read_records(str(tmp_path / "results" / r / RECORDS))) == 1
+    assert cli.main(args + ["--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_progress_shows_the_running_cells_time_and_phase():
+    import io
+    from bench.runner import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    p = Progress(3, stream=tty)
+    p.start("torch/lstm/compiled sst b25 cpu")
+    p.update({"phase": "timed", "detail": "train pass 3/7"}, 12.4)
+    last = tty.getvalue().split("\r")[-1]
+    assert "0/3" in last and "torch/lstm/compiled sst b25 cpu  12s timed: train pass 3/7" in last
+    p.update({"phase": "gate", "detail": ""}, 13.0)
+    assert tty.getvalue().split("\r")[-1].endswith("13s equivalence check")
+    # a log gets a line per finished cell and, while one runs long, one every 30 s
+    log = io.StringIO()
+    p = Progress(2, stream=log)
+    p.start("jax/treelstm/recursive sst b25 cpu")
+    for t in (5, 31, 40, 62):
+        p.update({"phase": "warmup"}, t)
+    p.update(None, 95)
+    p.finish("jax/treelstm/recursive sst b25 cpu", "ok", 96.0, 40.0)
+    lines = log.getvalue().splitlines()
+    assert lines[:3] == ["    ... jax/treelstm/recursive sst b25 cpu: 31s, warm-up",
+                         "    ... jax/treelstm/recursive sst b25 cpu: 62s, warm-up",
+                         "    ... jax/treelstm/recursive sst b25 cpu: 95s, starting"]
+    assert lines[3].endswith("jax/treelstm/recursive sst b25 cpu  (timed 40.0s)")
+
+
+def test_the_runner_sees_each_phase_of_a_real_cell_and_a_timeout_keeps_the_last(tmp_path, monkeypatch):
+    from bench import runner
+    monkeypatch.setattr(runner, "POLL_S", 0.2)
+    cfg = CellConfig("numpy", "treelstm", "recursive", task="synth-left-8", batch_size=8, hidden=8,
+                     embed_dim=8, pool_batches=2, repeats=10 ** 6, warmup_passes=0,
+                     latency_samples=2, timeout_s=6)
+    seen = []
+    rec = runner.run_in_subprocess(cfg, "x", result_dir=str(tmp_path),
+                                   on_status=lambda status, t: seen.append(status))
+    assert rec["status"] == "timeout"
+    phases = [s["phase"] for s in seen if s]
+    assert phases and phases[-1] == "timed"
+    assert phases == sorted(phases, key=PHASES.index)          # in the cell's order
+    assert any((s or {}).get("detail", "").startswith("inference pass ") for s in seen)
+    assert rec["last_phase"].startswith("timed: inference pass ")
+    assert os.listdir(str(tmp_path)) == []                      # no status or result file left
 
 
 def test_refusals_that_depend_on_device_or_backend_are_static():

@@ -1,3 +1,5 @@
+import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -155,3 +157,116 @@ def test_binary_sst_refuses_a_split_of_only_neutral_roots(tmp_path):
         load_sst(2, data_dir=str(d))
     assert info.value.source == str(d / "dev.txt") and "only neutral roots" in str(info.value)
     assert len(load_sst(5, data_dir=str(d)).splits["dev"]) == 1
+
+
+# --- the SST parse cache -------------------------------------------------------------------
+
+def _same_dataset(a, b):
+    assert (a.name, a.num_classes, a.vocab.itos) == (b.name, b.num_classes, b.vocab.itos)
+    assert {k: len(v) for k, v in a.splits.items()} == {k: len(v) for k, v in b.splits.items()}
+    for split in a.splits:
+        for x, y in zip(a.splits[split], b.splits[split]):
+            assert (x.tokens, x.label) == (y.tokens, y.label)
+            assert x.tree.to_string() == y.tree.to_string()
+            assert tuple(x.tree)[4:] == tuple(y.tree)[4:]    # size and height
+
+
+def test_sst_from_the_cache_is_the_parsed_treebank(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    parsed = load_sst(5, cache=False)
+    first, again = load_sst(5), load_sst(5)
+    assert first.origin == "parsed (no cache file yet)" and again.origin == "cache"
+    _same_dataset(again, parsed)
+    # one file per class count, named by the data's checksum and the loader code's
+    assert load_sst(2).origin.startswith("parsed") and load_sst(2).origin == "cache"
+    names = sorted(os.listdir(str(tmp_path / "cache")))
+    assert [n.split("-")[0] for n in names] == ["sst2", "sst5"]
+    assert len({n.split("-")[1] for n in names}) == 1          # one data checksum
+
+
+SMALL = "(3 (2 (1 a) (2 b)) (4 c))\n(1 (2 a) (0 d))\n"
+
+
+def _cache_file(tmp_path):
+    (path,) = [os.path.join(str(tmp_path / "cache"), n) for n in os.listdir(str(tmp_path / "cache"))
+               if n.endswith(".npz")]
+    return path
+
+
+def _rewrite_npz(path, **changes):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped byte", "not one tree",
+                                    "token out of range", "label out of range", "other data",
+                                    "bad vocabulary"])
+def test_a_damaged_cache_is_never_trusted_but_parsed_and_rewritten(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    d = _sst_dir(tmp_path, SMALL)
+    truth = load_sst(5, data_dir=str(d), cache=False)
+    assert load_sst(5, data_dir=str(d)).origin.startswith("parsed")
+    path = _cache_file(tmp_path)
+    with np.load(path) as z:
+        tokens, labels, meta = z["tokens"].copy(), z["labels"].copy(), z["meta"].tobytes()
+    if damage == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+    elif damage == "garbage":
+        open(path, "wb").write(b"not a zip file at all")
+    elif damage == "flipped byte":      # the zip's CRC catches it
+        data = bytearray(open(path, "rb").read())
+        at = data.index(labels.tobytes())
+        data[at] ^= 0x01
+        open(path, "wb").write(bytes(data))
+    elif damage == "not one tree":      # an internal node turned into a leaf: two trees left over
+        tokens[np.flatnonzero(tokens < 0)[0]] = 1
+        _rewrite_npz(path, tokens=tokens)
+    elif damage == "token out of range":
+        tokens[0] = 10 ** 6
+        _rewrite_npz(path, tokens=tokens)
+    elif damage == "label out of range":
+        labels[0] = 9
+        _rewrite_npz(path, labels=labels)
+    elif damage == "other data":        # a file whose key names other data files
+        other = json.loads(meta.decode())
+        other["data_sha256"] = "0" * 64
+        _rewrite_npz(path, meta=np.frombuffer(json.dumps(other).encode(), dtype=np.uint8))
+    elif damage == "bad vocabulary":
+        other = json.loads(meta.decode())
+        other["vocab"] = other["vocab"][:1] + other["vocab"][:1]
+        _rewrite_npz(path, meta=np.frombuffer(json.dumps(other).encode(), dtype=np.uint8))
+    got = load_sst(5, data_dir=str(d))
+    assert got.origin.startswith("parsed (cache file unusable"), got.origin
+    _same_dataset(got, truth)
+    again = load_sst(5, data_dir=str(d))          # rewritten whole: used from now on
+    assert again.origin == "cache"
+    _same_dataset(again, truth)
+
+
+def test_the_cache_follows_the_data_and_is_optional(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    d = _sst_dir(tmp_path, SMALL)
+    assert load_sst(5, data_dir=str(d)).origin.startswith("parsed")
+    (d / "train.txt").write_text(SMALL + "(4 (4 e) (3 f))\n")   # edited data: a new key
+    got = load_sst(5, data_dir=str(d))
+    assert got.origin.startswith("parsed") and len(got.train) == 3
+    assert load_sst(5, data_dir=str(d)).origin == "cache"
+    assert len(os.listdir(str(tmp_path / "cache"))) == 2
+    # a parse error writes nothing
+    (d / "train.txt").write_text("(9 (2 a) (2 b))\n")
+    with pytest.raises(ParseError):
+        load_sst(5, data_dir=str(d))
+    assert len(os.listdir(str(tmp_path / "cache"))) == 2
+    # an empty BENCH_CACHE_DIR turns it off; an unwritable one only costs the parse
+    (d / "train.txt").write_text(SMALL)
+    monkeypatch.setenv("BENCH_CACHE_DIR", "")
+    assert "cache off" in load_sst(5, data_dir=str(d)).origin
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(blocker / "cache"))
+    got = load_sst(5, data_dir=str(d))
+    assert got.origin.startswith("parsed (cache not written") and len(got.train) == 2

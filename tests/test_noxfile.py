@@ -1,0 +1,112 @@
+"""The noxfile's bench job: the default core set, skipped frameworks cost nothing, a report
+after each framework and on interruption. Sessions run with `nox --no-venv` (the current
+environment, nothing installed) in a scratch copy of the repository, so that the test's
+results/latest is its own."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+nox = pytest.importorskip("nox")
+
+from bench import registry  # noqa: E402
+from bench.records import RECORDS, read_records  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def noxfile():
+    saved = dict(os.environ)     # importing it sets PYENV_VERSION for nox's own process
+    try:
+        import noxfile as module
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module
+
+
+def test_frameworks_are_chosen_from_posargs_and_the_rest_goes_to_the_runner(noxfile):
+    assert noxfile.split_frameworks([]) == (None, [])
+    assert noxfile.split_frameworks(["--frameworks", "torch", "jax,numpy", "--preset", "smoke"]) == (
+        ["torch", "jax", "numpy"], ["--preset", "smoke"])
+    assert noxfile.split_frameworks(["--resume", "--frameworks", "all"]) == (
+        list(noxfile.FRAMEWORKS), ["--resume"])
+    assert noxfile.CORE_SET == ["numpy", "torch", "jax", "tensorflow"]
+    assert sorted(noxfile.FRAMEWORKS) == sorted(registry.FRAMEWORKS)    # one session per entry
+
+
+def _scratch(tmp_path):
+    """noxfile.py beside links to bench/ and impls/: ROOT is the scratch directory."""
+    for name in ("bench", "impls"):
+        os.symlink(os.path.join(ROOT, name), str(tmp_path / name))
+    with open(os.path.join(ROOT, "noxfile.py")) as src, open(str(tmp_path / "noxfile.py"), "w") as dst:
+        dst.write(src.read())
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("PYTHONPATH", None)
+    return [sys.executable, "-m", "nox", "--no-venv", "-f", str(tmp_path / "noxfile.py")], env
+
+
+def test_nox_list_has_one_bench_session_and_one_per_framework(tmp_path, noxfile):
+    cmd, env = _scratch(tmp_path)
+    res = subprocess.run(cmd + ["--list"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    names = [l[2:].split(" -> ")[0] for l in res.stdout.splitlines() if l.startswith(("* ", "- "))]
+    assert "bench" in names
+    assert sorted(noxfile.FRAMEWORKS) == sorted(registry.FRAMEWORKS)
+    assert [n for n in names if n.startswith("bench_framework")] == [
+        "bench_framework(framework='%s')" % fw for fw in noxfile.FRAMEWORKS]
+
+
+def test_bench_runs_only_the_chosen_frameworks_and_writes_the_report_after_each(tmp_path):
+    cmd, env = _scratch(tmp_path)
+    res = subprocess.run(cmd + ["-s", "bench", "--", "--frameworks", "numpy", "--preset", "smoke",
+                                "--models", "lstm"], cwd=str(tmp_path), capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "Ran 2 sessions" in log and "framework='torch'" not in log    # skipped: not even started
+    latest = tmp_path / "results" / "latest"
+    assert sorted(os.listdir(str(latest))) == ["numpy", "report.md", "summary.csv", "throughput.png"]
+    assert len(read_records(str(latest / "numpy" / RECORDS))) == 3       # --models reached the runner
+    assert "Incomplete" not in (latest / "report.md").read_text()
+
+
+def test_an_interrupted_bench_still_writes_the_report_marking_what_is_missing(tmp_path):
+    cmd, env = _scratch(tmp_path)
+    env["BENCH_TEST_CELL_FAULT"] = "sleep:2"      # cells slow enough to interrupt mid-run
+    # A shell's background job ignores SIGINT; the real Ctrl-C reaches nox with its default.
+    proc = subprocess.Popen(cmd + ["-s", "bench", "--", "--frameworks", "numpy", "--preset", "smoke"],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    records = tmp_path / "results" / "latest" / "numpy" / RECORDS
+    deadline = time.time() + 300
+    while time.time() < deadline and not (records.exists() and read_records(str(records))):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "interrupted" in out.lower()
+    done = len(read_records(str(records)))
+    assert 1 <= done < 12, out[-2000:]
+    report = (tmp_path / "results" / "latest" / "report.md").read_text()
+    assert "**Incomplete:** numpy %d of 12 planned cells" % done in report
+    env_json = json.loads((tmp_path / "results" / "latest" / "numpy" / "env.json").read_text())
+    assert len(env_json["planned_cells"]["numpy"]) == 12
+
+
+@pytest.mark.parametrize("args,what", [(["--frameworks", "caffe3"], "unknown framework caffe3"),
+                                       (["--frameworks"], "--frameworks needs names"),
+                                       (["--out", "/tmp/x"], "python -m bench run --out DIR")])
+def test_bench_refuses_bad_choices_before_any_session(tmp_path, args, what):
+    cmd, env = _scratch(tmp_path)
+    res = subprocess.run(cmd + ["-s", "bench", "--"] + args, cwd=str(tmp_path), capture_output=True,
+                         text=True, env=env, timeout=120)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and "Session bench aborted" in log and what in log
+    assert "bench_framework" not in log and not (tmp_path / "results").exists()
