@@ -114,12 +114,13 @@ def caught(rec: Dict) -> bool:
 
 
 def run(mutations: Sequence[Mutation], presets: Sequence[str], out=sys.stdout,
-        baseline: bool = True) -> List[Dict]:
-    """Baselines, then every mutation x preset x cell; one result row each, printed as it lands."""
+        baseline: bool = True, code: str = ROOT) -> List[Dict]:
+    """Baselines, then every mutation x preset x cell; one result row each, printed as it lands.
+    ``code``: the directory whose ``bench/`` and ``impls/`` are copied (default: this checkout)."""
     rows: List[Dict] = []
     base_dir = tempfile.mkdtemp(prefix="mutants-")
     try:
-        clean = copy_tree(os.path.join(base_dir, "clean"))
+        clean = copy_tree(os.path.join(base_dir, "clean"), code)
         if baseline:
             cells = sorted({(c, m.overrides, p) for m in mutations for c in m.cells for p in presets},
                            key=str)
@@ -131,7 +132,7 @@ def run(mutations: Sequence[Mutation], presets: Sequence[str], out=sys.stdout,
                 rows.append(row)
                 _print_row(row, out)
         for k, m in enumerate(mutations):
-            tree = copy_tree(os.path.join(base_dir, "m%d" % k))
+            tree = copy_tree(os.path.join(base_dir, "m%d" % k), code)
             apply(m, tree)
             for p in presets:
                 for spec in m.cells:
@@ -181,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated cells")
     ap.add_argument("--list", action="store_true", help="print the table and exit")
     ap.add_argument("--markdown", metavar="FILE", help="also write the result table here")
+    ap.add_argument("--code", metavar="DIR", default=ROOT,
+                    help="copy bench/ and impls/ from DIR instead of this checkout (e.g. an older "
+                         "commit's, to see which mutations its gate let through)")
     args = ap.parse_args(argv)
     chosen = list(MUTATIONS)
     if args.only:
@@ -196,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not chosen:
         ap.error("no mutation matches")
     t0 = time.perf_counter()
-    rows = run(chosen, args.presets, baseline=not args.no_baseline)
+    rows = run(chosen, args.presets, baseline=not args.no_baseline, code=args.code)
     text = table_markdown(rows)
     print("\n" + text)
     bad = [r for r in rows if not r["ok"]]
