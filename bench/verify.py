@@ -21,6 +21,7 @@ measured differences, ``ok`` and ``problems`` (the caller records them).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,7 +43,7 @@ TOLERANCE = {
 }
 
 GATE_MIN = 8    # examples in a gate batch, unless the pool has fewer
-GATE_MAX = 32   # the float64 reference's cost grows with it (a few ms per tree node)
+GATE_MAX = 32   # the float64 reference (a Python loop over tree nodes) costs linearly in it
 
 
 def max_abs(a, b) -> float:
@@ -128,6 +129,21 @@ def describe(batch, loss_mode: str) -> Dict:
 
 # --- the checks ---
 
+def _one_blas_thread():
+    """A context in which BLAS runs one thread (threadpoolctl, when installed).
+
+    The reference is a chain of small products: a second BLAS thread gains
+    nothing there, and on a busy machine its spin-waits made the float64 LSTM
+    reference of a quick gate 16x slower (19 s instead of 1.2 s, load 16). Only
+    the reference's calls run inside it; the implementation keeps its threads.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def check(impl, cfg: ModelConfig, params: Dict[str, np.ndarray], batch, grads: bool = True,
           logits: bool = True, keep_ref: bool = False) -> Dict:
     """Compare an implementation (already holding ``params``) with the reference on ``batch``:
@@ -137,13 +153,15 @@ def check(impl, cfg: ModelConfig, params: Dict[str, np.ndarray], batch, grads: b
     out: Dict = {}
     problems = []
     if logits:
-        ref_logits = reference.logits(cfg, params, batch, np.float64)
+        with _one_blas_thread():
+            ref_logits = reference.logits(cfg, params, batch, np.float64)
         got = impl.to_numpy(impl.logits(ready))
         out["logits_max_abs"] = max_abs(got, ref_logits)
         if not out["logits_max_abs"] <= TOLERANCE["logits_abs"] or not np.isfinite(got).all():
             problems.append("logits differ by %.3g" % out["logits_max_abs"])
     if grads:
-        ref_loss, ref_grads = reference.loss_and_grads(cfg, params, batch, np.float64)
+        with _one_blas_thread():
+            ref_loss, ref_grads = reference.loss_and_grads(cfg, params, batch, np.float64)
         if keep_ref:
             out["ref_grads"] = ref_grads
         loss, got_grads = impl.loss_and_grads(ready)
@@ -173,9 +191,10 @@ def check_step(impl, cfg: ModelConfig, params: Dict[str, np.ndarray], batch,
 
     Leaves the implementation one step on: the caller reloads ``params``.
     """
-    want, masks = reference.optimizer_steps(cfg, params, batch, 1, first_grads=ref_grads,
-                                            adam_eps=reference.ADAM_EPS,
-                                            agree=TOLERANCE["param_abs"] / 4)
+    with _one_blas_thread():
+        want, masks = reference.optimizer_steps(cfg, params, batch, 1, first_grads=ref_grads,
+                                                adam_eps=reference.ADAM_EPS,
+                                                agree=TOLERANCE["param_abs"] / 4)
     impl.train_step(impl.prepare(batch))
     impl.sync()
     got = impl.export_params()
