@@ -404,6 +404,16 @@ def tests_cluster(session):
 
 
 @nox.session(python="3.11")
+def mutants(session):
+    """The gate's mutation suite: every mutation of tests/mutants/table.py applied to a copy of
+    the code, each affected cell run at the smoke and quick presets' sizes; prints the table
+    (posargs go to tests/mutants/driver.py, e.g. --presets smoke --frameworks jax)."""
+    session.install(*(CORE + TORCH + JAX + TENSORFLOW))
+    session.run("python", os.path.join("tests", "mutants", "driver.py"), *session.posargs,
+                env={"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@nox.session(python="3.11")
 def perf(session):
     """pytest-benchmark per implementation; compare with a saved run (see README)."""
     session.install(*(CORE + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark"]))

@@ -5,10 +5,13 @@ Order of work, and what is timed:
 1. data, batches and canonical parameters are built (not timed);
 2. every batch of the pool is prepared (host -> device, padding; not timed);
 3. the first train step and the first inference call are timed alone: that is
-   the first-call / compile time (before the check, so that lazy compilation
+   the first-call / compile time (before the gate, so that lazy compilation
    is not hidden inside it; the step is undone by reloading the parameters);
-4. equivalence against the NumPy reference on a few examples (a cell that
-   fails is recorded ``failed`` and keeps no timing);
+4. the verification gate (``bench.verify.gate``, its seconds in ``verify_s``):
+   logits, loss, gradients and one optimiser step against the NumPy reference
+   on the pool's extremes, both loss modes for tree models, and an unbucketed
+   batch in the accuracy budget's order (a cell that fails is recorded
+   ``failed`` and keeps no timing; the step is undone by reloading the parameters);
 5. ``warmup_passes`` untimed passes over the pool (later bucket shapes compile here);
 6. ``repeats`` timed passes over the pool for training, then for inference,
    each ended by a device sync; one sample per pass;
@@ -41,6 +44,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -214,6 +218,11 @@ def base_record(cfg: CellConfig) -> Dict:
         "reason": "",
         "verify_max_abs_diff": None,
         "verify_grad_max_rel": None,
+        "verify_loss_abs": None,
+        "verify_param_max_abs": None,
+        "verify_step_compared": None,
+        "verify_batches": [],
+        "verify_s": None,
         "compile_s": None,
         "first_infer_s": None,
         "warmup_s": None,
@@ -400,6 +409,33 @@ def _readout(cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset) -> D
     return out
 
 
+def _gate(impl, cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset, groups,
+          params) -> Dict:
+    """The verification gate's batches and its second loss mode, then ``verify.gate``.
+
+    ``extremes``: ``verify.gate_examples`` of the whole timed pool; ``unbucketed``:
+    the first examples of the accuracy budget's first epoch, in its order (shuffled,
+    not bucketed). Tree models: the other loss mode on a second instance (built
+    here, so its construction and compiles count in ``verify_s``).
+    """
+    pool_examples = [e for g in groups for e in g]
+    n = min(len(pool_examples), verify.gate_size(cfg.batch_size, cfg.verify_examples))
+    train = dataset.train[:cfg.max_train_examples] if cfg.max_train_examples else dataset.train
+    order = [e for g in batch_examples(train, cfg.batch_size, seed=cfg.seed * 1000) for e in g]
+    batches = [("extremes", _make_batch(family, verify.gate_examples(pool_examples, n))),
+               ("unbucketed", _make_batch(family, order[:n]))]
+    other, note = None, None
+    if family == "rvnn":
+        other_cfg = replace(model_cfg, loss_mode="all" if model_cfg.loss_mode == "root" else "root")
+        try:
+            other = (registry.load(cfg.framework, cfg.model)(other_cfg, cfg.strategy, cfg.device,
+                                                              cfg.threads), other_cfg)
+        except (NotApplicable, Unavailable) as exc:
+            note = "%s loss not checked: %s" % (other_cfg.loss_mode, exc)
+    return verify.gate(impl, model_cfg, params, batches, trains=impl.trains, other=other,
+                       other_note=note)
+
+
 def run_cell(cfg: CellConfig, framework_version: Optional[str] = None,
              status_path: Optional[str] = None) -> Dict:
     """Measure one cell; always returns a record (status ok / failed / unavailable / not-applicable).
@@ -481,15 +517,15 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     impl.load_params(params)
     prepared = [impl.prepare(b) for b in pool]
 
-    # The first calls come before the equivalence check: a framework that traces
-    # or compiles lazily would otherwise compile inside the check, and its first
-    # timed call would look free. The step they take is undone before the check.
     _phase("first_call")
-    can_train = True
-    try:
+    # The first calls come before the gate: a framework that traces or compiles
+    # lazily would otherwise compile inside the gate, and its first timed call
+    # would look free. The step they take is undone before the gate. Training is
+    # declared (Implementation.trains), never inferred: a NotImplementedError
+    # from a declared hook fails the cell like any other error.
+    can_train = impl.trains
+    if can_train:
         rec["compile_s"] = _first_call(impl, impl.train_step, prepared[0])
-    except NotImplementedError:
-        can_train = False
     rec["first_infer_s"] = _first_call(impl, impl.logits, prepared[0])
     if rec["compile_s"] is None:
         rec["compile_s"] = rec["first_infer_s"]
@@ -497,14 +533,18 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
 
     # Equivalence before any timed pass; a cell that fails keeps no timing.
     _phase("gate")
-    check_batch = _make_batch(family, groups[0][:cfg.verify_examples])
-    try:
-        result = verify.check(impl, model_cfg, params, check_batch, grads=can_train)
-    except NotImplementedError:
-        result = verify.check(impl, model_cfg, params, check_batch, grads=False)
-        can_train = False
+    t0 = time.perf_counter()
+    result = _gate(impl, cfg, model_cfg, family, dataset, groups, params)
+    impl.load_params(params)   # undoes the gate's optimiser step (and resets the optimiser)
+    rec["verify_s"] = time.perf_counter() - t0
     rec["verify_max_abs_diff"] = result["logits_max_abs"]
-    rec["verify_grad_max_rel"] = result.get("grad_max_rel")
+    rec["verify_grad_max_rel"] = result["grad_max_rel"]
+    rec["verify_loss_abs"] = result["loss_abs"]
+    rec["verify_param_max_abs"] = result["param_max_abs"]
+    rec["verify_step_compared"] = result["step_compared"]
+    rec["verify_batches"] = result["batches"]
+    if result.get("other_loss_mode"):
+        rec["info"]["verify_other_loss_mode"] = result["other_loss_mode"]
     if not result["ok"]:
         rec["status"] = "failed"
         rec["reason"] = "not equivalent: " + "; ".join(result["problems"])
@@ -537,7 +577,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
         rec["train_samples_per_s"], rec["train_tokens_per_s"] = _timed_passes(
             impl, impl.train_step, prepared, sizes, tokens, cfg.repeats)
     else:
-        rec["reason"] = "inference only: this framework has no training step here"
+        rec["reason"] = "inference only: this implementation declares no training step"
     rec["infer_samples_per_s"], rec["infer_tokens_per_s"] = _timed_passes(
         impl, impl.logits, prepared, sizes, tokens, cfg.repeats)
 

@@ -42,7 +42,7 @@ class CellConfig:
     epochs: float = 0.0           # training budget for accuracy (0: no accuracy measured)
     max_train_examples: int = 0   # cap on training examples for the accuracy budget (0: all)
     timeout_s: int = 900
-    verify_examples: int = 4      # examples in the equivalence check before timing
+    verify_examples: int = 4      # least examples per gate batch (bench.verify.gate_size: >= 8)
     # full: the accuracy budget trains every weight (``epochs``); readout: reservoir training,
     # frozen weights with the recurrent / composition matrix at ``spectral_radius`` and a
     # ridge readout fitted in closed form (bench.readout; needs epochs 0)

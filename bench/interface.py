@@ -76,6 +76,11 @@ class Implementation:
 
     framework = "?"
     family = "?"
+    # Declared, never inferred: False only for an inference-only implementation
+    # (the NumPy reference). Such a cell times inference alone and its gate skips
+    # the optimiser step; for every other implementation a NotImplementedError
+    # from train_step or loss_and_grads fails the cell.
+    trains = True
 
     def __init__(self, cfg: ModelConfig, strategy: str, device: str = "cpu", threads: int = 1):
         if cfg.family != self.family:
@@ -118,7 +123,8 @@ class Implementation:
         raise NotImplementedError
 
     def train_step(self, prepared):
-        """Forward, loss, backward and one optimiser step; returns the loss."""
+        """Forward, loss, backward and one optimiser step; returns the loss.
+        Required unless ``trains`` is False."""
         raise NotImplementedError
 
     def sync(self) -> None:

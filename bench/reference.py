@@ -13,11 +13,12 @@ trees' roots; in ``all`` mode every labelled tree node.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from .batches import SeqBatch, TreeBatch
+from .interface import ADAGRAD, ADAM
 from .params import ModelConfig
 
 
@@ -246,6 +247,10 @@ def _tree_backward(cfg, p, batch, state, dh, g):
     h, c, cache = state
     H = cfg.hidden
     dc = np.zeros_like(dh)
+    W, b = ("W", "b") if cfg.model == "rvnn" else ("U", "b_U")
+    # Each node's d loss / d z, kept so the weight gradients are two products at
+    # the end (per-node outer products cost ~10x more).
+    dzs = [None] * batch.num_nodes
     for n in reversed(range(batch.num_nodes)):  # parents before children
         leaf = batch.left[n] < 0
         if cfg.model == "rvnn":
@@ -269,25 +274,89 @@ def _tree_backward(cfg, p, batch, state, dh, g):
                 dc[l] += dct * sfl
                 dc[r] += dct * sfr
                 dz = np.concatenate([dzi, dzfl, dzfr, dzo, dzu])
-        if leaf:
-            x = p["E"][batch.token[n]]
-            g["W_leaf"] += np.outer(x, dz)
-            g["b_leaf"] += dz
-            g["E"][batch.token[n]] += p["W_leaf"] @ dz
-        else:
-            l, r = batch.left[n], batch.right[n]
-            W, b = ("W", "b") if cfg.model == "rvnn" else ("U", "b_U")
-            g[W] += np.outer(np.concatenate([h[l], h[r]]), dz)
-            g[b] += dz
+        dzs[n] = dz
+        if not leaf:
             dhlr = p[W] @ dz
-            dh[l] += dhlr[:H]
-            dh[r] += dhlr[H:]
+            dh[batch.left[n]] += dhlr[:H]
+            dh[batch.right[n]] += dhlr[H:]
+    leaves = batch.left < 0
+    inner = np.nonzero(~leaves)[0]
+    dz_leaf = np.stack([dzs[n] for n in np.nonzero(leaves)[0]])
+    x = p["E"][batch.token[leaves]]
+    g["W_leaf"] += x.T @ dz_leaf
+    g["b_leaf"] += dz_leaf.sum(axis=0)
+    np.add.at(g["E"], batch.token[leaves], dz_leaf @ p["W_leaf"].T)
+    if inner.size:
+        dz_inner = np.stack([dzs[n] for n in inner])
+        hlr = np.concatenate([h[batch.left[inner]], h[batch.right[inner]]], axis=1)
+        g[W] += hlr.T @ dz_inner
+        g[b] += dz_inner.sum(axis=0)
 
 
 def sgd_step(params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray], lr: float
              ) -> Dict[str, np.ndarray]:
     """Plain SGD: p - lr * g, in the parameters' dtype."""
     return {k: (params[k] - lr * grads[k]).astype(params[k].dtype) for k in params}
+
+
+# --- the suite's optimisers (bench.interface's constants), in float64 ---
+#
+# Adam's epsilon: PyTorch and optax add it to the corrected root,
+# ``lr * m_hat / (sqrt(v_hat) + eps)`` ("corrected", the reference); Keras adds it
+# to the raw root and corrects the step size, ``lr * sqrt(1 - b2^t) / (1 - b1^t) *
+# m / (sqrt(v) + eps)`` ("raw"), which is ``eps / sqrt(1 - b2^t)`` on the
+# corrected root. Both are the published algorithm; they differ only where |g| is
+# within a few hundred eps of zero.
+ADAM_EPS = ("corrected", "raw")
+
+
+def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, steps: int,
+                    first_grads: Optional[Dict[str, np.ndarray]] = None,
+                    adam_eps: Tuple[str, ...] = ("corrected",), agree: float = 2.5e-6
+                    ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Parameters after ``steps`` updates of ``cfg.optimizer`` (fresh optimiser state)
+    on ``batch``, and per parameter a mask of the entries worth comparing.
+
+    Every entry is compared for SGD and Adagrad. Adam moves each entry by about
+    lr * sign(g), so an entry whose gradient is at float32 noise level may
+    legitimately go either way: the mask keeps entries whose gradient is clearly
+    non-zero (above 1e-3 of the parameter's largest) or exactly zero, at every
+    step. With several ``adam_eps`` conventions, it also drops the entries where
+    the conventions' trajectories differ by more than ``agree``; a wrong learning
+    rate or bias correction still moves every kept entry by a fraction of lr.
+    ``first_grads``: the reference gradients at ``params``, if already computed.
+    """
+    p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
+    alt = ({k: v.copy() for k, v in p.items()} if cfg.optimizer == "adam" and len(adam_eps) > 1
+           else None)
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    acc = {k: np.full_like(v, ADAGRAD["initial_accumulator"]) for k, v in p.items()}
+    masks = {k: np.ones(v.shape, bool) for k, v in p.items()}
+    for t in range(1, steps + 1):
+        grads = first_grads if t == 1 and first_grads is not None else loss_and_grads(cfg, p, batch)[1]
+        for k, g in grads.items():
+            g = np.asarray(g, np.float64)
+            if cfg.optimizer == "adam":
+                m[k] = ADAM["beta1"] * m[k] + (1 - ADAM["beta1"]) * g
+                v2[k] = ADAM["beta2"] * v2[k] + (1 - ADAM["beta2"]) * g * g
+                m_hat = m[k] / (1 - ADAM["beta1"] ** t)
+                root = np.sqrt(v2[k] / (1 - ADAM["beta2"] ** t))
+                eps = {"corrected": ADAM["eps"],
+                       "raw": ADAM["eps"] / np.sqrt(1 - ADAM["beta2"] ** t)}
+                p[k] = p[k] - cfg.lr * m_hat / (root + eps[adam_eps[0]])
+                if alt is not None:
+                    alt[k] = alt[k] - cfg.lr * m_hat / (root + eps[adam_eps[1]])
+                masks[k] &= (np.abs(g) > 1e-3 * np.abs(g).max()) | (g == 0)
+            elif cfg.optimizer == "adagrad":
+                acc[k] = acc[k] + g * g
+                p[k] = p[k] - cfg.lr * g / (np.sqrt(acc[k]) + ADAGRAD["eps"])
+            else:
+                p[k] = p[k] - cfg.lr * g
+    if alt is not None:
+        for k in masks:
+            masks[k] &= np.abs(p[k] - alt[k]) <= agree
+    return p, masks
 
 
 def elman_as_rvnn(params: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], int]:

@@ -8,7 +8,8 @@
 * ``timed_passes`` / ``timed_calls`` return one positive duration per pass / call,
   and a benchmark cell uses them (``bench.cell``).
 * The suite's Adam and Adagrad (written as CNTK universal learners) follow the
-  optimiser oracle over several steps.
+  optimiser oracle over several steps (on labelled batches: the oracle refuses
+  all-zero reference gradients).
 * The fused LSTM (CNTK's ``[i, g, f, o]`` layout) matches the reference with a
   large bias, which pins the gate permutation.
 """
@@ -227,8 +228,11 @@ def test_compiled_trees_share_one_graph_per_bucket(worker):
     from bench.trees import build_tree
 
     def ex(n, first):
+        # every node labelled (1 or 2), so the gradients compared below are not all zero
         tree = build_tree("balanced", list(range(first, first + n)))
-        return Example(tuple(tree.tokens()), tree, 1)
+        labels = iter(range(tree.size))
+        tree = tree.map_labels(lambda _: 1 + next(labels) % 2)
+        return Example(tuple(tree.tokens()), tree, tree.label)
 
     batches = [make_tree_batch([ex(4, 1), ex(4, 5)]), make_tree_batch([ex(4, 1), ex(3, 9)])]
     assert batches[0].level_offsets.tolist() != batches[1].level_offsets.tolist()
@@ -239,7 +243,8 @@ def test_compiled_trees_share_one_graph_per_bucket(worker):
         impl = RvNN(cfg, strategy)
         impl.load_params(params)
         for batch in batches:
-            res = verify.check(impl, cfg, params, batch)
+            res = verify.check(impl, cfg, params, batch, keep_ref=True)
+            assert not verify.zero_gradients(res.pop("ref_grads")), "vacuous: unlabelled trees"
             assert res["ok"], (strategy, res)
         built[strategy] = impl.info()["graphs_built"]
     assert built == {"levels": 2, "compiled": 1}

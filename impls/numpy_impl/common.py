@@ -14,7 +14,7 @@ from . import NOT_APPLICABLE
 
 class NumpyReference(Implementation):
     framework = "numpy"
-    strategy_name = "?"
+    trains = False  # the reference has no optimiser: its cells time inference only
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
