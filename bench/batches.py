@@ -315,6 +315,13 @@ def count_bucket(n: int) -> int:
     return _bucket(max(int(n), MIN_COUNT))
 
 
+def train_length(t: int) -> int:
+    """Padded sequence length of a training step whose loop cannot skip padded steps (a scan
+    with a static trip count, differentiable): a power of two >= max(t, 16). SST needs 16,
+    32 and 64; padding averages ~1.4x the batches' longest sequence."""
+    return _bucket(max(int(t), 16))
+
+
 def node_rows(num_nodes: int, rows: int) -> int:
     """Rows of a node buffer for ``num_nodes`` real nodes and ``rows`` padded examples,
     one of them a spare (a power of two >= num_nodes + 1 and >= NODES_PER_EXAMPLE * rows)."""

@@ -31,18 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench.batches import SeqBatch, count_bucket
+from bench.batches import SeqBatch, count_bucket, train_length
 from bench.interface import Unavailable
 
 from .common import JaxImplementation, classify, softmax_xent
 
 TIME_BUCKET = 8   # loop: T padded to a multiple of this
 CHUNK = 8         # compiled: time steps per scan iteration (count_bucket's lengths are multiples)
-
-
-def train_length(t: int) -> int:
-    """Padded time length of a training step: a power of two >= 16 (SST: 16, 32 or 64)."""
-    return 1 << (max(int(t), 16) - 1).bit_length()
 
 
 def time_bucket(t: int) -> int:
