@@ -207,3 +207,22 @@ def test_an_interrupted_report_leaves_the_previous_outputs_whole(tmp_path, monke
         write_report(str(run), str(run))
     assert {n: (run / n).read_bytes() for n in names} == before
     assert sorted(os.listdir(str(run))) == sorted(names + ["records.jsonl"])   # no scratch left
+
+
+def test_compile_counts_and_warm_caches_in_the_results_table(tmp_path):
+    import json
+    recs = read_records(os.path.join(GOLDEN_DIR, "records.jsonl"))
+    ok = [r for r in recs if r["status"] == "ok" and not r.get("accuracy")]
+    ok[0]["info"] = dict(ok[0].get("info") or {}, compiles={"train": 3, "infer": 2, "cache": "off"})
+    ok[1]["info"] = dict(ok[1].get("info") or {}, compiles={"train": 1, "infer": 1, "cache": "warm"})
+    run = tmp_path / "run" / "x"
+    os.makedirs(str(run))
+    with open(str(run / "records.jsonl"), "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in recs))
+    write_report(str(tmp_path / "run"), str(tmp_path))
+    text = open(str(tmp_path / "report.md")).read()
+    assert "compiles (train/infer)" in text
+    assert "| 3 / 2 |" in text and "| (warm cache) | 1 / 1 |" in text
+    df = pd.read_csv(str(tmp_path / "summary.csv"))
+    assert sorted(df.compiles_train.dropna().tolist()) == [1, 3]
+    assert set(df.compile_cache.dropna()) == {"off", "warm"}
