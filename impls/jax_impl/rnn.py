@@ -185,8 +185,8 @@ class RNN(JaxImplementation):
             # the chunk's input projection in one product; only h W_h recurs
             zx = E[lax.dynamic_slice_in_dim(tokens_tm, t0, CHUNK)] @ W_x + b  # [CHUNK, B, G]
             live = (t0 + jnp.arange(CHUNK))[:, None, None] < lengths[None, :, None]
-            for t in range(CHUNK):
-                state = cell(model, W_h, state, zx[t], live[t])
+            # a scan, not unrolled: an unrolled chunk compiles ~3x slower for no gain here
+            state = lax.scan(lambda s, xs: (cell(model, W_h, s, *xs), None), state, (zx, live))[0]
             return k + 1, state
 
         _, state = lax.while_loop(lambda c: c[0] < chunks, body, (jnp.int32(0), init))
