@@ -30,7 +30,7 @@ from bench.batches import batch_stream, make_seq_batch, make_tree_batch  # noqa:
 from bench.interface import NotApplicable, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import load_listops, load_sst  # noqa: E402
-from impls.jax_impl.rnn import RNN, cudnn_lstm_weights, time_bucket, train_length  # noqa: E402
+from impls.jax_impl.rnn import RNN, cudnn_lstm_weights  # noqa: E402
 from impls.jax_impl.rvnn import RvNN  # noqa: E402
 
 
@@ -83,11 +83,6 @@ def test_programs_per_shape_class_not_per_batch(model, strategy, sst):
     impl.sync()
     again = impl.compile_counts()
     assert (again["train"], again["infer"]) == (counts["train"], counts["infer"]), again
-
-
-def test_rnn_time_buckets():
-    assert [time_bucket(t) for t in (1, 8, 9, 31, 32, 33)] == [8, 8, 16, 32, 32, 40]
-    assert [train_length(t) for t in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
 
 
 def test_levels_runs_one_call_per_width_of_each_height(sst):

@@ -1,23 +1,25 @@
 """Elman RNN and LSTM in JAX: strategies ``loop``, ``compiled`` and ``fused``.
 
-Shapes: B batch, T time steps (Tb after bucketing), D embedding, H hidden,
-G = H (Elman) or 4H (LSTM, gate blocks [i, f, g, o]), C classes.
+Shapes: B batch (padded to Bp, the cell's batch size: ``bench.batches.padded_rows``;
+padded examples have label -1 and change nothing), T time steps (Tp after
+padding), D embedding, H hidden, G = H (Elman) or 4H (LSTM, gate blocks
+[i, f, g, o]), C classes.
 
-* ``loop``: a jitted cell ``(state, x[B, Tb, D], live[Tb, B, 1], t) -> state`` (state
-  ``(h,)`` or ``(h, c)``, each [B, H]) called from a Python loop over t;
-  ``jax.value_and_grad`` differentiates the loop.
-* ``compiled``: forward, backward and optimiser update under one ``jit``:
-  ``lax.scan`` over chunks of ``CHUNK`` time steps, each chunk behind a
-  ``lax.cond`` that skips it once every example has ended. Shapes come from
-  ``bench.batches``: B padded to the cell's batch size (``padded_rows``,
-  padded examples masked by label -1), T to a power of two >= 64
-  (``count_bucket``), so every SST batch of a cell runs one program
-  (batch-1 latency one more); the skipped chunks cost a branch each. Inside a
-  live chunk the input projection is one [CHUNK*B, D] x [D, G] product; the
-  embedding lookup of all Tp steps stays outside the scan, so the gradient
-  of E is one scatter.
+* ``loop``: a jitted cell ``(state, x[Bp, Tp, D], live[Tp, Bp, 1], t) -> state`` (state
+  ``(h,)`` or ``(h, c)``, each [Bp, H]) called from a Python loop over the T real
+  steps; ``jax.value_and_grad`` differentiates the loop. Tp = ``count_bucket(T)``
+  (SST: 64), so the jitted pieces see one shape per batch class.
+* ``compiled``: forward, backward and optimiser update under one ``jit``. Training
+  is ``lax.scan`` over Tt = ``train_length(T)`` steps (a power of two >= 16; SST:
+  16, 32 or 64), the input projection of all steps one [Bp*Tt, D] x [D, G]
+  product before it. Inference is a ``lax.while_loop`` over chunks of ``CHUNK``
+  steps of one padded length (``count_bucket``: SST 64) that stops after the
+  longest example, each chunk's projection one product. A cell compiles at
+  most three training programs on SST, one gradient program (the check) and
+  two inference programs (its batches, batch-1 latency).
 * ``fused``: cuDNN's LSTM through ``jax.experimental.rnn.lstm`` (CUDA only),
-  on the same padded shapes as ``compiled`` (cuDNN takes each example's length).
+  on the same padded shapes as ``compiled`` (cuDNN takes each example's length;
+  padded examples have length 1).
   The canonical LSTM maps onto it exactly: cuDNN's ``W_ih``/``W_hh`` are
   ``W_x.T``/``W_h.T`` with the same gate order, ``b_ih = b``, ``b_hh = 0``, and
   per-example ``seq_lengths`` make cuDNN return the state at the last real
@@ -36,13 +38,7 @@ from bench.interface import Unavailable
 
 from .common import JaxImplementation, classify, softmax_xent
 
-TIME_BUCKET = 8   # loop: T padded to a multiple of this
 CHUNK = 8         # compiled: time steps per scan iteration (count_bucket's lengths are multiples)
-
-
-def time_bucket(t: int) -> int:
-    """Padded time length for ``loop``: the next multiple of TIME_BUCKET."""
-    return max(TIME_BUCKET, -(-int(t) // TIME_BUCKET) * TIME_BUCKET)
 
 
 def cell(model, W_h, state, zx, live):
@@ -112,21 +108,21 @@ class RNN(JaxImplementation):
             raise TypeError("the RNN family takes a SeqBatch, not %s" % type(batch).__name__)
         tokens, lengths, labels = batch.tokens, batch.lengths, batch.labels
         B, T = tokens.shape
-        if self.strategy == "loop":
-            # The loop runs the T real steps; padding T only keeps the shapes the
-            # jitted cell sees (x [B, Tb, D]) to a few buckets.
-            padded = np.zeros((B, time_bucket(T)), np.int32)
-            padded[:, :T] = tokens
-            live = (np.arange(padded.shape[1])[:, None] < lengths[None, :])[:, :, None]
-            return {"tokens": self._put(padded), "labels": self._put(labels),
-                    "live": self._put(live, bool), "steps": T}
-        # compiled / fused: padded examples have one token (cuDNN wants lengths >= 1)
-        # and label -1, so the loss and the gradients ignore them
+        # Padded examples have one token (cuDNN wants lengths >= 1) and label -1, so the
+        # loss and the gradients ignore them.
         rows = self.rows(B)
         lens = np.ones(rows, np.int32)
         lens[:B] = lengths
         labs = np.full(rows, -1, np.int32)
         labs[:B] = labels
+        if self.strategy == "loop":
+            # The loop runs the T real steps; padding keeps the shapes the jitted pieces
+            # see (x [rows, Tp, D]) to the batch's class, so they compile once per class.
+            padded = np.zeros((rows, count_bucket(T)), np.int32)
+            padded[:B, :T] = tokens
+            live = (np.arange(padded.shape[1])[:, None] < lens[None, :])[:, :, None]
+            return {"tokens": self._put(padded), "labels": self._put(labs),
+                    "live": self._put(live, bool), "steps": T, "size": B}
         out = {"size": B}
         for phase, steps in (("train", train_length(T)), ("infer", count_bucket(T))):
             padded = np.zeros((rows, steps), np.int32)
@@ -139,7 +135,7 @@ class RNN(JaxImplementation):
     def _hidden_loop(self, p, prep):
         # One lookup for the batch, then each step reads its column inside the
         # jitted cell (t is traced: one compile for every step).
-        x = self._embed(p["E"], prep["tokens"])             # [B, Tb, D]
+        x = self._embed(p["E"], prep["tokens"])             # [rows, Tp, D]
         B, H = x.shape[0], self.cfg.hidden
         zeros = jnp.zeros((B, H), jnp.float32)
         state = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
@@ -226,9 +222,13 @@ class RNN(JaxImplementation):
 
     def info(self):
         out = super().info()
-        out["time_bucket"] = ("multiple of %d" % TIME_BUCKET if self.strategy == "loop" else
-                              "power of two >= 64, chunks of %d steps skipped past the longest "
-                              "example; examples padded to the cell's batch size" % CHUNK)
+        out["time_bucket"] = {
+            "loop": "power of two >= 64 (the loop runs the real steps); examples padded to the "
+                    "cell's batch size",
+            "compiled": "train: power of two >= 16; infer: power of two >= 64 in chunks of %d "
+                        "steps, stopping after the longest example; examples padded to the "
+                        "cell's batch size" % CHUNK,
+            "fused": "as compiled (cuDNN takes each example's length)"}[self.strategy]
         if self.strategy == "fused":
             out["kernel"] = "jax.experimental.rnn.lstm (cuDNN), TF32 off"
         return out

@@ -330,23 +330,26 @@ class RvNN(JaxImplementation):
         return self._prepare_compiled(batch)
 
     def _prepare_recursive(self, batch):
-        # Leaf tokens and (in 'all' mode) the stack of node states are padded to
-        # powers of two: the leaf call reads a row of x [Nl, D] and eager JAX
-        # compiles every op once per shape, so exact sizes would compile per batch.
+        # The batch's leaf embeddings, the stack of root (or, in 'all' mode, node) states
+        # and the labels are padded to the batch's class: the leaf call reads a row of
+        # x [R/2, D] and eager JAX compiles every op once per shape.
+        B = batch.size
+        rows = self.rows(B)
+        R = node_rows(batch.num_nodes, rows)
         n_leaves = int(batch.level_offsets[1])
-        leaf_tokens = np.zeros(_bucket(n_leaves), np.int32)
+        leaf_tokens = np.zeros(R // 2, np.int32)
         leaf_tokens[:n_leaves] = batch.token[:n_leaves]
-        rows = _bucket(batch.num_nodes) if self._all_nodes else batch.size
+        stack = R if self._all_nodes else rows
+        labels = np.full(stack, -1, np.int32)
         if self._all_nodes:
-            labels = np.full(rows, -1, np.int32)
             labels[:batch.num_nodes] = batch.label
         else:
-            labels = batch.label[batch.root]
+            labels[:B] = batch.label[batch.root]
         return {"leaf_tokens": self._put(leaf_tokens),
                 "left": batch.left.tolist(), "right": batch.right.tolist(),
-                "roots": batch.root.tolist(), "rows": rows,
-                "root_rows": self._put(np.arange(batch.size)),
-                "points": self._put(np.arange(rows)), "labels": self._put(labels)}
+                "roots": batch.root.tolist(), "rows": stack, "size": B,
+                "root_rows": self._put(np.arange(rows)),
+                "points": self._put(np.arange(stack)), "labels": self._put(labels)}
 
     def _shapes(self, batch):
         """(padded examples, node rows R, node width W, leaf chunk width) of the batch's class."""
@@ -636,22 +639,24 @@ class RvNN(JaxImplementation):
         idx = {k: prep[k] for k in ("leaf_node", "leaf_chunks", "node", "left", "right", "steps")}
         return self._tree_buffers((W_leaf, b_leaf, W, b), p["E"][prep["leaf_token"]], idx)
 
+    @staticmethod
+    def _stack(states, rows):
+        """States [H] stacked to [rows, H], zero rows after them (a shape per class)."""
+        return jnp.stack(states + [jnp.zeros_like(states[0])] * (rows - len(states)))
+
     # --- hooks for the base class (recursive and compiled) ---
     def _logits(self, p, prep):
         if self.strategy == "recursive":
             states = self._states_recursive(p, prep)
-            h = jnp.stack([states[r][0] for r in prep["roots"]])
+            h = self._stack([states[r][0] for r in prep["roots"]], prep["root_rows"].shape[0])
             return self._readout(p["W_o"], p["b_o"], h, prep["root_rows"])
         return classify(p["W_o"], p["b_o"], self._buffer_compiled(p, prep)[prep["roots"]])
 
     def _loss(self, p, prep):
         if self.strategy == "recursive":
             states = self._states_recursive(p, prep)
-            if self._all_nodes:
-                pad = [jnp.zeros_like(states[0][0])] * (prep["rows"] - len(states))
-                h = jnp.stack([s[0] for s in states] + pad)
-            else:
-                h = jnp.stack([states[r][0] for r in prep["roots"]])
+            h = self._stack([s[0] for s in states] if self._all_nodes else
+                            [states[r][0] for r in prep["roots"]], prep["rows"])
             return self._loss_head(p["W_o"], p["b_o"], h, prep["points"], prep["labels"])
         h = self._buffer_compiled(p, prep)[prep["points"]]
         return softmax_xent(classify(p["W_o"], p["b_o"], h), prep["labels"])
@@ -659,7 +664,8 @@ class RvNN(JaxImplementation):
     def info(self):
         out = super().info()
         out["buckets"] = {
-            "recursive": "leaves: power of two",
+            "recursive": "bench.batches classes: examples to the batch size, leaves to half the "
+                         "node rows",
             "levels": "bench.batches classes: examples to the batch size, node rows, width "
                       "node_width%s; leaves in chunks of %d widths"
                       % (" x%d (GPU)" % GPU_WIDTH_FACTOR if self.device == "gpu" else "",
