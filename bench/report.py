@@ -288,7 +288,8 @@ def _results_section(df, records: List[Dict]) -> str:
             parts.append("### %s, %s, batch %s, %s\n\n" % (task, model, batch, device) + _md_table(
                 ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
-                 "compiles (train/infer)", "peak RSS MB", "device peak MB", "roofline %", "threads", "repeats"]
+                 "compiles (train/infer)", "peak RSS MB", "device peak MB", "roofline %",
+                 "threads", "repeats"]
                 + (["run"] if several_runs else []), rows))
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:

@@ -205,6 +205,7 @@ class JaxImplementation(Implementation):
         self.opt = make_optimizer(cfg)
         self.params = None
         self.opt_state = None
+        self._opt_init = None
         self.traces: Counter = Counter()
         self._compiles = Counter()
         self._compile_s = Counter()
@@ -285,9 +286,13 @@ class JaxImplementation(Implementation):
         self.params = {k: jax.device_put(np.array(v, np.float32, copy=True), self.dev)
                        for k, v in checked.items()}
         with jax.default_device(self.dev):
-            # committed to the device like the parameters: a jitted step that got an
-            # uncommitted step count first and a committed one next would compile twice
-            self.opt_state = jax.device_put(self.opt.init(self.params), self.dev)
+            # One jitted program, where eager optax would compile a small one per parameter
+            # shape (~0.5 s each on a GPU); its outputs are committed to the device like the
+            # parameters (a jitted step that got an uncommitted step count first and a
+            # committed one next would compile twice).
+            if self._opt_init is None:
+                self._opt_init = jax.jit(self.opt.init)
+            self.opt_state = jax.device_put(self._opt_init(self.params), self.dev)
         self._last = None
 
     def export_params(self):
@@ -367,6 +372,7 @@ class JaxImplementation(Implementation):
         out.update({p + "_s": round(float(self._compile_s[p]), 3) for p in PHASES})
         out["programs"] = {p: dict(self._compiled_programs[p]) for p in PHASES}
         hits = int(sum(self._cache_hits.values()))
+        out["outside_calls_in_process"] = int(_COMPILES["count"]) - out["train"] - out["infer"]
         out["cache_hits"] = hits
         out["cache"] = "warm" if hits else ("cold" if jax.config.jax_compilation_cache_dir
                                             else "off")
