@@ -277,6 +277,67 @@ def _bucket(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+# --- shape classes for strategies that compile once per shape (JAX, TensorFlow's XLA) ---
+#
+# A compiler that specialises on shapes compiles a program for every new shape
+# it meets. These helpers map every batch of a task to a few fixed shapes, by
+# design rather than by which batches a cell happens to see: a batch's padded
+# example count depends only on its size and the cell's batch size, and every
+# other dimension is a power of two with a floor high enough that a whole task
+# (SST: sentences up to 56 tokens) falls in one class. The floors are loose on
+# purpose: strategies skip the padded part at run time (a loop that stops, or a
+# chunk behind a branch), so a padded step or leaf costs almost nothing, while
+# each extra shape costs a compile of seconds (CPU) to tens of seconds (GPU).
+
+MIN_COUNT = 64           # length, step and chunk counts start at this power of two
+NODES_PER_EXAMPLE = 128  # node-buffer rows per padded example (trees up to 64 leaves)
+
+
+def padded_rows(n: int, batch_size: Optional[int] = None) -> int:
+    """Examples a static-shape program holds for a batch of ``n``.
+
+    One example stays one (batch-1 latency is a shape of its own); anything up
+    to the cell's ``batch_size`` (a partial last batch, the verification
+    batch) pads up to it; a larger batch, or any batch when the batch size is
+    unknown, pads to the next power of two. Padded examples are masked: they
+    change no result and count in no throughput.
+    """
+    n = int(n)
+    if n <= 1:
+        return 1
+    if batch_size and n <= batch_size:
+        return int(batch_size)
+    return _bucket(n)
+
+
+def count_bucket(n: int) -> int:
+    """Padded sequence length, step count or chunk count: a power of two >= max(n, MIN_COUNT)."""
+    return _bucket(max(int(n), MIN_COUNT))
+
+
+def train_length(t: int) -> int:
+    """Padded sequence length of a training step whose loop cannot skip padded steps (a scan
+    with a static trip count, differentiable): a power of two >= max(t, 16). SST needs 16,
+    32 and 64; padding averages ~1.4x the batches' longest sequence."""
+    return _bucket(max(int(t), 16))
+
+
+def node_rows(num_nodes: int, rows: int) -> int:
+    """Rows of a node buffer for ``num_nodes`` real nodes and ``rows`` padded examples,
+    one of them a spare (a power of two >= num_nodes + 1 and >= NODES_PER_EXAMPLE * rows)."""
+    return _bucket(max(int(num_nodes) + 1, NODES_PER_EXAMPLE * int(rows)))
+
+
+def node_width(rows: int) -> int:
+    """Nodes per batched tree step for ``rows`` padded examples: a power of two >= rows, >= 8.
+
+    An SST batch of 25 sentences has ~450 internal nodes over ~18 heights, about
+    25 per height: a width near the example count keeps padded slots few
+    (about 1.5x the real nodes) with about as many steps as heights.
+    """
+    return max(8, _bucket(rows))
+
+
 def step_bucket(n: int) -> int:
     """Padded number of packed steps: the next multiple of 8, at least 8."""
     return max(8, -(-int(n) // 8) * 8)

@@ -510,6 +510,7 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
             rec["unavailable_scope"] = "device"
         return
 
+    impl.batch_size = cfg.batch_size  # static-shape strategies pad smaller batches to it
     # After the framework import (which may load its own BLAS), before any work.
     _phase("pool")
     rec["info"]["blas_threads"] = limit_blas_threads(cfg.threads)

@@ -213,14 +213,17 @@ def readout(frameworks: Sequence[str] = ("torch", "jax", "tensorflow")) -> Grid:
 def gpu(frameworks: Sequence[str] = ("torch", "jax")) -> Grid:
     """A GPU run: SST quick sizes, batch sweep, tree-size sweep.
 
-    Every model and strategy at batch 25; the sweeps keep to the strategies
-    that need no compile per shape (cuDNN ``fused`` and dynamic-batching
-    ``levels``): per-node ``loop``/``recursive`` cells would take minutes at
-    batch 400, and ``torch.compile`` costs tens of seconds per new shape.
-    Measured on an H200 (results/2026-11-26-gpu): torch cells take 8-30 s,
-    JAX cells 20-140 s (XLA compiles each new shape, 25 times per cell), so
-    the whole preset needs most of an hour; that folder's ``run.sh`` runs the
-    most telling cells first against a deadline, for short leases.
+    Every model and strategy at batch 25; the sweeps keep to the cuDNN
+    ``fused`` and dynamic-batching ``levels`` strategies: per-node
+    ``loop``/``recursive`` cells would take minutes at batch 400, and
+    ``torch.compile`` costs tens of seconds a cell. Measured on an H200
+    (results/2026-11-26-gpu): torch cells take 8-30 s; JAX cells took
+    20-140 s when XLA compiled 25-90 programs a cell, and now compile 2-8
+    (shape classes, ``bench.batches``), so by a CPU-side estimate the whole
+    preset takes ~15-25 min (results/2026-12-01-gpu/NOTES.md), about 7 min
+    of it per-cell setup. That folder's ``run.sh`` runs it most telling
+    cells first against a deadline, for short leases. The 240 s timeout
+    leaves room for the slowest cell, JAX Tree-LSTM ``recursive`` (~1 min).
     """
     base = CellConfig("numpy", "lstm", "loop", device="gpu", repeats=5, latency_samples=10,
                       timeout_s=240)

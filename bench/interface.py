@@ -81,6 +81,11 @@ class Implementation:
     # the optimiser step; for every other implementation a NotImplementedError
     # from train_step or loss_and_grads fails the cell.
     trains = True
+    # The cell's batch size, set by bench.cell before the first prepare (None
+    # elsewhere). Strategies that compile once per shape pad smaller batches up
+    # to it (bench.batches.padded_rows), so a partial last batch or the
+    # verification batch runs the full batch's program instead of compiling one.
+    batch_size: Optional[int] = None
 
     def __init__(self, cfg: ModelConfig, strategy: str, device: str = "cpu", threads: int = 1):
         if cfg.family != self.family:

@@ -43,6 +43,7 @@ SUMMARY_COLUMNS = [
     "dev_accuracy", "seed", "hidden", "embed_dim", "framework_version", "reason", "cell_id", "run",
     "threads_applied", "epochs", "loss_mode", "machine", "train_mode", "cell_wall_s", "timed_s",
     "overhead_s",
+    "compiles_train", "compiles_infer", "compile_cache",
 ]
 # Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
 QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
@@ -153,6 +154,13 @@ def _threads_applied(r: Dict) -> Optional[int]:
     return None
 
 
+def _compiles(r: Dict) -> Dict:
+    """What the framework counted (``info['compiles']``: programs compiled for training and
+    for inference over the whole cell), or {} where it does not count."""
+    c = (r.get("info") or {}).get("compiles")
+    return c if isinstance(c, dict) else {}
+
+
 def summarise(records: List[Dict]):
     """The summary table: one row per cell, with medians, speedups and roofline."""
     import pandas as pd
@@ -192,6 +200,9 @@ def summarise(records: List[Dict]):
             "train_mode": (r.get("config") or {}).get("train_mode", "full"),
             "cell_wall_s": r.get("cell_wall_s"), "timed_s": timed, "overhead_s": overhead,
             "train_q1": tq[0], "train_q3": tq[1], "infer_q1": iq[0], "infer_q3": iq[1],
+            "compiles_train": _compiles(r).get("train"),
+            "compiles_infer": _compiles(r).get("infer"),
+            "compile_cache": _compiles(r).get("cache"),
         })
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + QUARTILE_COLUMNS + ["_key"])
     # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
@@ -313,6 +324,20 @@ def _wrapper_section(df) -> str:
                  "train cost", "infer cost"], rows))
 
 
+def _compile_cell(r) -> str:
+    # a first call served by a warm on-disk cache is not a compile time: keep it out
+    if r["compile_cache"] == "warm":
+        return "(warm cache)"
+    return _fmt(r["compile_s"], "%.2f")
+
+
+def _compiles_cell(r) -> str:
+    train, infer = r["compiles_train"], r["compiles_infer"]
+    if train is None or infer is None or train != train or infer != infer:   # NaN in pandas
+        return "-"
+    return "%d / %d" % (train, infer)
+
+
 def _results_section(df, records: List[Dict]) -> str:
     parts = []
     # Accuracy cells (the parity preset) time a token pool with few repeats as a by-product
@@ -339,14 +364,15 @@ def _results_section(df, records: List[Dict]) -> str:
                     _fmt(r["speedup_vs_baseline"], "%.1fx"),
                     _fmt(r["infer_speedup_vs_baseline"], "%.1fx"),
                     "%s / %s" % (_fmt(r["latency_ms_p50"], "%.2f"), _fmt(r["latency_ms_p95"], "%.2f")),
-                    _fmt(r["compile_s"], "%.2f"), _fmt(r["peak_rss_mb"], "%.0f"),
+                    _compile_cell(r), _compiles_cell(r), _fmt(r["peak_rss_mb"], "%.0f"),
                     _fmt(r["device_peak_mb"], "%.0f"), _fmt(r["roofline_pct"], "%.2f"),
                     _threads_cell(r), str(int(r["repeats"]))] + ([r["run"]] if several_runs else []))
             where = ", on %s" % machine if several_machines else ""
             parts.append("### %s, %s, batch %s, %s%s\n\n" % (task, model, batch, device, where) + _md_table(
                 ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
-                 "peak RSS MB", "device peak MB", "roofline %", "threads", "repeats"]
+                 "compiles (train/infer)", "peak RSS MB", "device peak MB", "roofline %",
+                 "threads", "repeats"]
                 + (["run"] if several_runs else []), rows))
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:

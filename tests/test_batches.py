@@ -169,3 +169,30 @@ def test_drop_last_and_one_leaf_trees():
     assert packed.level_node.shape == (8, 8) and (packed.level_node == packed.sink).all()
     deep = make_tree_batch([Example(tuple(range(1, 52)), build_tree("left", list(range(1, 52))), 0)])
     assert deep.num_levels == 51
+
+
+def test_shape_classes_of_static_shape_strategies():
+    from bench.batches import count_bucket, node_rows, node_width, padded_rows, train_length
+    assert [padded_rows(n, 25) for n in (1, 2, 8, 25, 26)] == [1, 25, 25, 25, 32]
+    assert [padded_rows(n) for n in (1, 3, 25)] == [1, 4, 32]
+    assert [count_bucket(n) for n in (0, 1, 64, 65)] == [64, 64, 64, 128]
+    assert [train_length(n) for n in (1, 16, 17, 56)] == [16, 16, 32, 64]
+    assert node_rows(10, 1) == 128 and node_rows(127, 1) == 128 and node_rows(128, 1) == 256
+    assert node_rows(900, 25) == 4096 and node_width(25) == 32 and node_width(1) == 8
+
+
+def test_every_sst_batch_of_a_cell_falls_in_one_shape_class():
+    """By design, not by which batches a cell sees: every SST batch of up to 25 sentences, in
+    any order, has the same padded example count, length class and node rows; so does every
+    single sentence (batch-1 latency)."""
+    from bench.batches import count_bucket, node_rows, padded_rows
+    from bench.tasks import load_task
+    data = load_task("sst", seed=0)
+    classes = set()
+    for split, shuffle in (("train", True), ("dev", False), ("test", False)):
+        for group in batch_examples(data.splits[split], 25, seed=0, shuffle=shuffle):
+            longest = max(len(e.tokens) for e in group)
+            nodes = sum(2 * len(e.tokens) - 1 for e in group)
+            rows = padded_rows(len(group), 25)
+            classes.add((rows, count_bucket(longest), node_rows(nodes, rows)))
+    assert classes == {(25, 64, 4096), (1, 64, 128)}

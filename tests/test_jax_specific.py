@@ -1,5 +1,5 @@
-"""JAX-specific properties: bounded retracing, float32 timing path, thread set-up,
-optimisers, the cuDNN weight mapping and the compiled tree schedule."""
+"""JAX-specific properties: bounded compiles and retracing, float32 timing path, thread
+set-up, optimisers, the cuDNN weight mapping and the compiled tree schedule."""
 
 import json
 import os
@@ -30,7 +30,7 @@ from bench.batches import batch_stream, make_seq_batch, make_tree_batch  # noqa:
 from bench.interface import NotApplicable, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import load_listops, load_sst  # noqa: E402
-from impls.jax_impl.rnn import RNN, cudnn_lstm_weights, time_bucket  # noqa: E402
+from impls.jax_impl.rnn import RNN, cudnn_lstm_weights  # noqa: E402
 from impls.jax_impl.rvnn import RvNN  # noqa: E402
 
 
@@ -43,47 +43,61 @@ def _tiny(model, vocab, **kw):
     return ModelConfig(model, vocab_size=vocab, embed_dim=8, hidden=6, num_classes=5, **kw)
 
 
-# -- retracing stays bounded over batches of varying shape --
+# -- compiles stay bounded: every batch of a task maps into a few shapes --
 
-@pytest.mark.parametrize("model", ["lstm", "treelstm"])
-def test_compiled_traces_once_per_bucket(model, sst):
-    cfg = _tiny(model, len(sst.vocab))
-    family = cfg.family
-    impl = (RNN if family == "rnn" else RvNN)(cfg, "compiled", threads=2)
+# programs per phase, for batches of up to the cell's batch size plus batch-1 inference
+BOUNDS = {("lstm", "compiled"): (4, 2),      # train lengths 16/32/64 + the gradient program
+          ("treelstm", "compiled"): (2, 2),  # one train step + the gradient program
+          ("treelstm", "levels"): (4, 4)}    # leaves, level, level backward, leaves backward
+#                                              + update; infer: readout, and batch 1's three
+
+
+@pytest.mark.parametrize("model,strategy", sorted(BOUNDS))
+def test_programs_per_shape_class_not_per_batch(model, strategy, sst):
+    cfg = _tiny(model, len(sst.vocab), optimizer="adam", lr=0.01)
+    impl = (RNN if cfg.family == "rnn" else RvNN)(cfg, strategy, threads=2)
+    impl.batch_size = 25
     impl.load_params(init_params(cfg, seed=0))
-    batches = batch_stream(sst.train, family, 25, seed=0)[:12]
-    shapes = set()
-    for b in batches:
+    make = make_seq_batch if cfg.family == "rnn" else make_tree_batch
+    # length-bucketed batches run from the shortest sentences to the longest
+    first = batch_stream(sst.train, cfg.family, 25, seed=0, bucket=True)[:12]
+    first += [make(sst.train[:7])] + [make([e]) for e in sst.splits["dev"][:4]]
+    for b in first:
         ready = impl.prepare(b)
-        shapes.add(tuple(sorted((k, v.shape) for k, v in ready.items())))
-        impl.train_step(ready)
+        if b.size > 1:
+            impl.train_step(ready)
         impl.logits(ready)
+    impl.loss_and_grads(impl.prepare(make(sst.train[7:15])))
     impl.sync()
-    traces = impl.info()["traces"]
-    assert 1 < len(shapes) < len(batches)  # the batches differ, the buckets absorb most of it
-    assert traces["train_step"] == len(shapes)
-    assert traces["logits"] == len(shapes)
-
-
-def test_rnn_time_bucket():
-    assert [time_bucket(t) for t in (1, 8, 9, 31, 32, 33)] == [8, 8, 16, 32, 32, 40]
-
-
-def test_levels_traces_bounded_by_widths(sst):
-    cfg = _tiny("treelstm", len(sst.vocab))
-    impl = RvNN(cfg, "levels", threads=2)
-    impl.load_params(init_params(cfg, seed=0))
-    keys = set()
-    levels = 0
-    for b in batch_stream(sst.train, "rvnn", 25, seed=0)[:6]:
+    counts = impl.compile_counts()
+    train_bound, infer_bound = BOUNDS[model, strategy]
+    assert 1 <= counts["train"] <= train_bound and 1 <= counts["infer"] <= infer_bound, counts
+    # other batches (unbucketed, as accuracy training draws them; other lengths) add none
+    for b in batch_stream(sst.train, cfg.family, 25, seed=1)[:4] + [make(sst.splits["test"][-10:])] + \
+            [make([e]) for e in sst.splits["dev"][4:10]]:
         ready = impl.prepare(b)
-        keys |= {(ready["rows"], node.shape[0]) for node, _, _ in ready["levels"]}
-        levels += len(ready["levels"])
-        impl.train_step(ready)
+        if b.size > 1:
+            impl.train_step(ready)
+        out = impl.logits(ready)
+        assert impl.to_numpy(out).shape == (b.size, 5)
     impl.sync()
-    traces = impl.info()["traces"]
-    assert traces["level"] == len(keys) < levels
-    assert len(keys) <= 2 * 5  # two buffer sizes at most, widths 16..256
+    again = impl.compile_counts()
+    assert (again["train"], again["infer"]) == (counts["train"], counts["infer"]), again
+
+
+def test_levels_runs_one_call_per_width_of_each_height(sst):
+    """A height wider than the call width takes several calls, a narrow one a single call."""
+    cfg = _tiny("rvnn", len(sst.vocab))
+    impl = RvNN(cfg, "levels", threads=2)
+    impl.batch_size = 25
+    b = batch_stream(sst.train, "rvnn", 25, seed=0)[0]
+    ready = impl.prepare(b)
+    width = ready["calls"][0][0].shape[0]
+    widths = np.diff(b.level_offsets)[1:]
+    assert width == 32 and len(ready["calls"]) == sum(-(-int(w) // width) for w in widths)
+    nodes = np.concatenate([np.asarray(c[0]) for c in ready["calls"]])
+    assert sorted(nodes[nodes < ready["rows"]].tolist()) == list(range(int(b.level_offsets[1]),
+                                                                       b.num_nodes))
 
 
 def test_loop_and_recursive_trace_once_per_bucket():
@@ -213,20 +227,28 @@ def test_adam_and_adagrad_first_steps_match_their_formulas():
 
 # -- the compiled tree schedule (TreeBatch.packed_groups; its own checks are in test_batches) --
 
-def test_wide_groups_give_the_level_schedule_and_the_same_logits(sst):
-    b = batch_stream(sst.train, "rvnn", 25, seed=2)[0]
-    groups = b.packed_groups(int(np.diff(b.level_offsets)[1:].max()))
-    assert [g.tolist() for g in groups] == [lv.tolist() for lv in b.levels[1:]]
-    cfg = _tiny("treelstm", len(sst.vocab))
+def test_compiled_trees_on_two_shape_classes_agree_with_the_reference(sst):
+    """The same batch on its own class (no batch size: examples to a power of two) and on a
+    cell's (batch size 25: more rows, steps and leaf chunks, all padding) gives the same logits
+    and gradients."""
+    b = batch_stream(sst.train, "rvnn", 5, seed=2)[0]
+    cfg = _tiny("treelstm", len(sst.vocab), loss_mode="all")
     params = init_params(cfg, seed=0)
-    out = {}
-    for schedule in ("packed", "heights"):
+    ref_loss, ref_grads = reference.loss_and_grads(cfg, params, b)
+    shapes = set()
+    for batch_size in (None, 25):
         impl = RvNN(cfg, "compiled", threads=2)
-        impl.schedule = schedule
+        impl.batch_size = batch_size
         impl.load_params(params)
-        out[schedule] = impl.to_numpy(impl.logits(impl.prepare(b)))
-    assert np.abs(out["packed"] - out["heights"]).max() < 1e-6
-    assert np.abs(out["packed"] - reference.logits(cfg, params, b)).max() < 1e-4
+        ready = impl.prepare(b)
+        shapes.add(ready["node"].shape + ready["leaf_node"].shape)
+        logits = impl.to_numpy(impl.logits(ready))
+        assert np.abs(logits - reference.logits(cfg, params, b)).max() < 1e-4
+        loss, grads = impl.loss_and_grads(ready)
+        assert abs(loss - ref_loss) < 1e-4
+        for k in grads:
+            assert np.abs(grads[k] - ref_grads[k]).max() <= 1e-3 * np.abs(ref_grads[k]).max(), k
+    assert len(shapes) == 2
 
 
 # -- on a GPU machine: every strategy, fused included, on the device --

@@ -312,3 +312,22 @@ def test_without_pandas_the_report_is_one_line_naming_what_to_install(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs pandas" in err and "pip install pandas matplotlib" in err
     assert sorted(os.listdir(str(run))) == ["records.jsonl"]
+
+
+def test_compile_counts_and_warm_caches_in_the_results_table(tmp_path):
+    import json
+    recs = read_records(os.path.join(GOLDEN_DIR, "records.jsonl"))
+    ok = [r for r in recs if r["status"] == "ok" and not r.get("accuracy")]
+    ok[0]["info"] = dict(ok[0].get("info") or {}, compiles={"train": 3, "infer": 2, "cache": "off"})
+    ok[1]["info"] = dict(ok[1].get("info") or {}, compiles={"train": 1, "infer": 1, "cache": "warm"})
+    run = tmp_path / "run" / "x"
+    os.makedirs(str(run))
+    with open(str(run / "records.jsonl"), "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in recs))
+    write_report(str(tmp_path / "run"), str(tmp_path))
+    text = open(str(tmp_path / "report.md")).read()
+    assert "compiles (train/infer)" in text
+    assert "| 3 / 2 |" in text and "| (warm cache) | 1 / 1 |" in text
+    df = pd.read_csv(str(tmp_path / "summary.csv"))
+    assert sorted(df.compiles_train.dropna().tolist()) == [1, 3]
+    assert set(df.compile_cache.dropna()) == {"off", "warm"}

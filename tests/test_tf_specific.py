@@ -15,7 +15,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from bench import reference, verify  # noqa: E402
-from bench.batches import batch_stream, make_seq_batch, make_tree_batch  # noqa: E402
+from bench.batches import (batch_stream, count_bucket, make_seq_batch, make_tree_batch,  # noqa: E402
+                           train_length)
 from bench.interface import ADAGRAD, ADAM, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import Example, load_sst  # noqa: E402
@@ -61,17 +62,33 @@ def test_graph_strategies_trace_once_over_varied_batches(sst, cls, model, strate
     assert impl.info()["traces"] == {"logits": 1, "train": 1, "grads": 1}
 
 
-def test_xla_rnn_pads_time_to_buckets_and_stays_exact(sst):
+def test_xla_rnn_compiles_once_per_shape_class_and_stays_exact(sst):
     cfg = ModelConfig("lstm", vocab_size=len(sst.vocab), embed_dim=16, hidden=8)
     impl = RNN(cfg, "compiled", threads=2, xla=True)
+    impl.batch_size = 25
     params = init_params(cfg, seed=0)
     impl.load_params(params)
-    batch = make_seq_batch(sst.train[:5])
+    batch = make_seq_batch(sst.train[:5])      # a partial batch: padded to the batch size
     ready = impl.prepare(batch)
-    T_pad = int(ready["tokens"].shape[0])
-    assert T_pad % tf_rnn.XLA_T_BUCKET == 0 and T_pad >= batch.tokens.shape[1]
+    T = batch.tokens.shape[1]
+    assert tuple(ready["train"]["tokens"].shape) == (train_length(T), 25)
+    assert tuple(ready["infer"]["tokens"].shape) == (count_bucket(T), 25)
     got = impl.to_numpy(impl.logits(ready))
     assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= 1e-5
+    loss, grads = impl.loss_and_grads(ready)
+    ref_loss, ref_grads = reference.loss_and_grads(cfg, params, batch)
+    assert abs(loss - ref_loss) < 1e-5
+    assert max(verify.grad_errors(grads, ref_grads).values()) <= verify.TOLERANCE["grad_rel"]
+    # SST batches of every length, and single sentences: a few programs, whatever the batches
+    batches = batch_stream(sst.train, "rnn", 25, seed=0, bucket=True)[:10]
+    for b in batches + [make_seq_batch([e]) for e in sst.splits["dev"][:6]]:
+        ready = impl.prepare(b)
+        if b.size > 1:
+            impl.train_step(ready)
+        assert impl.to_numpy(impl.logits(ready)).shape == (b.size, 5)
+    counts = impl.compile_counts()
+    assert counts["train"] <= 4 and counts["infer"] <= 2, counts
+    assert len({b.tokens.shape[1] for b in batches}) > 4   # the batches' lengths vary
 
 
 def test_keras_lstm_gate_layout_matches_the_canonical_one():

@@ -108,9 +108,12 @@ def test_compiled_rnn_graphs_are_bounded():
         assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= 1e-4
         impl.loss_and_grads(ready)
     assert len(shapes) >= 8
-    compiled = impl.info()["compile"]
+    info = impl.info()
+    compiled, per_phase = info["compile"], info["compiles"]
     # {grad, no grad} x {2+ examples running, 1 running (dynamo specialises size 1)}
     assert compiled["graphs"] <= 4, compiled
+    assert per_phase["train"] <= 2 and per_phase["infer"] <= 2, per_phase
+    assert per_phase["train"] + per_phase["infer"] == compiled["graphs"]
     assert compiled["graph_breaks"] == 0, compiled
     assert CHUNK >= 2
 
@@ -132,9 +135,12 @@ def test_compiled_rvnn_graphs_are_bounded():
         assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= 1e-4
         impl.loss_and_grads(ready)
     assert len(keys) >= 4
-    compiled = impl.info()["compile"]
+    info = impl.info()
+    compiled, per_phase = info["compile"], info["compiles"]
     # leaves and level-chunk functions, each with and without grad
     assert compiled["graphs"] <= 4, compiled
+    assert per_phase["train"] <= 2 and per_phase["infer"] <= 2, per_phase
+    assert per_phase["cache"] in ("cold", "warm") and per_phase["cache_dir"]
     assert compiled["graph_breaks"] == 0, compiled
 
 

@@ -4,12 +4,18 @@ Strategies, as implemented here:
 
 * RNN ``loop``: a jitted cell called from a Python loop over time steps;
   gradients come from ``jax.value_and_grad`` over that Python loop.
-* RNN ``compiled``: ``jax.lax.scan`` over time under one ``jit`` (forward,
-  backward and optimiser update together), time padded to a multiple of 8.
+* RNN ``compiled``: training is ``jax.lax.scan`` over time under one ``jit``
+  (forward, backward and optimiser update together); inference a
+  ``lax.while_loop`` that stops after the longest example.
 * RNN ``fused``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU only.
 * RvNN ``recursive``: one jitted call per tree node, following each tree.
-* RvNN ``levels``: one jitted call per tree height, widths padded to powers of two.
-* RvNN ``compiled``: ``lax.scan`` over a static schedule of node groups under one ``jit``.
+* RvNN ``levels``: one jitted call per tree height (in calls of W nodes), and in
+  training one jitted backward call per forward call.
+* RvNN ``compiled``: ``lax.scan`` over a static schedule of node groups under one ``jit``,
+  its backward pass written out (``jax.custom_vjp``).
+
+Every strategy pads batches into the shape classes of ``bench.batches``, so a cell
+compiles a few programs, not one per batch shape; ``info()['compiles']`` counts them.
 
 Threads: XLA's CPU client sizes its thread pool from the environment variable
 ``PJRT_NPROC`` when the backend starts, so the runner should export

@@ -17,8 +17,9 @@ import os
 import platform
 import threading
 import time
+import contextlib
 from collections import Counter
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import jax
 import jax.monitoring
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench.batches import padded_rows
 from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
 
 from . import NOT_APPLICABLE
@@ -35,6 +37,9 @@ from . import NOT_APPLICABLE
 _THREADS: Dict = {}
 _COMPILES = {"count": 0, "seconds": 0.0}
 _LOCK = threading.Lock()
+# (implementation, phase) of the calls in progress: compiles are charged to the innermost
+_ACTIVE: List = []
+PHASES = ("train", "infer")
 
 
 def _backend_started() -> Optional[bool]:
@@ -89,14 +94,27 @@ def configure_threads(threads: int) -> Dict:
 
 
 def _count_compiles(event, duration, **kwargs):
+    """JAX reports every XLA compilation (and every persistent-cache load) with this event."""
     if event == "/jax/core/compile/backend_compile_duration":
         _COMPILES["count"] += 1
         _COMPILES["seconds"] += float(duration)
+        if _ACTIVE:
+            impl, phase = _ACTIVE[-1]
+            impl._compiles[phase] += 1
+            impl._compile_s[phase] += float(duration)
+            impl._compiled_programs[phase][str(kwargs.get("fun_name", "?"))] += 1
+
+
+def _count_cache_hits(event, **kwargs):
+    if event == "/jax/compilation_cache/cache_hits" and _ACTIVE:
+        impl, phase = _ACTIVE[-1]
+        impl._cache_hits[phase] += 1
 
 
 def _install_compile_listener():
     if not _COMPILES.get("installed"):
         jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+        jax.monitoring.register_event_listener(_count_cache_hits)
         _COMPILES["installed"] = True
 
 
@@ -153,6 +171,18 @@ def classify(W_o, b_o, h):
     return h @ W_o + b_o
 
 
+def _inputs(prepared, phase):
+    """What the model functions of ``phase`` take. A prepared batch may hold its real example
+    count ``size`` (a Python int, which a jitted function would take as an argument) and one
+    set of arrays per phase where training and inference run on different shapes (a jitted
+    function specialises on every array it is given, used or not)."""
+    if not isinstance(prepared, dict) or "size" not in prepared:
+        return prepared
+    if phase in prepared:
+        return prepared[phase]
+    return {k: v for k, v in prepared.items() if k != "size"}
+
+
 # --- the base class ---
 
 class JaxImplementation(Implementation):
@@ -175,9 +205,27 @@ class JaxImplementation(Implementation):
         self.opt = make_optimizer(cfg)
         self.params = None
         self.opt_state = None
+        self._opt_init = None
         self.traces: Counter = Counter()
+        self._compiles = Counter()
+        self._compile_s = Counter()
+        self._cache_hits = Counter()
+        self._compiled_programs = {p: Counter() for p in PHASES}
         self._last = None
         self._build_jits()
+
+    @contextlib.contextmanager
+    def _phase(self, phase):
+        """Charge the XLA compilations inside the block to ``phase`` of this instance."""
+        _ACTIVE.append((self, phase))
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()
+
+    def rows(self, n: int) -> int:
+        """Padded example count of a batch of ``n`` (bench.batches.padded_rows)."""
+        return padded_rows(n, self.batch_size)
 
     # -- subclass hooks --
     def _refuse(self):
@@ -238,7 +286,13 @@ class JaxImplementation(Implementation):
         self.params = {k: jax.device_put(np.array(v, np.float32, copy=True), self.dev)
                        for k, v in checked.items()}
         with jax.default_device(self.dev):
-            self.opt_state = self.opt.init(self.params)
+            # One jitted program, where eager optax would compile a small one per parameter
+            # shape (~0.5 s each on a GPU); its outputs are committed to the device like the
+            # parameters (a jitted step that got an uncommitted step count first and a
+            # committed one next would compile twice).
+            if self._opt_init is None:
+                self._opt_init = jax.jit(self.opt.init)
+            self.opt_state = jax.device_put(self._opt_init(self.params), self.dev)
         self._last = None
 
     def export_params(self):
@@ -246,20 +300,30 @@ class JaxImplementation(Implementation):
 
     # -- work --
     def logits(self, prepared):
-        with jax.default_device(self.dev):
-            out = self._logits_call(self.params, prepared)
+        with jax.default_device(self.dev), self._phase("infer"):
+            out = self._logits_call(self.params, _inputs(prepared, "infer"))
         self._last = out
-        return out
+        return self._real_rows(out, prepared)
+
+    def _real_rows(self, out, prepared):
+        """Logits of the real examples. A batch padded to more rows (a partial last batch, the
+        verification batch) is cut on the host: a device slice would compile a program per size;
+        those batches are never inside a timed loop."""
+        size = prepared.get("size") if isinstance(prepared, dict) else None
+        if size is None or size == out.shape[0]:
+            return out
+        return np.asarray(jax.device_get(out))[:size]
 
     def loss_and_grads(self, prepared):
-        with jax.default_device(self.dev):
-            value, grads = self._value_and_grad(self.params, prepared)
-        return float(value), {k: np.array(g, dtype=np.float32) for k, g in grads.items()}
+        with jax.default_device(self.dev), self._phase("train"):
+            value, grads = self._value_and_grad(self.params, _inputs(prepared, "train"))
+            value = float(value)
+        return value, {k: np.array(g, dtype=np.float32) for k, g in grads.items()}
 
     def train_step(self, prepared):
-        with jax.default_device(self.dev):
+        with jax.default_device(self.dev), self._phase("train"):
             value, self.params, self.opt_state = self._train(self.params, self.opt_state,
-                                                             prepared)
+                                                             _inputs(prepared, "train"))
         self._last = value
         return value
 
@@ -270,7 +334,7 @@ class JaxImplementation(Implementation):
         return np.asarray(jax.device_get(value))
 
     def _put(self, array, dtype=np.int32):
-        return jax.device_put(np.ascontiguousarray(array, dtype=dtype), self.dev)
+        return jax.device_put(np.asarray(array, dtype=dtype, order="C"), self.dev)
 
     # -- measurement helpers --
     def device_peak_bytes(self):
@@ -296,7 +360,24 @@ class JaxImplementation(Implementation):
             "traces_total": int(sum(self.traces.values())),
             "xla_compiles_in_process": _COMPILES["count"],
             "xla_compile_seconds_in_process": round(_COMPILES["seconds"], 3),
+            "compiles": self.compile_counts(),
         }
+
+    def compile_counts(self) -> Dict:
+        """XLA compilations this instance caused, by phase: ``train`` (train steps and
+        gradients), ``infer`` (logits); seconds as JAX reports them; the programs by name.
+        A persistent compilation cache is not used; ``cache_hits`` would show one if the
+        environment enabled it (JAX_COMPILATION_CACHE_DIR), and ``cache`` says warm then."""
+        out = {p: int(self._compiles[p]) for p in PHASES}
+        out.update({p + "_s": round(float(self._compile_s[p]), 3) for p in PHASES})
+        out["programs"] = {p: dict(self._compiled_programs[p]) for p in PHASES}
+        hits = int(sum(self._cache_hits.values()))
+        out["outside_calls_in_process"] = int(_COMPILES["count"]) - out["train"] - out["infer"]
+        out["cache_hits"] = hits
+        out["cache"] = "warm" if hits else ("cold" if jax.config.jax_compilation_cache_dir
+                                            else "off")
+        out["counted_by"] = "jax.monitoring backend_compile_duration events during each call"
+        return out
 
     def gemm_flops(self, n=512, repeats=10):
         rng = np.random.default_rng(0)

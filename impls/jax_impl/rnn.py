@@ -1,14 +1,25 @@
 """Elman RNN and LSTM in JAX: strategies ``loop``, ``compiled`` and ``fused``.
 
-Shapes: B batch, T time steps (Tb after bucketing), D embedding, H hidden,
-G = H (Elman) or 4H (LSTM, gate blocks [i, f, g, o]), C classes.
+Shapes: B batch (padded to Bp, the cell's batch size: ``bench.batches.padded_rows``;
+padded examples have label -1 and change nothing), T time steps (Tp after
+padding), D embedding, H hidden, G = H (Elman) or 4H (LSTM, gate blocks
+[i, f, g, o]), C classes.
 
-* ``loop``: a jitted cell ``(state, x[B, Tb, D], live[Tb, B, 1], t) -> state`` (state
-  ``(h,)`` or ``(h, c)``, each [B, H]) called from a Python loop over t;
-  ``jax.value_and_grad`` differentiates the loop.
-* ``compiled``: ``lax.scan`` over time under one ``jit``; T is padded up to a
-  multiple of 8 so batches of similar length share one trace.
-* ``fused``: cuDNN's LSTM through ``jax.experimental.rnn.lstm`` (CUDA only).
+* ``loop``: a jitted cell ``(state, x[Bp, Tp, D], live[Tp, Bp, 1], t) -> state`` (state
+  ``(h,)`` or ``(h, c)``, each [Bp, H]) called from a Python loop over the T real
+  steps; ``jax.value_and_grad`` differentiates the loop. Tp = ``count_bucket(T)``
+  (SST: 64), so the jitted pieces see one shape per batch class.
+* ``compiled``: forward, backward and optimiser update under one ``jit``. Training
+  is ``lax.scan`` over Tt = ``train_length(T)`` steps (a power of two >= 16; SST:
+  16, 32 or 64), the input projection of all steps one [Bp*Tt, D] x [D, G]
+  product before it. Inference is a ``lax.while_loop`` over chunks of ``CHUNK``
+  steps of one padded length (``count_bucket``: SST 64) that stops after the
+  longest example, each chunk's projection one product. A cell compiles at
+  most three training programs on SST, one gradient program (the check) and
+  two inference programs (its batches, batch-1 latency).
+* ``fused``: cuDNN's LSTM through ``jax.experimental.rnn.lstm`` (CUDA only),
+  on the same padded shapes as ``compiled`` (cuDNN takes each example's length;
+  padded examples have length 1).
   The canonical LSTM maps onto it exactly: cuDNN's ``W_ih``/``W_hh`` are
   ``W_x.T``/``W_h.T`` with the same gate order, ``b_ih = b``, ``b_hh = 0``, and
   per-example ``seq_lengths`` make cuDNN return the state at the last real
@@ -22,17 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench.batches import SeqBatch
+from bench.batches import SeqBatch, count_bucket, train_length
 from bench.interface import Unavailable
 
 from .common import JaxImplementation, classify, softmax_xent
 
-TIME_BUCKET = 8
-
-
-def time_bucket(t: int) -> int:
-    """Padded time length: the next multiple of TIME_BUCKET."""
-    return max(TIME_BUCKET, -(-int(t) // TIME_BUCKET) * TIME_BUCKET)
+CHUNK = 8         # compiled: time steps per scan iteration (count_bucket's lengths are multiples)
 
 
 def cell(model, W_h, state, zx, live):
@@ -101,23 +107,35 @@ class RNN(JaxImplementation):
         if not isinstance(batch, SeqBatch):
             raise TypeError("the RNN family takes a SeqBatch, not %s" % type(batch).__name__)
         tokens, lengths, labels = batch.tokens, batch.lengths, batch.labels
-        T = tokens.shape[1]
-        padded = np.zeros((tokens.shape[0], time_bucket(T)), np.int32)
-        padded[:, :T] = tokens
+        B, T = tokens.shape
+        # Padded examples have one token (cuDNN wants lengths >= 1) and label -1, so the
+        # loss and the gradients ignore them.
+        rows = self.rows(B)
+        lens = np.ones(rows, np.int32)
+        lens[:B] = lengths
+        labs = np.full(rows, -1, np.int32)
+        labs[:B] = labels
         if self.strategy == "loop":
-            # The loop runs the T real steps; padding T only keeps the shapes the
-            # jitted cell sees (x [B, Tb, D]) to a few buckets.
-            live = (np.arange(padded.shape[1])[:, None] < lengths[None, :])[:, :, None]
-            return {"tokens": self._put(padded), "labels": self._put(labels),
-                    "live": self._put(live, bool), "steps": T}
-        return {"tokens": self._put(padded), "lengths": self._put(lengths),
-                "labels": self._put(labels)}
+            # The loop runs the T real steps; padding keeps the shapes the jitted pieces
+            # see (x [rows, Tp, D]) to the batch's class, so they compile once per class.
+            padded = np.zeros((rows, count_bucket(T)), np.int32)
+            padded[:B, :T] = tokens
+            live = (np.arange(padded.shape[1])[:, None] < lens[None, :])[:, :, None]
+            return {"tokens": self._put(padded), "labels": self._put(labs),
+                    "live": self._put(live, bool), "steps": T, "size": B}
+        out = {"size": B}
+        for phase, steps in (("train", train_length(T)), ("infer", count_bucket(T))):
+            padded = np.zeros((rows, steps), np.int32)
+            padded[:B, :T] = tokens
+            out[phase] = {"tokens": self._put(padded), "lengths": self._put(lens),
+                          "labels": self._put(labs)}
+        return out
 
     # --- the three ways to get the last hidden state [B, H] ---
     def _hidden_loop(self, p, prep):
         # One lookup for the batch, then each step reads its column inside the
         # jitted cell (t is traced: one compile for every step).
-        x = self._embed(p["E"], prep["tokens"])             # [B, Tb, D]
+        x = self._embed(p["E"], prep["tokens"])             # [rows, Tp, D]
         B, H = x.shape[0], self.cfg.hidden
         zeros = jnp.zeros((B, H), jnp.float32)
         state = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
@@ -126,13 +144,15 @@ class RNN(JaxImplementation):
         return state[0]
 
     def _hidden_scan(self, p, prep):
+        """Training: ``lax.scan`` over the Tt steps of the training shape (T to a power of two
+        >= 16: a few shapes per task, each differentiable with a static trip count)."""
         tokens, lengths = prep["tokens"], prep["lengths"]
-        B, Tb = tokens.shape
+        B, Tt = tokens.shape
         H = self.cfg.hidden
-        # The input projection of every step is one [B*Tb, D] x [D, G] matmul
+        # The input projection of every step is one [B*Tt, D] x [D, G] matmul
         # outside the recurrence; only h W_h stays inside the scan.
-        zx = jnp.swapaxes(p["E"][tokens] @ p["W_x"] + p["b"], 0, 1)      # [Tb, B, G]
-        live = (jnp.arange(Tb)[:, None] < lengths[None, :])[:, :, None]  # [Tb, B, 1]
+        zx = jnp.swapaxes(p["E"][tokens] @ p["W_x"] + p["b"], 0, 1)      # [Tt, B, G]
+        live = (jnp.arange(Tt)[:, None] < lengths[None, :])[:, :, None]  # [Tt, B, 1]
         zeros = jnp.zeros((B, H), jnp.float32)
         init = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
         model, W_h = self.cfg.model, p["W_h"]
@@ -141,6 +161,31 @@ class RNN(JaxImplementation):
             return cell(model, W_h, state, *inputs), None
 
         state, _ = lax.scan(step, init, (zx, live))
+        return state[0]
+
+    def _hidden_while(self, p, prep):
+        """Inference: a ``lax.while_loop`` over chunks of CHUNK steps that stops after the
+        longest example, on one padded length (count_bucket) for every batch."""
+        tokens, lengths = prep["tokens"], prep["lengths"]
+        B, Tp = tokens.shape
+        H = self.cfg.hidden
+        tokens_tm = tokens.T                                              # [Tp, B]
+        zeros = jnp.zeros((B, H), jnp.float32)
+        init = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
+        model, E, W_x, b, W_h = self.cfg.model, p["E"], p["W_x"], p["b"], p["W_h"]
+        chunks = (jnp.max(lengths) + CHUNK - 1) // CHUNK
+
+        def body(carry):
+            k, state = carry
+            t0 = k * CHUNK
+            # the chunk's input projection in one product; only h W_h recurs
+            zx = E[lax.dynamic_slice_in_dim(tokens_tm, t0, CHUNK)] @ W_x + b  # [CHUNK, B, G]
+            live = (t0 + jnp.arange(CHUNK))[:, None, None] < lengths[None, :, None]
+            # a scan, not unrolled: an unrolled chunk compiles ~3x slower for no gain here
+            state = lax.scan(lambda s, xs: (cell(model, W_h, s, *xs), None), state, (zx, live))[0]
+            return k + 1, state
+
+        _, state = lax.while_loop(lambda c: c[0] < chunks, body, (jnp.int32(0), init))
         return state[0]
 
     def _hidden_fused(self, p, prep):
@@ -155,28 +200,35 @@ class RNN(JaxImplementation):
                               bidirectional=False, precision=lax.Precision.HIGHEST)
         return h_n[0]
 
-    def _hidden(self, p, prep):
+    def _hidden(self, p, prep, train):
         if self.strategy == "loop":
             return self._hidden_loop(p, prep)
         if self.strategy == "compiled":
-            return self._hidden_scan(p, prep)
+            return self._hidden_scan(p, prep) if train else self._hidden_while(p, prep)
         return self._hidden_fused(p, prep)
 
     # --- hooks for the base class ---
     def _logits(self, p, prep):
-        h = self._hidden(p, prep)
+        h = self._hidden(p, prep, train=False)
         if self.strategy == "loop":
             return self._readout(p["W_o"], p["b_o"], h)
         return classify(p["W_o"], p["b_o"], h)
 
     def _loss(self, p, prep):
+        h = self._hidden(p, prep, train=True)
         if self.strategy == "loop":
-            return self._loss_head(p["W_o"], p["b_o"], self._hidden(p, prep), prep["labels"])
-        return softmax_xent(self._logits(p, prep), prep["labels"])
+            return self._loss_head(p["W_o"], p["b_o"], h, prep["labels"])
+        return softmax_xent(classify(p["W_o"], p["b_o"], h), prep["labels"])
 
     def info(self):
         out = super().info()
-        out["time_bucket"] = "multiple of %d" % TIME_BUCKET
+        out["time_bucket"] = {
+            "loop": "power of two >= 64 (the loop runs the real steps); examples padded to the "
+                    "cell's batch size",
+            "compiled": "train: power of two >= 16; infer: power of two >= 64 in chunks of %d "
+                        "steps, stopping after the longest example; examples padded to the "
+                        "cell's batch size" % CHUNK,
+            "fused": "as compiled (cuDNN takes each example's length)"}[self.strategy]
         if self.strategy == "fused":
             out["kernel"] = "jax.experimental.rnn.lstm (cuDNN), TF32 off"
         return out

@@ -235,6 +235,12 @@ class TFImplementation(Implementation):
         self._traces: Dict[str, int] = {}
         self._fns = {}
         self._last = None
+        # compiles by phase: traces of each tf.function, and with XLA one compilation per
+        # distinct argument shape (TF keeps no count of its own that Python can read)
+        self._compiles = {"train": 0, "infer": 0}
+        self._compile_s = {"train": 0.0, "infer": 0.0}
+        self._xla_keys = set()
+        self._tracing = None   # the function being traced, while tf.function traces it
 
     # --- hooks for subclasses ---
     def _make_variables(self, params) -> "OrderedDict[str, tf.Variable]":
@@ -302,8 +308,12 @@ class TFImplementation(Implementation):
         def traced(prepared):
             # Runs only while tracing: counts how often tf.function (re)traced.
             self._traces[name] = self._traces.get(name, 0) + 1
-            with tf.device(self._device):
-                return body(prepared)
+            self._tracing = name
+            try:
+                with tf.device(self._device):
+                    return body(prepared)
+            finally:
+                self._tracing = None
         return traced
 
     def _logits_body(self, prepared):
@@ -353,25 +363,66 @@ class TFImplementation(Implementation):
             out.append(g)
         return out
 
+    def _call(self, name, phase, prepared):
+        """Run function ``name``, charging a trace (and with XLA a new argument shape, which
+        XLA compiles) to ``phase`` with the seconds of that call."""
+        if isinstance(prepared, dict) and "size" in prepared:
+            # padded to more rows; training and inference may run on different shapes
+            prepared = prepared[phase] if phase in prepared else \
+                {k: v for k, v in prepared.items() if k != "size"}
+        if not self.graph:
+            return self._fns[name](prepared)
+        traces = self._traces.get(name, 0)
+        key = None
+        if self.xla:
+            key = (name,) + tuple((k, tuple(v.shape)) for k, v in sorted(prepared.items())
+                                  if hasattr(v, "shape"))
+        fresh = key is not None and key not in self._xla_keys
+        t0 = time.perf_counter() if fresh or traces == 0 else None
+        out = self._fns[name](prepared)
+        traced = self._traces.get(name, 0) - traces
+        if fresh:
+            self._xla_keys.add(key)
+        if traced or fresh:
+            self._compiles[phase] += 1 if fresh else traced
+            tf.nest.map_structure(lambda t: t.numpy(), out)   # the call's work is done
+            self._compile_s[phase] += time.perf_counter() - t0
+        return out
+
     def logits(self, prepared):
         self._need_params()
         with tf.device(self._device):
-            out = self._fns["logits"](prepared)
+            out = self._call("logits", "infer", prepared)
         self._last = out
-        return out
+        return self._real_rows(out, prepared)
+
+    def _real_rows(self, out, prepared):
+        """The logits of the batch's real examples where prepare padded it to more rows
+        (``size``: a partial last batch or the verification batch; an eager slice)."""
+        size = prepared.get("size") if isinstance(prepared, dict) else None
+        return out if size is None or size == out.shape[0] else out[:size]
 
     def loss_and_grads(self, prepared):
         self._need_params()
         with tf.device(self._device):
-            loss, grads = self._fns["grads"](prepared)
+            loss, grads = self._call("grads", "train", prepared)
         return float(loss.numpy()), self._grads_numpy(grads)
 
     def train_step(self, prepared):
         self._need_params()
         with tf.device(self._device):
-            loss = self._fns["train"](prepared)
+            loss = self._call("train", "train", prepared)
         self._last = loss
         return loss
+
+    def compile_counts(self) -> Dict:
+        out = dict(self._compiles)
+        out.update({k + "_s": round(v, 3) for k, v in self._compile_s.items()})
+        out["counted_by"] = ("tf.function traces%s; seconds: the calls that traced or compiled, "
+                             "their one run included (TF reports no compile time)"
+                             % (" and distinct argument shapes of its jit_compile (XLA) functions"
+                                if self.xla else ""))
+        return out
 
     def sync(self):
         if self._last is not None:
@@ -402,6 +453,7 @@ class TFImplementation(Implementation):
             "graph": self.graph,
             "xla": self.xla,
             "traces": dict(self._traces),
+            "compiles": self.compile_counts(),
             "embedding_update": {"sgd": "sparse", "adagrad": "sparse (deduplicated rows)",
                                  "adam": "dense"}[self.cfg.optimizer],
             "optimizer": type(self._opt).__name__ if self._opt is not None else self.cfg.optimizer,

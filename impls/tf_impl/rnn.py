@@ -40,10 +40,16 @@ XLA is used (``COMPILED_XLA``): it is as fast or faster on every steady-state
 figure (it fuses each step's gates into one kernel and drops the graph
 executor's per-iteration work); the price is compile time, once per distinct
 input shape, which the runner measures apart (first call, warm-up). To bound
-the number of shapes, ``prepare`` pads T up to a multiple of ``XLA_T_BUCKET``
-(at most 7 SST shapes per batch size); the loop still stops at the batch's
-real longest sequence, so the padding costs only its share of the input
-projection. ``info()['xla_shapes']`` lists the shapes prepared.
+the number of shapes, ``prepare`` pads every batch into a shape class
+(``bench.batches``): examples to the cell's batch size (padded examples have
+no live step and label -1), T for training to a power of two >= 16
+(``train_length``: SST 16, 32, 64), T for inference to one length per class
+(``count_bucket``: SST 64) with the input projection step by step inside the
+loop. The loop stops at the batch's real longest sequence in both, so padded
+steps cost only their share of the training input projection. An SST cell
+compiles at most three training shapes, the gradient program once, and two
+inference shapes (its batches, batch-1 latency): ``info()['compiles']``;
+``info()['xla_shapes']`` lists the shapes prepared.
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ from collections import OrderedDict
 
 import numpy as np
 
+from bench.batches import count_bucket, padded_rows, train_length
+
 from .common import TFImplementation, keras, known_noise_filtered, masked_xent, tf
 
 COMPILED_XLA = True
-XLA_T_BUCKET = 8
 
 # Keras LSTM kernel / recurrent_kernel / bias blocks are (i, f, c, o); the
 # canonical blocks are (i, f, g, o) with g the cell candidate (Keras' "c").
@@ -133,23 +140,37 @@ class RNN(TFImplementation):
         labels int32[B]; loop also gets ``live_steps``, the T [B, 1] slices.
         """
         tokens, lengths, labels = batch.tokens, batch.lengths, batch.labels
-        T = tokens.shape[1]
+        B, T = tokens.shape
         with tf.device(self._device):
             put = lambda a: tf.identity(tf.constant(a))  # noqa: E731 (identity moves it to the device)
             if self.strategy == "fused":
                 return {"tokens": put(tokens), "lengths": put(lengths), "labels": put(labels)}
-            T_pad = T
-            if self.xla:
-                T_pad = -(-T // XLA_T_BUCKET) * XLA_T_BUCKET
-                self._xla_shapes.add((tokens.shape[0], T_pad))
-            tm = np.zeros((T_pad, tokens.shape[0]), np.int32)
-            tm[:T] = tokens.T
-            live = (np.arange(T_pad)[:, None] < lengths[None, :])[:, :, None]
-            out = {"tokens": put(tm), "live": put(live), "steps": put(np.int32(T)),
-                   "labels": put(labels)}
-            if self.strategy == "loop":
-                out["live_steps"] = [put(live[t]) for t in range(T)]
+            if not self.xla:
+                return self._time_major(tokens, lengths, labels, T, put)
+            # XLA compiles once per shape. Examples pad to the cell's batch size (no live step,
+            # label -1). Training pads T to a power of two >= 16 (train_length); inference to
+            # one length per class (count_bucket) with the input projection inside the loop,
+            # which stops at the real T, so its padded steps cost nothing.
+            rows = padded_rows(B, self.batch_size)
+            lengths = np.concatenate([lengths, np.zeros(rows - B, lengths.dtype)])
+            labels = np.concatenate([labels, np.full(rows - B, -1, labels.dtype)])
+            tokens = np.concatenate([tokens, np.zeros((rows - B, T), tokens.dtype)])
+            out = {"size": B}
+            for phase, T_pad in (("train", train_length(T)), ("infer", count_bucket(T))):
+                self._xla_shapes.add((phase, rows, T_pad))
+                padded = np.zeros((rows, T_pad), np.int32)
+                padded[:, :T] = tokens
+                out[phase] = self._time_major(padded, lengths, labels, T, put)
             return out
+
+    def _time_major(self, tokens, lengths, labels, T, put):
+        T_pad = tokens.shape[1]
+        live = (np.arange(T_pad)[:, None] < lengths[None, :])[:, :, None]
+        out = {"tokens": put(np.ascontiguousarray(tokens.T)), "live": put(live),
+               "steps": put(np.int32(T)), "labels": put(labels)}
+        if self.strategy == "loop":
+            out["live_steps"] = [put(live[t]) for t in range(T)]
+        return out
 
     def _signature(self):
         spec = tf.TensorSpec
@@ -184,24 +205,31 @@ class RNN(TFImplementation):
             x = tf.gather(self._vars["E"], p["tokens"])
             mask = tf.sequence_mask(p["lengths"], maxlen=tf.shape(p["tokens"])[1])
             return self._layer(x, mask=mask)
-        xw = self._input_projection(p["tokens"])
         B = tf.shape(p["tokens"])[1]
         h = tf.zeros([B, self.cfg.hidden])
         c = tf.zeros([B, self.cfg.hidden]) if self.cfg.model == "lstm" else None
         if self.strategy == "loop":
+            xw = self._input_projection(p["tokens"])
             for xw_t, live in zip(tf.unstack(xw), p["live_steps"]):
                 h, c = self._step(xw_t, h, c, live)
             return h
-        T = tf.shape(xw)[0]
-        xs = tf.TensorArray(tf.float32, size=T).unstack(xw)
+        T = tf.shape(p["tokens"])[0]
+        if self._tracing == "logits" and self.xla:
+            # inference on one padded length per class: the projection step by step
+            v = self._vars
+            xs = tf.TensorArray(tf.float32, size=T).unstack(tf.gather(v["E"], p["tokens"]))
+            project = lambda t: tf.nn.bias_add(tf.matmul(xs.read(t), v["W_x"]), v["b"])  # noqa: E731
+        else:
+            xws = tf.TensorArray(tf.float32, size=T).unstack(self._input_projection(p["tokens"]))
+            project = xws.read
         lives = tf.TensorArray(tf.bool, size=T).unstack(p["live"])
         if c is None:
             def body(t, h):
-                return t + 1, self._step(xs.read(t), h, None, lives.read(t))[0]
+                return t + 1, self._step(project(t), h, None, lives.read(t))[0]
             state = (tf.constant(0), h)
         else:
             def body(t, h, c):
-                return (t + 1,) + self._step(xs.read(t), h, c, lives.read(t))
+                return (t + 1,) + self._step(project(t), h, c, lives.read(t))
             state = (tf.constant(0), h, c)
         # maximum_iterations bounds the gradient's accumulators (XLA needs it static).
         out = tf.while_loop(lambda t, *_: t < p["steps"], body, state, maximum_iterations=T)

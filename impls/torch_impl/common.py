@@ -14,7 +14,12 @@ itself (row vectors, ``x @ W``).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections import OrderedDict
 from typing import Dict, Optional
@@ -151,6 +156,65 @@ def dynamo_counts() -> Dict[str, int]:
     }
 
 
+def private_compile_cache() -> str:
+    """Point Inductor's on-disk caches (compiled graphs, kernels) at a fresh directory of this
+    process, removed at exit. Inductor caches by default in a directory shared by every process
+    of the user, so a cell's first call would be cheaper after an earlier run compiled the same
+    graph: compile_s is meant to be a cold compile. A directory given in
+    TORCHINDUCTOR_CACHE_DIR is kept (the record then says whether it served anything)."""
+    if "dir" not in _CACHE:
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+            _CACHE["dir"], _CACHE["private"] = os.environ["TORCHINDUCTOR_CACHE_DIR"], False
+        else:
+            _CACHE["dir"], _CACHE["private"] = tempfile.mkdtemp(prefix="bench-inductor-"), True
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE["dir"]
+            atexit.register(shutil.rmtree, _CACHE["dir"], True)
+    return _CACHE["dir"]
+
+
+_CACHE: Dict = {}
+
+
+# torch's compile-time metrics: a frame's compilation (dynamo and Inductor's forward), and
+# the backward graph Inductor compiles at the first backward through it
+_COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+class CompileMeter:
+    """Graphs torch.compile built and seconds it spent, charged to the phase of the call
+    (``train``: train steps and gradients; ``infer``: logits) in which they happened."""
+
+    def __init__(self):
+        self.graphs = {"train": 0, "infer": 0}
+        self.seconds = {"train": 0.0, "infer": 0.0}
+
+    @staticmethod
+    def _state():
+        from torch._dynamo.utils import compilation_time_metrics, counters
+        return (int(counters["stats"]["unique_graphs"]),
+                tuple(len(compilation_time_metrics.get(k, ())) for k in _COMPILE_TIMERS))
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        graphs, lengths = self._state()
+        try:
+            yield
+        finally:
+            from torch._dynamo.utils import compilation_time_metrics
+            now_graphs, now_lengths = self._state()
+            self.graphs[name] += now_graphs - graphs
+            for key, before, after in zip(_COMPILE_TIMERS, lengths, now_lengths):
+                if after > before:
+                    self.seconds[name] += float(sum(compilation_time_metrics[key][before:after]))
+
+    def counts(self) -> Dict:
+        out = dict(self.graphs)
+        out.update({k + "_s": round(v, 3) for k, v in self.seconds.items()})
+        out["counted_by"] = ("torch._dynamo unique_graphs (each a compile or recompile) and its "
+                             "compilation_time_metrics, around each call")
+        return out
+
+
 def compile_scope():
     """Tracing settings for our compiled functions, scoped to our calls.
 
@@ -160,7 +224,6 @@ def compile_scope():
     static, so every model size recompiles. Without them one graph per grad
     mode serves every batch and model size (sizes 0 and 1 still specialise).
     """
-    import contextlib
     import torch.fx.experimental._config as fx_config
     stack = contextlib.ExitStack()
     stack.enter_context(fx_config.patch(use_duck_shape=False))
@@ -181,6 +244,9 @@ class TorchImplementation(Implementation):
         self._precision = force_ieee_fp32() if self.dev.type == "cuda" else {}
         self._threads = apply_threads(threads)
         self._dynamo_start = dynamo_counts() if strategy == "compiled" else None
+        self._meter = CompileMeter() if strategy == "compiled" else None
+        if strategy == "compiled":
+            private_compile_cache()
         self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict()
         self.opt: Optional[torch.optim.Optimizer] = None
 
@@ -241,15 +307,19 @@ class TorchImplementation(Implementation):
         return total / count
 
     # --- work ---
+    def _phase(self, name):
+        return self._meter.phase(name) if self._meter is not None else contextlib.nullcontext()
+
     def logits(self, prepared):
-        with torch.no_grad():
+        with torch.no_grad(), self._phase("infer"):
             return self._output(self._logits_rows(prepared))
 
     def loss_and_grads(self, prepared):
         for p in self.params.values():
             p.grad = None
-        loss = self._loss(prepared)
-        loss.backward()
+        with self._phase("train"):
+            loss = self._loss(prepared)
+            loss.backward()
         grads = {}
         for name, p in self.params.items():
             if name in self.frozen:
@@ -263,8 +333,9 @@ class TorchImplementation(Implementation):
 
     def train_step(self, prepared):
         self.opt.zero_grad(set_to_none=True)
-        loss = self._loss(prepared)
-        loss.backward()
+        with self._phase("train"):
+            loss = self._loss(prepared)
+            loss.backward()
         self.opt.step()
         return loss.detach()
 
@@ -303,6 +374,15 @@ class TorchImplementation(Implementation):
             out["compile"]["fx_graph_cache"] = bool(inductor_config.fx_graph_cache)
             out["compile"]["autograd_cache"] = bool(getattr(functorch_config,
                                                             "enable_autograd_cache", False))
+            out["compiles"] = self._meter.counts()
+            # an on-disk cache that served a graph makes its compile cheaper than a cold one
+            from torch._dynamo.utils import counters
+            hits = int(counters["inductor"].get("fxgraph_cache_hit", 0)
+                       + counters["aot_autograd"].get("autograd_cache_hit", 0))
+            out["compiles"]["cache_hits"] = hits
+            out["compiles"]["cache"] = "warm" if hits else "cold"
+            out["compiles"]["cache_dir"] = ("private to the process, empty at start"
+                                            if _CACHE.get("private") else _CACHE.get("dir"))
         return out
 
     def gemm_flops(self, n=512, repeats=10):
