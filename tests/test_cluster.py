@@ -51,7 +51,7 @@ SMOKE = ["--preset", "smoke", "--frameworks", "numpy"]
 TIMING_FIELDS = {"compile_s", "first_infer_s", "warmup_s", "train_samples_per_s", "infer_samples_per_s",
                  "train_tokens_per_s", "infer_tokens_per_s", "latency_ms", "latency_ms_p50",
                  "latency_ms_p95", "peak_rss_mb", "device_peak_mb", "gemm_flops", "wall_s",
-                 "cell_wall_s", "load_avg_1m_at_start"}
+                 "cell_wall_s", "load_avg_1m_at_start", "verify_s", "phase_s"}
 NODE_FIELDS = {"machine", "executor"}
 
 # Brings lo up in the new namespace (SIOCGIFFLAGS / SIOCSIFFLAGS, no iproute2 needed), says

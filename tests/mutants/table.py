@@ -111,8 +111,8 @@ MUTATIONS = (
         "the LSTM cell reads the input gate as the forget gate and vice versa"),
     Mutation(
         "jax-loop-padding-leak", "impls/jax_impl/rnn.py",
-        "live = (np.arange(padded.shape[1])[:, None] < lengths[None, :])[:, :, None]",
-        "live = (np.arange(padded.shape[1])[:, None] < T)[:, :, None].repeat(len(lengths), 1)",
+        "live = (np.arange(padded.shape[1])[:, None] < lens[None, :])[:, :, None]",
+        "live = (np.arange(padded.shape[1])[:, None] < T)[:, :, None].repeat(len(lens), 1)",
         ("jax/elman/loop",), "padding leak",
         "the loop RNN's mask marks every step up to the batch's longest as real"),
     Mutation(
@@ -123,14 +123,14 @@ MUTATIONS = (
         "the loop RNN stops one step before the batch's longest sequence ends"),
     Mutation(
         "jax-treelstm-dropped-forget-gate", "impls/jax_impl/rvnn.py",
-        "         + jax.nn.sigmoid(fr) * right[1])",
-        "         + right[1])",
+        "+ jax.nn.sigmoid(fl) * c_l + jax.nn.sigmoid(fr) * c_r",
+        "+ jax.nn.sigmoid(fl) * c_l + c_r",
         ("jax/treelstm/compiled",), "dropped forget gate",
         "the Tree-LSTM node adds its right child's memory ungated"),
     Mutation(
         "jax-levels-before-children", "impls/jax_impl/rvnn.py",
-        '        for node, left, right in prep["levels"]:',
-        '        for node, left, right in prep["levels"][::-1]:',
+        "        for h in range(1, batch.num_levels):",
+        "        for h in range(batch.num_levels - 1, 0, -1):",
         ("jax/treelstm/levels",), "level before its children",
         "levels runs the heights top down, so parents read children not yet computed"),
     Mutation(
@@ -163,8 +163,8 @@ MUTATIONS = (
         "the canonical -> Keras LSTM weight mapping swaps the forget and candidate blocks"),
     Mutation(
         "tf-compiled-padding-leak", "impls/tf_impl/rnn.py",
-        "            live = (np.arange(T_pad)[:, None] < lengths[None, :])[:, :, None]",
-        "            live = (np.arange(T_pad)[:, None] < T)[:, :, None].repeat(len(lengths), 1)",
+        "        live = (np.arange(T_pad)[:, None] < lengths[None, :])[:, :, None]",
+        "        live = (np.arange(T_pad)[:, None] < T)[:, :, None].repeat(len(lengths), 1)",
         ("tensorflow/lstm/compiled",), "padding leak",
         "the while-loop RNN's mask marks every step up to the batch's longest as real"),
     Mutation(
