@@ -13,8 +13,11 @@ Order of work, and what is timed:
    batch in the accuracy budget's order (a cell that fails is recorded
    ``failed`` and keeps no timing; the step is undone by reloading the parameters);
 5. ``warmup_passes`` untimed passes over the pool (later bucket shapes compile here);
-6. ``repeats`` timed passes over the pool for training, then for inference,
-   each ended by a device sync; one sample per pass;
+6. ``repeats`` timed samples for training, then for inference, each ended by a
+   device sync; a sample is k passes over the pool, k calibrated once (one more
+   untimed pass) so that a sample lasts at least ``min_repeat_s``
+   (``passes_per_sample``); around them, what else the machine did
+   (``noise``, ``noisy``: ``bench.environment.NoiseProbe``);
 7. batch-1 latency: single examples, each call timed alone with a sync
    (6 and 7: an implementation whose work runs in another process times these
    loops itself, ``Implementation.timed_passes`` / ``timed_calls``, so IPC
@@ -52,7 +55,7 @@ import numpy as np
 from . import readout, reference, registry, verify
 from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_batch
 from .config import CellConfig
-from .environment import limit_blas_threads, machine, peak_rss_mb
+from .environment import NoiseProbe, limit_blas_threads, machine, peak_rss_mb
 from .flops import forward_flops, train_flops
 from .interface import DeviceUnavailable, NotApplicable, Unavailable
 from .params import ModelConfig, init_params
@@ -238,6 +241,9 @@ def base_record(cfg: CellConfig) -> Dict:
         "train_flops_per_sample": None,
         "infer_flops_per_sample": None,
         "gemm_flops": None,
+        "passes_per_sample": None,
+        "noise": None,
+        "noisy": None,
         "accuracy": None,
         "python_version": platform.python_version(),
         "load_avg_1m_at_start": _loadavg(),
@@ -257,28 +263,46 @@ def _make_batch(family: str, examples):
     return make_seq_batch(examples) if family == "rnn" else make_tree_batch(examples)
 
 
+def calibrate(impl, call, prepared: List, min_repeat_s: float, cap: int = 1000) -> int:
+    """How many passes over the pool one timed sample takes so that it lasts at least
+    ``min_repeat_s``: one more untimed pass is timed, k = ceil(min_repeat_s / its seconds)
+    (at most ``cap``). 0 seconds: one pass, no calibration pass."""
+    if min_repeat_s <= 0:
+        return 1
+    t0 = time.perf_counter()
+    for ready in prepared:
+        call(ready)
+    impl.sync()
+    once = time.perf_counter() - t0
+    return int(min(cap, max(1, math.ceil(min_repeat_s / once)))) if once > 0 else cap
+
+
 def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int],
-                  repeats: int):
-    """Samples/s and tokens/s of each timed pass over the pool (sync inside the clock).
+                  repeats: int, passes: int = 1):
+    """Samples/s and tokens/s of each timed sample (sync inside the clock); a sample is
+    ``passes`` passes over the pool, back to back (``calibrate``).
 
     An implementation that times its own passes (``Implementation.timed_passes``
     returns a list, e.g. a worker process, so that IPC stays outside the clock)
-    supplies the pass durations instead of this loop."""
+    supplies the sample durations instead of this loop (its "pool" is then the
+    pool repeated ``passes`` times)."""
     per_s, tok_s = [], []
-    n_samples, n_tokens = sum(sizes), sum(tokens)
+    n_samples, n_tokens = sum(sizes) * passes, sum(tokens) * passes
+    cycle = list(prepared) * passes
     what = "train" if call.__name__ == "train_step" else "inference"
-    _PHASES.say("%s pass 1/%d" % (what, repeats), force=True)
-    durations = impl.timed_passes(call.__name__, prepared, repeats)
+    _PHASES.say("%s sample 1/%d (%d pool passes each)" % (what, repeats, passes), force=True)
+    durations = impl.timed_passes(call.__name__, cycle, repeats)
     if durations is None:
         durations = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for ready in prepared:
+            for ready in cycle:
                 call(ready)
             impl.sync()
             durations.append(time.perf_counter() - t0)
             if len(durations) < repeats:
-                _PHASES.say("%s pass %d/%d" % (what, len(durations) + 1, repeats))
+                _PHASES.say("%s sample %d/%d (%d pool passes each)"
+                            % (what, len(durations) + 1, repeats, passes))
     fault = _test_fault("timing")
     if fault is not None:
         durations = [float(fault)] * len(durations)
@@ -574,13 +598,20 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     rec["warmup_s"] = time.perf_counter() - t0
 
     _phase("timed")
+    noise = NoiseProbe(cfg.threads).start()
+    rec["passes_per_sample"] = {}
     if can_train:
+        k = rec["passes_per_sample"]["train"] = calibrate(impl, impl.train_step, prepared,
+                                                          cfg.min_repeat_s)
         rec["train_samples_per_s"], rec["train_tokens_per_s"] = _timed_passes(
-            impl, impl.train_step, prepared, sizes, tokens, cfg.repeats)
+            impl, impl.train_step, prepared, sizes, tokens, cfg.repeats, k)
     else:
         rec["reason"] = "inference only: this implementation declares no training step"
+    k = rec["passes_per_sample"]["infer"] = calibrate(impl, impl.logits, prepared, cfg.min_repeat_s)
     rec["infer_samples_per_s"], rec["infer_tokens_per_s"] = _timed_passes(
-        impl, impl.logits, prepared, sizes, tokens, cfg.repeats)
+        impl, impl.logits, prepared, sizes, tokens, cfg.repeats, k)
+    rec["noise"] = noise.stop()
+    rec["noisy"] = rec["noise"]["noisy"]
 
     # Batch-1 latency on dev examples; each shape is called once untimed first.
     _phase("latency")

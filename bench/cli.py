@@ -91,6 +91,19 @@ def _positive_float(what: str) -> Callable[[str], float]:
     return parse
 
 
+def _seconds(what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%s must be a number of seconds, not %r"
+                                             % (what, text)) from None
+        if not math.isfinite(value) or not 0 <= value < 3600:
+            raise argparse.ArgumentTypeError("%s must be from 0 to 3600 seconds, not %r" % (what, text))
+        return value
+    return parse
+
+
 def _whole(what: str, minimum: int, maximum: int) -> Callable[[str], int]:
     one = _whole_list(what, minimum, maximum)
 
@@ -268,6 +281,7 @@ def _cells(args) -> List[CellConfig]:
     cells = unique
     overrides = {}
     for option, field in (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
+                          ("min_repeat_s", "min_repeat_s"),
                           ("timeout", "timeout_s"), ("epochs", "epochs"),
                           ("spectral_radius", "spectral_radius")):
         if getattr(args, option) is not None:
@@ -330,11 +344,11 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str], skip_corrupt:
     return out
 
 
-def default_out(root: str = "results") -> str:
+def default_out(root: str = "results", prefix: str = "run") -> str:
     """A new directory for an ad-hoc run: results/run-YYYYmmdd-HHMMSS (-2, -3... if taken), so
     that runs never mix cells. ``nox -s bench`` names its own (results/latest/<framework>)."""
     import time
-    base = os.path.join(root, time.strftime("run-%Y%m%d-%H%M%S"))
+    base = os.path.join(root, prefix + time.strftime("-%Y%m%d-%H%M%S"))
     path, n = base, 1
     while os.path.exists(path):
         n += 1
@@ -439,6 +453,34 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_ab(args) -> int:
+    from . import ab
+    from .compare import Threshold
+    threshold = args.threshold if isinstance(args.threshold, Threshold) else \
+        Threshold.parse(args.threshold)
+    cells = _cells(args)
+    envs = (ab.parse_env_items(args.base_env, "--base-env"),
+            ab.parse_env_items(args.new_env, "--new-env"))
+    out = args.out or default_out(prefix="ab")
+    _check_out_dir(out, create=True)
+    sides = []
+    try:
+        sides.append(ab.resolve(args.base, "base", envs[0]))
+        sides.append(ab.resolve(args.new, "new", envs[1]))
+        return ab.run_ab(cells, sides[0], sides[1], args.rounds, threshold, out)
+    finally:
+        for side in sides:
+            ab.release(side)
+
+
+def cmd_gemm(args) -> int:
+    """Internal: the machine's float32 GEMM rate at --threads (the runner sets the thread
+    environment before this process starts), as one JSON line."""
+    from .flops import machine_gemm_flops
+    print(json.dumps({"flops": machine_gemm_flops(args.threads), "threads": args.threads}))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import update_readme, write_report
     for d in [args.run_dir] + (args.also or []):
@@ -504,42 +546,11 @@ def _presets_text() -> str:
 
 
 DEFAULT_PRESET = "quick"
+DEFAULT_AB_ROUNDS = 12
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
-    # from resetting what the main parser read.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks")
-    p = _Parser(prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="RNN vs RvNN benchmarks across frameworks: every implementation is "
-                            "checked against the NumPy reference before it is timed.",
-                epilog="start here:\n"
-                       "  python -m bench list                                  what can run here\n"
-                       "  python -m bench run --preset smoke --frameworks numpy  a run in seconds\n"
-                       "  python -m bench report results/run-...                report.md, CSV, "
-                       "plots\n"
-                       "every framework in its own venv, then the report: nox -s bench "
-                       "(see README.md)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    # The internal commands (cell, probe) are added without help: they stay out of --help.
-    sub = p.add_subparsers(dest="command", metavar="{list,run,report,compare,study}", title="commands")
-
-    s = sub.add_parser("list", parents=[common],
-                       help="what can run here: each framework, its version, or why it is unavailable")
-    s.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
-                   help="for refusals that only one device has (default: cpu)")
-    s.add_argument("-v", "--verbose", action="store_true",
-                   help="one line per (framework, model, strategy), with every reason")
-    s.set_defaults(fn=cmd_list)
-
-    s = sub.add_parser("run", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="run a preset's cells, each in its own process",
-                       description="Run a preset's cells, each in a fresh process: the equivalence "
-                                   "check first, then the timed passes. Options below narrow or "
-                                   "override the preset.",
-                       epilog=_presets_text())
+def _add_cell_options(s) -> None:
+    """The options that choose and shape cells, shared by run and ab."""
     s.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
                    help="what to run (default: %(default)s; see below)")
     s.add_argument("--frameworks", nargs="+", type=_names("framework", list(registry.FRAMEWORKS)),
@@ -562,6 +573,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed passes over the pool per cell (default: the preset's; quick: 7)")
     s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S),
                    help="seconds per cell before it is killed (default: the preset's; quick: 900)")
+    s.add_argument("--min-repeat-s", type=_seconds("min repeat s"), metavar="S",
+                   help="a timed sample cycles the pool until it lasts at least S seconds "
+                        "(default: the preset's; quick: 0.2; 0: one pass per sample)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
+    # from resetting what the main parser read.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+    p = _Parser(prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="RNN vs RvNN benchmarks across frameworks: every implementation is "
+                            "checked against the NumPy reference before it is timed.",
+                epilog="start here:\n"
+                       "  python -m bench list                                  what can run here\n"
+                       "  python -m bench run --preset smoke --frameworks numpy  a run in seconds\n"
+                       "  python -m bench report results/run-...                report.md, CSV, "
+                       "plots\n"
+                       "every framework in its own venv, then the report: nox -s bench "
+                       "(see README.md)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    # The internal commands (cell, probe) are added without help: they stay out of --help.
+    sub = p.add_subparsers(dest="command", metavar="{list,run,report,compare,ab,study}", title="commands")
+
+    s = sub.add_parser("list", parents=[common],
+                       help="what can run here: each framework, its version, or why it is unavailable")
+    s.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="for refusals that only one device has (default: cpu)")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="one line per (framework, model, strategy), with every reason")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("run", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="run a preset's cells, each in its own process",
+                       description="Run a preset's cells, each in a fresh process: the equivalence "
+                                   "check first, then the timed passes. Options below narrow or "
+                                   "override the preset.",
+                       epilog=_presets_text())
+    _add_cell_options(s)
     s.add_argument("--epochs", type=_epochs,
                    help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
     s.add_argument("--spectral-radius", type=_positive_float("spectral radius"),
@@ -618,6 +669,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read past corrupt record lines (each is named) instead of refusing")
     s.set_defaults(fn=cmd_compare)
 
+    s = sub.add_parser("ab", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="interleaved A/B regression check of two environments (ABBA rounds)",
+                       description="Run each cell alternately in two environments, ABBA over "
+                                   "--rounds rounds, each time in a fresh process; the verdict "
+                                   "comes from the paired per-round ratios. ENV: an interpreter, "
+                                   "a venv directory, nox:FW (this checkout's nox venv of FW) or "
+                                   "a git ref (git:REF; checked out into a temporary worktree).",
+                       epilog="e.g. python -m bench ab --base git:HEAD~1 --new git:HEAD "
+                              "--frameworks torch --models lstm --strategies fused --threads 1")
+    s.add_argument("--base", required=True, metavar="ENV")
+    s.add_argument("--new", required=True, metavar="ENV")
+    _add_cell_options(s)
+    s.add_argument("--rounds", type=_positive_int("rounds", 1000), default=DEFAULT_AB_ROUNDS,
+                   help="ABBA rounds (default: %(default)s; fewer than 7 cannot reach alpha 0.01)")
+    s.add_argument("--threshold", default="5%", type=_threshold,
+                   help="slowdown that counts as a regression (default: %(default)s)")
+    s.add_argument("--base-env", nargs="+", metavar="KEY=VALUE",
+                   help="environment variables for the base side only")
+    s.add_argument("--new-env", nargs="+", metavar="KEY=VALUE",
+                   help="environment variables for the new side only")
+    s.add_argument("--out", metavar="DIR", help="where records and verdicts go (default: a new "
+                                                "results/ab-YYYYmmdd-HHMMSS)")
+    s.set_defaults(fn=cmd_ab, epochs=None, spectral_radius=None, fastest_from=None,
+                   skip_corrupt=False)
+
     s = sub.add_parser("study", parents=[common],
                        help="studies over the NumPy reference: gradients (gradient flow)")
     s.add_argument("name", choices=("gradients",))
@@ -649,6 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spawned-at", type=float, help="time.time() when the runner started it")
     s.set_defaults(fn=cmd_cell)
 
+    s = sub.add_parser("gemm")
+    s.add_argument("--threads", type=_positive_int("threads", MAX_THREADS), default=1)
+    s.set_defaults(fn=cmd_gemm)
+
     s = sub.add_parser("probe")
     s.add_argument("framework", choices=list(registry.FRAMEWORKS))
     s.set_defaults(fn=cmd_probe)
@@ -671,7 +751,7 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    if args.command in ("run", "report", "compare", "study"):
+    if args.command in ("run", "report", "compare", "study", "ab"):
         from .runner import stop_on_signals
         stop_on_signals()
     try:

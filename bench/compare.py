@@ -23,9 +23,18 @@ samples in NEW is a *lost cell*: a regression the statistics cannot see.
 Statistics use finite samples only, and a metric with fewer than two in BASE
 is listed as not compared, never as "no change".
 
+A cell that was *noisy* in either run (its record's ``noisy``: while it was
+timed, its threads waited for a CPU more than 10% of the time, or the
+hypervisor stole more than 5%; ``bench.environment.NoiseProbe``) gets no
+verdict: it is listed with why, and judged only with ``--force`` (its verdict
+then says "(noisy)"). Two separate runs on a busy machine differ by load, which
+no test on their samples removes; ``python -m bench ab`` alternates the two
+sides instead.
+
 Exit codes: 0 no regression and no lost cell; 1 a regression, or a lost cell
 (unless ``--allow-missing``); 2 a refusal (different machines, thread counts
-or unknown schema versions without ``--force``; unreadable records).
+or unknown schema versions without ``--force``; unreadable records; noisy
+cells left unjudged, when nothing above gave 1).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -215,9 +224,18 @@ def compare_records(base: List[Dict], new: List[Dict], threshold: Threshold,
     return changes, problems
 
 
-def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force: bool = False
+def noisy_why(rec: Dict) -> str:
+    noise = rec.get("noise") if isinstance(rec.get("noise"), dict) else {}
+    return noise.get("noisy_why") or "flagged noisy"
+
+
+def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force: bool = False,
+                 noisy: Optional[List[str]] = None
                  ) -> Tuple[List[Change], List[str], List[Lost], List[str]]:
-    """(changes, problems that block a fair comparison, lost cells, metrics not compared)."""
+    """(changes, problems that block a fair comparison, lost cells, metrics not compared).
+
+    ``noisy`` (a list) collects the cells left unjudged because a side was noisy; with
+    ``force`` they are judged, their verdicts marked."""
     problems = []
     for what, key in (("schema versions", _schema_family),
                       ("machines", _identity), ("thread counts", lambda r: r.get("threads"))):
@@ -252,6 +270,12 @@ def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force:
         if rec.get("status") != "ok":
             lost.append(Lost(label, "%s in NEW: %s" % (rec.get("status"), rec.get("reason", ""))))
             continue
+        loud = [(side, r) for side, r in (("BASE", old), ("NEW", rec)) if r.get("noisy") is True]
+        if loud and not force:
+            if noisy is not None:
+                noisy.append("%s: noisy in %s (%s)" % (label, " and ".join(s for s, _ in loud),
+                                                       noisy_why(loud[0][1])))
+            continue
         for metric in METRICS:
             raw_a, raw_b = old.get(metric) or [], rec.get(metric) or []
             a, b = finite_samples(raw_a), finite_samples(raw_b)
@@ -266,6 +290,8 @@ def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force:
                                  % (metric, len(b), len(raw_b))))
                 continue
             verdict, p, (point, lo, hi) = judge(a, b, threshold)
+            if loud:
+                verdict += " (noisy)"
             changes.append(Change(label, metric, float(np.median(a)), float(np.median(b)),
                                   point, lo, hi, p, verdict))
     return changes, problems, lost, skipped
@@ -289,7 +315,9 @@ def main(args) -> int:
     if not base or not new:
         sys.stderr.write("error: no records in %s\n" % (args.base if not base else args.new))
         return 2
-    changes, problems, lost, skipped = compare_runs(base, new, threshold, force=args.force)
+    noisy: List[str] = []
+    changes, problems, lost, skipped = compare_runs(base, new, threshold, force=args.force,
+                                                    noisy=noisy)
     if problems and not args.force:
         sys.stderr.write("refusing to compare (use --force to override):\n  %s\n"
                          % "\n  ".join(problems))
@@ -308,12 +336,99 @@ def main(args) -> int:
                                                                   if allow else ""))
         for item in lost:
             print("  %s: %s" % (item.label, item.why))
-    bad = [c for c in changes if c.verdict == REGRESSION]
-    better = [c for c in changes if c.verdict == IMPROVEMENT]
+    if noisy:
+        print("\nnot judged, noisy (the machine was busy while they were timed; rerun on a quiet "
+              "machine, use `python -m bench ab`, or --force):")
+        for line in noisy:
+            print("  " + line)
+    bad = [c for c in changes if c.verdict.startswith(REGRESSION)]
+    better = [c for c in changes if c.verdict.startswith(IMPROVEMENT)]
     blind = [c for c in changes if c.verdict == "too few repeats to tell"]
     print("\n%d comparisons, %d regressions, %d improvements, %d lost cells (threshold %.0f%%, "
           "alpha %g)%s" % (len(changes), len(bad), len(better), len(lost), 100 * threshold.fraction,
                            ALPHA, "; %d with too few repeats to tell (no outcome of so few could "
                            "reach p < %g: rerun with more --repeats)" % (len(blind), ALPHA)
                            if blind else ""))
-    return 1 if bad or (lost and not allow) else 0
+    if bad or (lost and not allow):
+        return 1
+    return 2 if noisy else 0
+
+
+# --- paired rounds (``bench ab``): each round ran BASE and NEW back to back ---
+
+def _signed_rank_counts(doubled_ranks: Sequence[int]) -> Dict[int, int]:
+    """How many of the 2^n sign assignments give each (doubled) positive rank sum."""
+    counts = {0: 1}
+    for r in doubled_ranks:
+        nxt = dict(counts)
+        for total, c in counts.items():
+            nxt[total + r] = nxt.get(total + r, 0) + c
+        counts = nxt
+    return counts
+
+
+def signed_rank_greater(d: Sequence[float]) -> float:
+    """One-sided exact Wilcoxon signed-rank p-value for 'the differences d tend to be > 0'.
+
+    Zero differences are dropped; tied magnitudes get their average rank, and the null
+    distribution is enumerated over sign flips of those very ranks (exact with ties: ranks
+    are doubled to whole numbers)."""
+    x = np.asarray([v for v in d if v != 0 and math.isfinite(v)], float)
+    n = x.size
+    if n == 0:
+        return 1.0
+    order = np.argsort(np.abs(x), kind="mergesort")
+    ranks = np.empty(n)
+    mags = np.abs(x)[order]
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and mags[j + 1] == mags[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    doubled = [int(round(2 * r)) for r in ranks]
+    observed = sum(r for r, v in zip(doubled, x) if v > 0)
+    counts = _signed_rank_counts(doubled)
+    return sum(c for total, c in counts.items() if total >= observed) / float(2 ** n)
+
+
+def paired_slowdown_ci(base: Sequence[float], new: Sequence[float], seed: int = 0,
+                       confidence: float = CONFIDENCE, rounds: int = BOOTSTRAP
+                       ) -> Tuple[float, float, float]:
+    """Slowdown 1 - new/base of the median round (log ratios), with a bootstrap percentile
+    interval that resamples whole rounds (pairs stay together)."""
+    d = np.log(np.asarray(base, float) / np.asarray(new, float))
+    point = 1.0 - math.exp(-float(np.median(d)))
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(d, size=(rounds, d.size)), axis=1)
+    lo, hi = np.percentile(1.0 - np.exp(-boot), [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
+    return float(point), float(lo), float(hi)
+
+
+TOO_FEW_ROUNDS = "too few rounds to tell"
+
+
+def judge_paired(base: Sequence[float], new: Sequence[float], threshold: Threshold,
+                 alpha: float = ALPHA, seed: int = 0
+                 ) -> Tuple[str, float, Tuple[float, float, float]]:
+    """Verdict from paired rounds (higher is better): the same rule as ``judge``, with the
+    signed-rank test on the per-round log ratios in place of Mann-Whitney."""
+    base, new = np.asarray(base, float), np.asarray(new, float)
+    d = np.log(base / new)          # > 0: NEW slower in that round
+    p_slower = signed_rank_greater(d)
+    p_faster = signed_rank_greater(-d)
+    point, lo, hi = paired_slowdown_ci(base, new, seed=seed)
+    if p_slower < alpha and hi >= threshold.fraction:
+        verdict = REGRESSION
+    elif p_slower < alpha:
+        verdict = "slower, within threshold"
+    elif p_faster < alpha and lo <= -threshold.fraction:
+        verdict = IMPROVEMENT
+    elif p_faster < alpha:
+        verdict = "faster, within threshold"
+    elif 0.5 ** int(np.count_nonzero(d)) >= alpha:
+        verdict = TOO_FEW_ROUNDS      # no outcome of so few rounds could reach alpha
+    else:
+        verdict = NO_CHANGE
+    return verdict, p_slower, (point, lo, hi)

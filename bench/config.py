@@ -36,7 +36,11 @@ class CellConfig:
     optimizer: str = "adam"       # optimiser for the timed train steps and the accuracy budget
     lr: float = 0.001
     pool_batches: int = 5         # distinct batches, prepared before timing, cycled
-    repeats: int = 7              # timed passes over the pool (median / IQR over these)
+    repeats: int = 7              # timed samples (median / IQR over these)
+    # A timed sample lasts at least this long: it cycles the pool k times (k calibrated once
+    # per cell and recorded), so that tiny cells are not timer and scheduler noise. It changes
+    # the precision, not what is measured, so it is not part of the cell's key.
+    min_repeat_s: float = 0.2
     warmup_passes: int = 1        # untimed passes after the first call
     latency_samples: int = 20     # batch-1 inference calls timed one by one
     epochs: float = 0.0           # training budget for accuracy (0: no accuracy measured)
@@ -64,6 +68,8 @@ class CellConfig:
         if self.train_mode == "readout" and self.epochs:
             raise ValueError("a readout cell trains no epochs (its readout is fitted in closed "
                              "form): epochs must be 0")
+        if not (self.min_repeat_s >= 0 and self.min_repeat_s < 3600):
+            raise ValueError("min_repeat_s must be between 0 and 3600 seconds")
         if not self.spectral_radius > 0:
             raise ValueError("spectral_radius must be > 0")
 
@@ -74,6 +80,7 @@ class CellConfig:
     def key(self) -> str:
         """Stable identity of the cell (every field that changes what is measured)."""
         d = asdict(self)
+        del d["min_repeat_s"]
         if d["train_mode"] == "full":       # readout-only fields: absent from full cells' keys
             del d["train_mode"], d["spectral_radius"]
         text = json.dumps(d, sort_keys=True)
@@ -152,7 +159,7 @@ def smoke(frameworks: Sequence[str] = DEFAULT_FRAMEWORKS) -> Grid:
     """Seconds per cell: tiny sizes, every model and strategy, SST."""
     base = CellConfig("numpy", "lstm", "loop", batch_size=8, embed_dim=16, hidden=16,
                       pool_batches=2, repeats=2, warmup_passes=0, latency_samples=3,
-                      timeout_s=300, verify_examples=2)
+                      timeout_s=300, verify_examples=2, min_repeat_s=0.0)
     return Grid(tuple(frameworks), base=base)
 
 

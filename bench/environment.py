@@ -120,3 +120,100 @@ def describe(frameworks: Dict[str, str], threads: int, root: str) -> Dict:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "frameworks": frameworks,
     }
+
+
+# --- noise disclosure: how busy the machine was while a cell was timed ---
+
+# A cell is `noisy` when, during its timed passes, its threads spent more than this share of
+# their time runnable but waiting for a CPU (other work held the cores), or the hypervisor
+# took more than NOISY_STEAL of the machine's CPU time.
+NOISY_WAIT = 0.10
+NOISY_STEAL = 0.05
+
+
+def _thread_schedstat() -> Optional[Dict[str, tuple]]:
+    """{tid: (ns on a CPU, ns runnable but waiting)} for this process's threads, or None."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open("/proc/self/task/%s/schedstat" % tid) as fh:
+                run, wait = fh.read().split()[:2]
+            out[tid] = (int(run), int(wait))
+        except (OSError, ValueError):
+            continue   # the thread ended between the listing and the read
+    return out or None
+
+
+def _cpu_times() -> Optional[tuple]:
+    """(steal, total) jiffies of the whole machine from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def _load() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+class NoiseProbe:
+    """What else the machine was doing between ``start()`` and ``stop()``.
+
+    ``stop()`` returns the record's ``noise`` dict: 1-minute load average before and after
+    (the after figure includes this cell's own threads), the machine's CPU steal share, and
+    ``wait_share``: of the time this process's threads wanted a CPU, the share they spent
+    waiting for one (from /proc/self/task/*/schedstat; threads started in between count from
+    zero). ``noisy`` (and ``noisy_why``) from ``verdict``. Figures that this system cannot
+    give are None, and then the verdict is None (unknown), never "quiet".
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def start(self) -> "NoiseProbe":
+        self.load0, self.cpu0, self.sched0 = _load(), _cpu_times(), _thread_schedstat()
+        return self
+
+    def stop(self) -> Dict:
+        load1, cpu1, sched1 = _load(), _cpu_times(), _thread_schedstat()
+        steal = wait = None
+        if self.cpu0 and cpu1 and cpu1[1] > self.cpu0[1]:
+            steal = (cpu1[0] - self.cpu0[0]) / float(cpu1[1] - self.cpu0[1])
+        if self.sched0 is not None and sched1 is not None:
+            ran = waited = 0
+            for tid, (run, wt) in sched1.items():
+                r0, w0 = self.sched0.get(tid, (0, 0))
+                ran, waited = ran + run - r0, waited + wt - w0
+            if ran + waited > 0:
+                wait = waited / float(ran + waited)
+        noise = {"load_before": self.load0, "load_after": load1,
+                 "steal_share": None if steal is None else round(steal, 4),
+                 "wait_share": None if wait is None else round(wait, 4),
+                 "cpus": os.cpu_count(), "threads": self.threads}
+        noise["noisy"], noise["noisy_why"] = verdict(noise)
+        return noise
+
+
+def verdict(noise: Dict):
+    """(noisy, why) for a noise dict: True with the reason, False, or None when unknown."""
+    why = []
+    if noise.get("wait_share") is not None and noise["wait_share"] > NOISY_WAIT:
+        why.append("its threads waited for a CPU %.0f%% of the time (other work on the cores)"
+                   % (100 * noise["wait_share"]))
+    if noise.get("steal_share") is not None and noise["steal_share"] > NOISY_STEAL:
+        why.append("the hypervisor took %.0f%% of the CPU time (steal)" % (100 * noise["steal_share"]))
+    if why:
+        return True, "; ".join(why)
+    if noise.get("wait_share") is None:
+        return None, "this system does not report per-thread run-queue waits"
+    return False, None

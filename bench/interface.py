@@ -160,6 +160,13 @@ class Implementation:
         """Extra facts for the record: threads as applied, trace counts, kernels used."""
         return {}
 
+    def gemm_ops(self, n: int):
+        """(product, finish) for an n x n x n float32 matmul in this framework, threads and
+        device: ``product()`` queues one and returns its result, ``finish(result)`` waits
+        for it. The timing is ``bench.flops.time_gemm``'s, the same for every framework."""
+        raise NotImplementedError
+
     def gemm_flops(self, n: int = 512, repeats: int = 10) -> float:
         """Achieved FLOP/s of an n x n x n float32 matmul with this framework, threads and device."""
-        raise NotImplementedError
+        from .flops import time_gemm
+        return time_gemm(*self.gemm_ops(n), n=n, repeats=repeats)

@@ -58,6 +58,13 @@ FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
     Framework("caffe", "impls.caffe_impl", "caffe", env=(("GLOG_minloglevel", "2"),)),
 ])
 
+# Test-only entries, registered only when BENCH_TEST_ENTRIES=1 (tests and the `ab` benchmark):
+# never in a preset, `bench list`, or nox's framework sessions.
+TEST_ENTRIES_ENV = "BENCH_TEST_ENTRIES"
+TEST_ONLY = (Framework("numpy-slowed", "impls.slowed_impl", "numpy"),)
+if os.environ.get(TEST_ENTRIES_ENV) == "1":
+    FRAMEWORKS.update((f.name, f) for f in TEST_ONLY)
+
 
 def entries(frameworks=None, models=None, strategies=None) -> List[Tuple[str, str, str]]:
     """Every registered (framework, model, strategy), optionally filtered."""

@@ -20,6 +20,7 @@ saying why there are no plots.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,6 +45,7 @@ SUMMARY_COLUMNS = [
     "threads_applied", "epochs", "loss_mode", "machine", "train_mode", "cell_wall_s", "timed_s",
     "overhead_s",
     "compiles_train", "compiles_infer", "compile_cache",
+    "own_gemm_pct", "machine_gemm_flops", "noisy", "noisy_why",
 ]
 # Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
 QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
@@ -161,22 +163,51 @@ def _compiles(r: Dict) -> Dict:
     return c if isinstance(c, dict) else {}
 
 
+def _true(value) -> bool:
+    """True for a True flag as pandas holds it (bool or numpy.bool_); False for None or NaN."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def _peak_key(r: Dict) -> Tuple:
+    return (machine_label(r.get("machine")), r.get("device"), r.get("threads"))
+
+
+def machine_peaks(records: List[Dict]) -> Dict[Tuple, float]:
+    """The machine's float32 GEMM peak per (machine, device, threads): the fastest rate seen
+    in these records, from the run's own probe (``machine_gemm_flops``, NumPy's BLAS) or any
+    framework's GEMM (``gemm_flops``), all timed alike (``bench.flops.time_gemm``). Roofline %
+    divides by it, so a framework with a slow GEMM is not flattered by its own."""
+    peaks: Dict[Tuple, float] = {}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        for value in (r.get("gemm_flops"), r.get("machine_gemm_flops")):
+            if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+                key = _peak_key(r)
+                peaks[key] = max(peaks.get(key, 0.0), float(value))
+    return peaks
+
+
 def summarise(records: List[Dict]):
     """The summary table: one row per cell, with medians, speedups and roofline."""
     import pandas as pd
     rows = []
+    peaks = machine_peaks(records)
     for r in records:
         train, infer = _median(r.get("train_samples_per_s")), _median(r.get("infer_samples_per_s"))
         tq = _quartiles(r.get("train_samples_per_s")) or (train, train)
         iq = _quartiles(r.get("infer_samples_per_s")) or (infer, infer)
         timed, overhead = _timed_and_overhead(r)
         acc = r.get("accuracy") or {}
-        roof = None
-        gemm = r.get("gemm_flops")
-        if gemm and train and r.get("train_flops_per_sample"):
-            roof = 100.0 * train * r["train_flops_per_sample"] / gemm
-        elif gemm and infer and r.get("infer_flops_per_sample"):
-            roof = 100.0 * infer * r["infer_flops_per_sample"] / gemm
+        achieved = None   # matmul FLOP/s the cell reached (training where it trains)
+        if train and r.get("train_flops_per_sample"):
+            achieved = train * r["train_flops_per_sample"]
+        elif infer and r.get("infer_flops_per_sample"):
+            achieved = infer * r["infer_flops_per_sample"]
+        gemm, peak = r.get("gemm_flops"), peaks.get(_peak_key(r))
+        roof = 100.0 * achieved / peak if achieved and peak else None
+        own = 100.0 * achieved / gemm if achieved and gemm else None
+        noise = r.get("noise") if isinstance(r.get("noise"), dict) else {}
         rows.append({
             "framework": r["framework"], "model": r["model"], "strategy": r["strategy"],
             "task": r["task"], "device": r["device"], "batch_size": r["batch_size"],
@@ -184,7 +215,9 @@ def summarise(records: List[Dict]):
             "train_samples_per_s": train, "infer_samples_per_s": infer,
             "latency_ms_p50": r.get("latency_ms_p50"), "compile_s": r.get("compile_s"),
             "peak_rss_mb": r.get("peak_rss_mb"), "speedup_vs_baseline": None,
-            "roofline_pct": roof, "accuracy": acc.get("test"),
+            "roofline_pct": roof, "own_gemm_pct": own, "machine_gemm_flops": peak,
+            "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None,
+            "accuracy": acc.get("test"),
             "train_iqr": _iqr(r.get("train_samples_per_s")),
             "infer_iqr": _iqr(r.get("infer_samples_per_s")),
             "repeats": _repeats(r),
@@ -366,13 +399,15 @@ def _results_section(df, records: List[Dict]) -> str:
                     "%s / %s" % (_fmt(r["latency_ms_p50"], "%.2f"), _fmt(r["latency_ms_p95"], "%.2f")),
                     _compile_cell(r), _compiles_cell(r), _fmt(r["peak_rss_mb"], "%.0f"),
                     _fmt(r["device_peak_mb"], "%.0f"), _fmt(r["roofline_pct"], "%.2f"),
-                    _threads_cell(r), str(int(r["repeats"]))] + ([r["run"]] if several_runs else []))
+                    _fmt(r["own_gemm_pct"], "%.2f"),
+                    _threads_cell(r), str(int(r["repeats"])) + (" noisy" if _true(r["noisy"]) else "")]
+                    + ([r["run"]] if several_runs else []))
             where = ", on %s" % machine if several_machines else ""
             parts.append("### %s, %s, batch %s, %s%s\n\n" % (task, model, batch, device, where) + _md_table(
                 ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
-                 "compiles (train/infer)", "peak RSS MB", "device peak MB", "roofline %",
-                 "threads", "repeats"]
+                 "compiles (train/infer)", "peak RSS MB", "device peak MB",
+                 "% of machine peak", "% of own GEMM", "threads", "repeats"]
                 + (["run"] if several_runs else []), rows))
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:
@@ -774,8 +809,12 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
           "Built from `%s` by `python -m bench report`; every number below comes from the raw "
           "records beside it. Throughputs are medians over repeats with the interquartile range; "
           "speedups are over the framework's own baseline strategy (`loop` / `recursive`); "
-          "roofline %% is achieved matmul FLOP/s over the same framework's GEMM peak in the same "
-          "cell (float32, same threads). Only cells that passed the equivalence check against "
+          "%% of machine peak (the roofline) is achieved matmul FLOP/s over the machine's float32 "
+          "GEMM peak at the same threads: the fastest GEMM measured in the run, by the runner's "
+          "own probe or any framework's matmul, all timed alike; %% of own GEMM divides by the "
+          "cell's framework's GEMM instead. `noisy` after the repeats: while the cell was timed, "
+          "its threads waited for a CPU more than 10%% of the time, or the hypervisor stole more "
+          "than 5%% (the record's `noise`). Only cells that passed the equivalence check against "
           "the NumPy reference are timed." % os.path.basename(os.path.abspath(run_dir)), "",
           "Cells: " + ", ".join("%s %d" % kv for kv in sorted(counts.items())), ""]
     if incomplete:

@@ -124,11 +124,15 @@ class Progress:
                                                                self.total, self._elapsed()))
 
 
-def _child_env(cfg: CellConfig) -> Dict[str, str]:
+def _child_env(cfg: CellConfig, root: str = ROOT, extra: Optional[Dict[str, str]] = None
+               ) -> Dict[str, str]:
+    """A cell's environment: ours, its thread caps, its framework's settings, then ``extra``
+    (``bench ab``'s per-side variables), with ``root``'s code first on the path."""
     env = dict(os.environ)
     env.update(thread_env(cfg.threads))
     env.update(dict(registry.FRAMEWORKS[cfg.framework].env))
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -136,7 +140,8 @@ def _child_env(cfg: CellConfig) -> Dict[str, str]:
 PROBE_TIMEOUT_S = 300
 
 
-def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 4):
+def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 4,
+                root: str = ROOT, extra: Optional[Dict[str, str]] = None):
     """(name, {ok, detail: version or why not}) for each framework, in order: each is imported
     in its own subprocess with its cells' environment, up to ``jobs`` at a time."""
     names = list(names)
@@ -151,8 +156,9 @@ def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 
                 try:
                     running[other] = (subprocess.Popen(
                         [python, "-m", "bench", "probe", other], stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True,
-                        env=_child_env(CellConfig(other, "lstm", "loop"))), time.time(), "")
+                        stderr=subprocess.DEVNULL, text=True, cwd=root, start_new_session=True,
+                        env=_child_env(CellConfig(other, "lstm", "loop"), root, extra)),
+                        time.time(), "")
                 except OSError as exc:
                     running[other] = (None, time.time(), "probe failed: %s" % exc)
             proc, since, error = running.pop(name)
@@ -174,6 +180,28 @@ def iter_probes(names: Iterable[str], python: str = sys.executable, jobs: int = 
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
+
+
+GEMM_TIMEOUT_S = 120
+
+
+def machine_gemm(threads: Iterable[int], python: str = sys.executable,
+                 root: str = ROOT) -> Dict[str, Optional[float]]:
+    """{str(threads): FLOP/s} of the machine's float32 GEMM at each thread count (NumPy's BLAS,
+    timed by ``bench.flops.time_gemm`` like every framework's), each in a fresh process with
+    that count's thread environment; None where the probe failed (the report then uses the
+    fastest framework GEMM alone)."""
+    out: Dict[str, Optional[float]] = {}
+    for t in sorted(set(threads)):
+        env = dict(os.environ, **thread_env(t))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            done = subprocess.run([python, "-m", "bench", "gemm", "--threads", str(t)], cwd=root,
+                                  env=env, capture_output=True, text=True, timeout=GEMM_TIMEOUT_S)
+            out[str(t)] = float(json.loads(done.stdout.strip().splitlines()[-1])["flops"])
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError):
+            out[str(t)] = None
+    return out
 
 
 def probe_frameworks(names: Iterable[str], python: str = sys.executable) -> Dict[str, Dict]:
@@ -279,7 +307,8 @@ def _wait(proc: subprocess.Popen, timeout_s: float, t0: float, status_path: str,
 
 def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys.executable,
                       result_dir: Optional[str] = None,
-                      on_status: Optional[Callable[[Optional[Dict], float], None]] = None) -> Dict:
+                      on_status: Optional[Callable[[Optional[Dict], float], None]] = None,
+                      root: str = ROOT, extra_env: Optional[Dict[str, str]] = None) -> Dict:
     """Run one cell in a fresh interpreter; timeouts, crashes and OOM kills become records.
 
     Raises OSError (with the result file's name) when the cell could not write its result.
@@ -302,7 +331,8 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
     t0 = time.time()
     try:
         proc = subprocess.Popen(cmd + ["--spawned-at", repr(t0)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=_child_env(cfg), cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True,
+                                env=_child_env(cfg, root, extra_env), cwd=root,
                                 start_new_session=True)
     except OSError as exc:
         return dict(base_record(cfg), framework_version=version, status="crashed",
@@ -532,6 +562,10 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, execut
         env["framework_probes"] = probes
         env.update(executor.describe())
         env[PLANNED] = planned_cells(cells)
+        # The roofline's denominator: measured once per run here, not by each framework.
+        gemm = machine_gemm([c.threads for c in cells if c.device == "cpu"], python) \
+            if executor.name == "local" else {}
+        env["machine_gemm_flops"] = gemm
         env_path = os.path.join(out_dir, ENV)
         if earlier or os.path.exists(env_path):
             env = _merge_env(env_path, env)
@@ -557,6 +591,8 @@ def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, execut
                 except OSError as exc:
                     raise EnvironmentProblem(_write_failure(exc.filename or out_dir, exc,
                                                             len(final), "the cell's result")) from None
+                if rec.get("status") == "ok" and cfg.device == "cpu":
+                    rec["machine_gemm_flops"] = gemm.get(str(cfg.threads))
                 try:
                     append_record(path, rec)
                 except OSError as exc:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections import OrderedDict
 from typing import Dict
 
@@ -199,20 +198,11 @@ class MXNetImplementation(Implementation):
     def info(self):
         return {"threads": self._threads, "context": str(self.ctx)}
 
-    def gemm_flops(self, n=512, repeats=10):
+    def gemm_ops(self, n):
         rng = np.random.default_rng(0)
         a = nd.array(rng.standard_normal((n, n)), ctx=self.ctx, dtype="float32")
         b = nd.array(rng.standard_normal((n, n)), ctx=self.ctx, dtype="float32")
-
-        def run():
-            t0 = time.perf_counter()
-            nd.dot(a, b).wait_to_read()
-            return time.perf_counter() - t0
-
-        run()
-        times = [run() for _ in range(max(1, repeats))]
-        return 2.0 * n ** 3 / float(np.median(times))
-
+        return (lambda: nd.dot(a, b)), (lambda out: out.wait_to_read())
 
 def linear_weight(value: np.ndarray) -> np.ndarray:
     """Canonical ``x @ W`` weight (in, out) <-> ``FullyConnected``'s (out, in) (a transpose)."""

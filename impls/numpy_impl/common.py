@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -47,14 +46,6 @@ class NumpyReference(Implementation):
         return {"blas_threads": [[i.get("internal_api"), i.get("num_threads")]
                                  for i in threadpool_info()]}
 
-    def gemm_flops(self, n=512, repeats=10):
-        rng = np.random.default_rng(0)
-        a = rng.standard_normal((n, n)).astype(np.float32)
-        b = rng.standard_normal((n, n)).astype(np.float32)
-        a @ b
-        best = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            best.append(time.perf_counter() - t0)
-        return 2.0 * n ** 3 / float(np.median(best))
+    def gemm_ops(self, n):
+        from bench.flops import numpy_gemm_ops
+        return numpy_gemm_ops(n)

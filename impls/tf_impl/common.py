@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -176,29 +175,17 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def gemm_flops(device: str, n: int = 512, repeats: int = 10) -> float:
-    """Median achieved FLOP/s of an n x n x n float32 matmul, materialised each repeat.
-
-    A repeat runs enough matmuls back to back to last >= ~5 ms, so the eager
-    dispatch and the device round trip are a small part of it on fast GPUs.
-    """
+def gemm_ops(device: str, n: int):
+    """(product, finish) for an n x n x n float32 matmul (``bench.flops.time_gemm`` times it);
+    reading one element waits for the queued products (GPU execution is async)."""
     with tf.device(device_name(device)):
         a = tf.random.stateless_normal((n, n), seed=(1, 2), dtype=tf.float32)
         b = tf.random.stateless_normal((n, n), seed=(3, 4), dtype=tf.float32)
 
-        def run(k):
-            start = time.perf_counter()
-            out = None
-            for _ in range(k):
-                out = tf.matmul(a, b)
-            out[0, 0].numpy()  # waits for the queued matmuls (GPU execution is async)
-            return time.perf_counter() - start
-
-        run(2)
-        single = run(1)
-        inner = max(1, int(math.ceil(0.005 / max(single, 1e-7))))
-        times = [run(inner) / inner for _ in range(max(1, repeats))]
-    return 2.0 * n ** 3 / float(np.median(times))
+    def product():
+        with tf.device(device_name(device)):
+            return tf.matmul(a, b)
+    return product, (lambda out: out[0, 0].numpy())
 
 
 def peak_bytes(device: str) -> Optional[int]:
@@ -438,8 +425,8 @@ class TFImplementation(Implementation):
     def device_peak_bytes(self):
         return peak_bytes(self.device)
 
-    def gemm_flops(self, n=512, repeats=10):
-        return gemm_flops(self.device, n, repeats)
+    def gemm_ops(self, n):
+        return gemm_ops(self.device, n)
 
     def info(self):
         out = {

@@ -18,9 +18,7 @@ import atexit
 import contextlib
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -385,24 +383,8 @@ class TorchImplementation(Implementation):
                                             if _CACHE.get("private") else _CACHE.get("dir"))
         return out
 
-    def gemm_flops(self, n=512, repeats=10):
+    def gemm_ops(self, n):
         gen = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(n, n, generator=gen).to(self.dev)
         b = torch.randn(n, n, generator=gen).to(self.dev)
-        a @ b
-        self.sync()
-        # Enough products per repeat that one repeat lasts ~5 ms: a single
-        # 512^3 product on a GPU is shorter than the sync around it.
-        t0 = time.perf_counter()
-        a @ b
-        self.sync()
-        inner = max(1, int(5e-3 / max(time.perf_counter() - t0, 1e-7)))
-        times = []
-        for _ in range(repeats):
-            self.sync()
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                a @ b
-            self.sync()
-            times.append((time.perf_counter() - t0) / inner)
-        return 2.0 * n ** 3 / statistics.median(times)
+        return (lambda: a @ b), (lambda out: self.sync())

@@ -1,0 +1,325 @@
+"""``python -m bench ab --base ENV --new ENV [run filters]``: an interleaved A/B regression check.
+
+Two separate runs taken at different times differ by drift and by whatever else the
+machine was doing, and no test on their samples can remove that (``bench compare``
+refuses noisy cells for this reason). Here each cell runs alternately in the two
+environments, in ABBA order over ``--rounds`` rounds (round 0: base then new, round 1:
+new then base, ...), every time in a fresh process, so drift and load hit both sides
+alike. Each round gives one ratio per metric (the medians of the two processes'
+time-calibrated samples); the verdict is ``bench.compare.judge_paired``: the one-sided
+exact Wilcoxon signed-rank test on the per-round log ratios at ``compare.ALPHA``, and a
+bootstrap interval of the median ratio (resampling rounds) against the threshold, the
+same rule ``compare`` applies to unpaired samples.
+
+ENV is one of:
+
+* a Python interpreter (a path to an executable file), running this checkout's code;
+* a virtual environment (a directory with ``bin/python``), e.g. a venv per release of a
+  framework, or ``nox:FW`` for this checkout's ``nox`` venv of framework FW;
+* a git ref (``git:REF``, or any name ``git rev-parse`` resolves that is not a path): that
+  commit checked out into a temporary worktree (removed afterwards), run with this
+  interpreter.
+
+``--base-env`` / ``--new-env KEY=VALUE`` set environment variables on one side only.
+
+Records of both sides are kept: ``OUT/base/records.jsonl`` and ``OUT/new/records.jsonl``
+(each record with ``ab``: side, round, order, environment), so ``bench report`` reads
+either side and nothing measured is lost; ``OUT/ab.md`` and ``OUT/ab.json`` hold the
+verdicts with every round's values.
+
+Exit codes as ``compare``: 0 no regression and no lost cell; 1 a regression, or a cell
+that was ok in base but failed in new; 2 a refusal (bad ENV, an occupied --out); 3 the
+environment failed (a full disk); 130 interrupted (what finished is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import registry
+from .compare import ALPHA, IMPROVEMENT, METRICS, REGRESSION, Threshold, judge_paired
+from .config import CellConfig, UsageError
+from .environment import describe, git_commit
+from .records import ENV, RECORDS, EnvironmentProblem, RunLock, append_record, atomic_write, occupied
+from .runner import ROOT, iter_probes, run_in_subprocess
+
+DEFAULT_ROUNDS = 12
+SIDES = ("base", "new")
+
+
+@dataclass
+class Side:
+    name: str                   # base | new
+    spec: str                   # as given on the command line
+    python: str
+    root: str                   # the code the cells run (this checkout or a worktree)
+    env: Dict[str, str] = field(default_factory=dict)
+    worktree: Optional[str] = None   # removed at the end
+
+    def describe(self) -> Dict:
+        return {"spec": self.spec, "python": self.python, "root": self.root, "env": self.env,
+                "git_commit": git_commit(self.root)}
+
+
+def _interpreter_of_venv(path: str) -> Optional[str]:
+    for rel in ("bin/python", "Scripts/python.exe"):
+        candidate = os.path.join(path, rel)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _nox_python(framework: str, root: str = ROOT) -> Optional[str]:
+    for name in ("bench_framework-framework-" + framework, "bench-framework-" + framework):
+        found = _interpreter_of_venv(os.path.join(root, ".nox", name))
+        if found:
+            return found
+    return None
+
+
+def _git_commit_of(ref: str, root: str = ROOT) -> Optional[str]:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", ref + "^{commit}"],
+                              cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def resolve(spec: str, name: str, env: Optional[Dict[str, str]] = None, root: str = ROOT) -> Side:
+    """The side an ENV names; UsageError (one line) when it names nothing usable."""
+    env = dict(env or {})
+    text = spec.strip()
+    if not text:
+        raise UsageError("--%s is empty: give an interpreter, a venv, nox:FW or a git ref" % name)
+    if text.startswith("nox:"):
+        fw = text[4:]
+        python = _nox_python(fw, root)
+        if not python:
+            raise UsageError("--%s %s: no nox venv for %r in %s/.nox (make it with nox -s "
+                             "\"bench_framework(framework='%s')\")" % (name, spec, fw, root, fw))
+        return Side(name, spec, python, root, env)
+    ref = text[4:] if text.startswith("git:") else None
+    if ref is None and os.path.exists(text):
+        path = os.path.abspath(text)
+        if os.path.isdir(path):
+            python = _interpreter_of_venv(path)
+            if not python:
+                raise UsageError("--%s %s: a directory without bin/python (not a venv)" % (name, spec))
+            return Side(name, spec, python, root, env)
+        if not os.access(path, os.X_OK):
+            raise UsageError("--%s %s: not an executable interpreter" % (name, spec))
+        return Side(name, spec, path, root, env)
+    commit = _git_commit_of(ref if ref is not None else text, root)
+    if not commit:
+        raise UsageError("--%s %s: not an interpreter, a venv, nox:FW or a git ref of %s"
+                         % (name, spec, root))
+    tmp = tempfile.mkdtemp(prefix="bench-ab-%s-" % name)
+    done = subprocess.run(["git", "worktree", "add", "--detach", tmp, commit], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError("--%s %s: git worktree add failed: %s"
+                         % (name, spec, (done.stderr.strip().splitlines() or ["?"])[-1]))
+    return Side(name, spec + " (%s)" % commit[:12], sys.executable, tmp, env, worktree=tmp)
+
+
+def release(side: Side, root: str = ROOT) -> None:
+    if side.worktree:
+        subprocess.run(["git", "worktree", "remove", "--force", side.worktree], cwd=root,
+                       capture_output=True, timeout=120)
+        shutil.rmtree(side.worktree, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True, timeout=120)
+
+
+def parse_env_items(items: Optional[Sequence[str]], flag: str) -> Dict[str, str]:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise UsageError("%s takes KEY=VALUE, not %r" % (flag, item))
+        out[key] = value
+    return out
+
+
+def _median(values) -> Optional[float]:
+    x = [v for v in values or [] if isinstance(v, (int, float)) and np.isfinite(v) and v > 0]
+    return float(np.median(x)) if x else None
+
+
+@dataclass
+class CellAB:
+    cfg: CellConfig
+    values: Dict[str, Dict[str, List[Optional[float]]]] = field(default_factory=dict)
+    failures: Dict[str, List[str]] = field(default_factory=lambda: {"base": [], "new": []})
+    noisy: Dict[str, int] = field(default_factory=lambda: {"base": 0, "new": 0})
+    rounds_done: int = 0
+
+
+def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
+    out = []
+    for metric in METRICS:
+        per = cell.values.get(metric)
+        if not per:
+            continue
+        pairs = [(a, b) for a, b in zip(per["base"], per["new"]) if a and b]
+        row = {"cell": cell.cfg.label(), "cell_id": cell.cfg.key(), "metric": metric,
+               "rounds": len(pairs), "base": per["base"], "new": per["new"],
+               "noisy_base": cell.noisy["base"], "noisy_new": cell.noisy["new"]}
+        if cell.failures["new"] and not cell.failures["base"]:
+            row.update(verdict="LOST", why="failed in new: " + cell.failures["new"][0])
+        elif len(pairs) < 2:
+            row.update(verdict="not compared", why="fewer than 2 complete rounds")
+        else:
+            a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+            verdict, p, (point, lo, hi) = judge_paired(a, b, threshold)
+            row.update(verdict=verdict, p_slower=p, slowdown=point, ci_low=lo, ci_high=hi,
+                       base_median=float(np.median(a)), new_median=float(np.median(b)))
+        out.append(row)
+    return out
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    lines = ["| cell | metric | rounds | base | new | slowdown [95% CI] | p(slower) | noisy b/n | "
+             "verdict |", "|---|---|---:|---:|---:|---|---:|---|---|"]
+    for r in rows:
+        if "slowdown" in r:
+            nums = "%.4g | %.4g | %+.1f%% [%+.1f, %+.1f] | %.3g" % (
+                r["base_median"], r["new_median"], 100 * r["slowdown"], 100 * r["ci_low"],
+                100 * r["ci_high"], r["p_slower"])
+        else:
+            nums = "- | - | - | -"
+        lines.append("| %s | %s | %d | %s | %d/%d | %s |" % (
+            r["cell"], r["metric"].replace("_samples_per_s", ""), r["rounds"], nums,
+            r["noisy_base"], r["noisy_new"], r["verdict"] + (": " + r["why"] if r.get("why") else "")))
+    return "\n".join(lines)
+
+
+def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, threshold: Threshold,
+           out_dir: str, stream=None, on_record: Optional[Callable[[Dict], None]] = None) -> int:
+    """Run every cell ``rounds`` times on each side, ABBA; write records and verdicts."""
+    out = stream or sys.stderr
+    sides = {"base": base, "new": new}
+    os.makedirs(out_dir, exist_ok=True)
+    lock = RunLock(out_dir).acquire()
+    try:
+        for name in SIDES:
+            busy = occupied(os.path.join(out_dir, name))
+            if busy:
+                raise UsageError("%s already holds an A/B run (%s); give a new --out"
+                                 % (out_dir, ", ".join(busy)))
+        fws = sorted({c.framework for c in cells})
+        probes = {}
+        for name, side in sides.items():
+            probes[name] = dict(iter_probes(fws, python=side.python, root=side.root, extra=side.env))
+            folder = os.path.join(out_dir, name)
+            os.makedirs(folder, exist_ok=True)
+            env = describe({k: v.get("detail") if v.get("ok") else None
+                            for k, v in probes[name].items()},
+                           sorted({c.threads for c in cells})[0], side.root)
+            env.update(framework_probes=probes[name], ab=dict(side.describe(), side=name))
+            atomic_write(os.path.join(folder, ENV), json.dumps(env, indent=2, sort_keys=True))
+        for name in SIDES:
+            bad = [fw for fw in fws if not probes[name][fw].get("ok")]
+            if bad:
+                raise UsageError("%s side (%s): %s" % (name, sides[name].spec, "; ".join(
+                    "%s unavailable: %s" % (fw, probes[name][fw].get("detail")) for fw in bad)))
+        static = [(c, registry.not_applicable(c.framework, c.model, c.strategy, c.device))
+                  for c in cells]
+        for c, why in static:
+            if why:
+                out.write("ab: skipping %s: not applicable: %s\n" % (c.label(), why))
+        cells = [c for c, why in static if not why]
+        if not cells:
+            raise UsageError("no cell of the filters is applicable")
+        total = len(cells) * rounds * 2
+        out.write("ab: %d cells x %d rounds x 2 sides = %d cell processes into %s\n"
+                  "  base: %s\n  new:  %s\n" % (len(cells), rounds, total, out_dir,
+                                                base.spec, new.spec))
+        results: List[CellAB] = []
+        done, t0 = 0, time.time()
+        try:
+            for cfg in cells:
+                cell = CellAB(cfg)
+                results.append(cell)
+                for r in range(rounds):
+                    order = SIDES if r % 2 == 0 else SIDES[::-1]
+                    for name in order:
+                        side = sides[name]
+                        rec = run_in_subprocess(cfg, probes[name][cfg.framework].get("detail"),
+                                                python=side.python, result_dir=out_dir,
+                                                root=side.root, extra_env=side.env)
+                        rec["ab"] = {"side": name, "round": r, "order": "".join(s[0] for s in order),
+                                     "env": side.spec}
+                        try:
+                            append_record(os.path.join(out_dir, name, RECORDS), rec)
+                        except OSError as exc:
+                            raise EnvironmentProblem("cannot write %s: %s" % (
+                                os.path.join(out_dir, name, RECORDS), exc.strerror or exc)) from None
+                        if on_record:
+                            on_record(rec)
+                        done += 1
+                        shown = []
+                        for metric in METRICS:
+                            med = _median(rec.get(metric))
+                            if rec.get("status") == "ok" and rec.get(metric):
+                                cell.values.setdefault(metric, {"base": [None] * rounds,
+                                                                "new": [None] * rounds})
+                                cell.values[metric][name][r] = med
+                                shown.append("%s %.4g" % (metric.split("_")[0], med or 0))
+                        if rec.get("status") != "ok":
+                            cell.failures[name].append("round %d: %s: %s" % (
+                                r, rec.get("status"), rec.get("reason", "")))
+                        if rec.get("noisy") is True:
+                            cell.noisy[name] += 1
+                        out.write("[%d/%d %ds] %s round %d %-4s %s%s\n" % (
+                            done, total, time.time() - t0, cfg.label(), r, name,
+                            rec.get("status"), (": " + ", ".join(shown)) if shown else
+                            ": " + rec.get("reason", "")))
+                        out.flush()
+                    cell.rounds_done = r + 1
+        finally:
+            rows = [row for cell in results for row in _verdicts(cell, threshold)]
+            summary = {"base": base.describe(), "new": new.describe(), "rounds": rounds,
+                       "threshold": threshold.fraction, "alpha": ALPHA, "complete": done == total,
+                       "verdicts": rows}
+            atomic_write(os.path.join(out_dir, "ab.json"), json.dumps(summary, indent=2))
+            atomic_write(os.path.join(out_dir, "ab.md"), _markdown(summary))
+    finally:
+        lock.release()
+    print(format_table(rows))
+    bad = [r for r in rows if r["verdict"] in (REGRESSION, "LOST")]
+    better = [r for r in rows if r["verdict"] == IMPROVEMENT]
+    noisy = sum(c.noisy["base"] + c.noisy["new"] for c in results)
+    print("\n%d comparisons, %d regressions or lost, %d improvements (threshold %.0f%%, alpha %g, "
+          "%d rounds ABBA); %d of %d cell processes were noisy" % (
+              len(rows), len(bad), len(better), 100 * threshold.fraction, ALPHA, rounds, noisy, done))
+    return 1 if bad else 0
+
+
+def _markdown(summary: Dict) -> str:
+    lines = ["# A/B: %s vs %s" % (summary["base"]["spec"], summary["new"]["spec"]), "",
+             "Each cell ran alternately in the two environments, ABBA over %d rounds, each time in "
+             "a fresh process; the verdict is the one-sided Wilcoxon signed-rank test on the "
+             "per-round log ratios (alpha %g) and a bootstrap 95%% interval of the median "
+             "slowdown against the %.0f%% threshold (`python -m bench ab`)."
+             % (summary["rounds"], summary["alpha"], 100 * summary["threshold"]), ""]
+    if not summary["complete"]:
+        lines += ["**Incomplete:** the run was interrupted; verdicts use the rounds that finished.", ""]
+    lines += [format_table(summary["verdicts"]), ""]
+    for side in ("base", "new"):
+        d = summary[side]
+        lines.append("- %s: `%s` (python %s, code %s, commit %s%s)" % (
+            side, d["spec"], d["python"], d["root"], d["git_commit"],
+            ", env " + " ".join("%s=%s" % kv for kv in sorted(d["env"].items())) if d["env"] else ""))
+    return "\n".join(lines) + "\n"

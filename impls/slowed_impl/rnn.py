@@ -1,0 +1,5 @@
+from .common import Slowed
+
+
+class RNN(Slowed):
+    family = "rnn"

@@ -1,0 +1,5 @@
+from .common import Slowed
+
+
+class RvNN(Slowed):
+    family = "rvnn"
