@@ -5,8 +5,9 @@ machine was doing, and no test on their samples can remove that (``bench compare
 refuses noisy cells for this reason). Here each cell runs alternately in the two
 environments, in ABBA order over ``--rounds`` rounds (round 0: base then new, round 1:
 new then base, ...), every time in a fresh process, so drift and load hit both sides
-alike. Each round gives one ratio per metric (the medians of the two processes'
-time-calibrated samples); the verdict is ``bench.compare.judge_paired``: the one-sided
+alike. Each round gives one ratio per metric (``round_value``: the median of each
+process's time-calibrated samples, those that other work did not disturb where there are
+enough); the verdict is ``bench.compare.judge_paired``: the one-sided
 exact Wilcoxon signed-rank test on the per-round log ratios at ``compare.ALPHA``, and a
 bootstrap interval of the median ratio (resampling rounds) against the threshold, the
 same rule ``compare`` applies to unpaired samples.
@@ -42,14 +43,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import registry
 from .compare import ALPHA, IMPROVEMENT, METRICS, REGRESSION, Threshold, judge_paired
 from .config import CellConfig, UsageError
-from .environment import describe, git_commit
+from .environment import NOISY_WAIT, describe, git_commit
 from .records import ENV, RECORDS, EnvironmentProblem, RunLock, append_record, atomic_write, occupied
 from .runner import ROOT, iter_probes, run_in_subprocess
 
@@ -152,18 +153,48 @@ def parse_env_items(items: Optional[Sequence[str]], flag: str) -> Dict[str, str]
     return out
 
 
-def _median(values) -> Optional[float]:
-    x = [v for v in values or [] if isinstance(v, (int, float)) and np.isfinite(v) and v > 0]
-    return float(np.median(x)) if x else None
+QUIET_SAMPLES = 3   # a process is quiet for a metric with at least this many quiet samples
+MIN_ROUNDS = 7      # the fewest paired rounds whose exact test can reach alpha 0.01
+
+
+def round_value(rec: Dict, metric: str) -> Tuple[Optional[float], bool]:
+    """One process's value of a metric, and whether it was quiet.
+
+    Quiet: at least ``QUIET_SAMPLES`` samples during which other work held the CPU at most
+    ``NOISY_WAIT`` of the time (``*_wait_shares``); the value is then their median. Else
+    the median of all samples, not quiet. A sample that waited in the run queue measured
+    the load as much as the code, and load is what an A/B comparison must keep out."""
+    samples = rec.get(metric) or []
+    waits = rec.get(metric.split("_")[0] + "_wait_shares") or [None] * len(samples)
+    good = [(v, w) for v, w in zip(samples, waits)
+            if isinstance(v, (int, float)) and np.isfinite(v) and v > 0]
+    if not good:
+        return None, False
+    quiet = [v for v, w in good if w is not None and w <= NOISY_WAIT]
+    if len(quiet) >= QUIET_SAMPLES:
+        return float(np.median(quiet)), True
+    return float(np.median([v for v, _ in good])), False
 
 
 @dataclass
 class CellAB:
     cfg: CellConfig
-    values: Dict[str, Dict[str, List[Optional[float]]]] = field(default_factory=dict)
+    # metric -> side -> one (value or None, quiet) per round
+    values: Dict[str, Dict[str, List[Tuple[Optional[float], bool]]]] = field(default_factory=dict)
     failures: Dict[str, List[str]] = field(default_factory=lambda: {"base": [], "new": []})
     noisy: Dict[str, int] = field(default_factory=lambda: {"base": 0, "new": 0})
     rounds_done: int = 0
+
+    def pairs(self, metric: str, quiet_only: bool) -> List[Tuple[float, float]]:
+        per = self.values.get(metric) or {"base": [], "new": []}
+        return [(a, b) for (a, qa), (b, qb) in zip(per["base"], per["new"])
+                if a and b and (not quiet_only or (qa and qb))]
+
+    def quiet_rounds(self) -> int:
+        """Rounds quiet on both sides, for the metric that has the fewest (0: none measured)."""
+        counts = [len(self.pairs(m, True)) for m, per in self.values.items()
+                  if any(v for v, _ in per["base"] + per["new"])]
+        return min(counts) if counts else 0
 
 
 def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
@@ -172,9 +203,12 @@ def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
         per = cell.values.get(metric)
         if not per:
             continue
-        pairs = [(a, b) for a, b in zip(per["base"], per["new"]) if a and b]
+        quiet, every = cell.pairs(metric, True), cell.pairs(metric, False)
+        pairs = quiet if len(quiet) >= MIN_ROUNDS else every
         row = {"cell": cell.cfg.label(), "cell_id": cell.cfg.key(), "metric": metric,
-               "rounds": len(pairs), "base": per["base"], "new": per["new"],
+               "rounds": len(pairs), "rounds_run": cell.rounds_done, "quiet_rounds": len(quiet),
+               "base": [v for v, _ in per["base"]], "new": [v for v, _ in per["new"]],
+               "quiet_base": [q for _, q in per["base"]], "quiet_new": [q for _, q in per["new"]],
                "noisy_base": cell.noisy["base"], "noisy_new": cell.noisy["new"]}
         if cell.failures["new"] and not cell.failures["base"]:
             row.update(verdict="LOST", why="failed in new: " + cell.failures["new"][0])
@@ -183,6 +217,8 @@ def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
         else:
             a, b = [p[0] for p in pairs], [p[1] for p in pairs]
             verdict, p, (point, lo, hi) = judge_paired(a, b, threshold)
+            if pairs is not quiet:
+                verdict += " (noisy: %d of %d rounds quiet)" % (len(quiet), cell.rounds_done)
             row.update(verdict=verdict, p_slower=p, slowdown=point, ci_low=lo, ci_high=hi,
                        base_median=float(np.median(a)), new_median=float(np.median(b)))
         out.append(row)
@@ -190,8 +226,8 @@ def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    lines = ["| cell | metric | rounds | base | new | slowdown [95% CI] | p(slower) | noisy b/n | "
-             "verdict |", "|---|---|---:|---:|---:|---|---:|---|---|"]
+    lines = ["| cell | metric | rounds used / run | base | new | slowdown [95% CI] | p(slower) | "
+             "noisy processes b/n | verdict |", "|---|---|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         if "slowdown" in r:
             nums = "%.4g | %.4g | %+.1f%% [%+.1f, %+.1f] | %.3g" % (
@@ -199,15 +235,19 @@ def format_table(rows: Sequence[Dict]) -> str:
                 100 * r["ci_high"], r["p_slower"])
         else:
             nums = "- | - | - | -"
-        lines.append("| %s | %s | %d | %s | %d/%d | %s |" % (
-            r["cell"], r["metric"].replace("_samples_per_s", ""), r["rounds"], nums,
+        lines.append("| %s | %s | %d / %d | %s | %d/%d | %s |" % (
+            r["cell"], r["metric"].replace("_samples_per_s", ""), r["rounds"], r["rounds_run"], nums,
             r["noisy_base"], r["noisy_new"], r["verdict"] + (": " + r["why"] if r.get("why") else "")))
     return "\n".join(lines)
 
 
 def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, threshold: Threshold,
-           out_dir: str, stream=None, on_record: Optional[Callable[[Dict], None]] = None) -> int:
-    """Run every cell ``rounds`` times on each side, ABBA; write records and verdicts."""
+           out_dir: str, stream=None, on_record: Optional[Callable[[Dict], None]] = None,
+           max_rounds: Optional[int] = None) -> int:
+    """Run every cell ``rounds`` times on each side, ABBA, and on (to ``max_rounds``, default
+    twice ``rounds``) until ``rounds`` rounds were quiet on both sides; write records and
+    verdicts."""
+    max_rounds = max(rounds, max_rounds if max_rounds is not None else 2 * rounds)
     out = stream or sys.stderr
     sides = {"base": base, "new": new}
     os.makedirs(out_dir, exist_ok=True)
@@ -243,16 +283,20 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
         if not cells:
             raise UsageError("no cell of the filters is applicable")
         total = len(cells) * rounds * 2
-        out.write("ab: %d cells x %d rounds x 2 sides = %d cell processes into %s\n"
-                  "  base: %s\n  new:  %s\n" % (len(cells), rounds, total, out_dir,
-                                                base.spec, new.spec))
+        out.write("ab: %d cells x %d rounds (up to %d while the machine is busy) x 2 sides = "
+                  "%d cell processes or more, into %s\n  base: %s\n  new:  %s\n"
+                  % (len(cells), rounds, max_rounds, total, out_dir, base.spec, new.spec))
         results: List[CellAB] = []
         done, t0 = 0, time.time()
         try:
             for cfg in cells:
                 cell = CellAB(cfg)
                 results.append(cell)
-                for r in range(rounds):
+                r = 0
+                # Rounds go on past --rounds (up to max_rounds) until --rounds of them were
+                # quiet on both sides: a busy spell costs time, not the verdict.
+                while r < rounds or (cell.quiet_rounds() < rounds and r < max_rounds
+                                     and not cell.failures["base"] and not cell.failures["new"]):
                     order = SIDES if r % 2 == 0 else SIDES[::-1]
                     for name in order:
                         side = sides[name]
@@ -271,38 +315,45 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
                         done += 1
                         shown = []
                         for metric in METRICS:
-                            med = _median(rec.get(metric))
-                            if rec.get("status") == "ok" and rec.get(metric):
-                                cell.values.setdefault(metric, {"base": [None] * rounds,
-                                                                "new": [None] * rounds})
-                                cell.values[metric][name][r] = med
-                                shown.append("%s %.4g" % (metric.split("_")[0], med or 0))
+                            per = cell.values.setdefault(metric, {"base": [], "new": []})
+                            value, quiet = round_value(rec, metric) \
+                                if rec.get("status") == "ok" else (None, False)
+                            per[name].append((value, quiet))
+                            if value:
+                                shown.append("%s %.4g%s" % (metric.split("_")[0], value,
+                                                            "" if quiet else " (noisy)"))
                         if rec.get("status") != "ok":
                             cell.failures[name].append("round %d: %s: %s" % (
                                 r, rec.get("status"), rec.get("reason", "")))
                         if rec.get("noisy") is True:
                             cell.noisy[name] += 1
                         out.write("[%d/%d %ds] %s round %d %-4s %s%s\n" % (
-                            done, total, time.time() - t0, cfg.label(), r, name,
+                            done, max(total, done), time.time() - t0, cfg.label(), r, name,
                             rec.get("status"), (": " + ", ".join(shown)) if shown else
                             ": " + rec.get("reason", "")))
                         out.flush()
-                    cell.rounds_done = r + 1
+                    r += 1
+                    cell.rounds_done = r
+                for metric in [m for m, per in cell.values.items() if not any(
+                        v for v, _ in per["base"] + per["new"])]:
+                    del cell.values[metric]   # a metric the cell does not measure (inference only)
         finally:
             rows = [row for cell in results for row in _verdicts(cell, threshold)]
             summary = {"base": base.describe(), "new": new.describe(), "rounds": rounds,
-                       "threshold": threshold.fraction, "alpha": ALPHA, "complete": done == total,
+                       "threshold": threshold.fraction, "alpha": ALPHA,
+                       "complete": len(results) == len(cells) and all(
+                           c.rounds_done >= rounds for c in results),
                        "verdicts": rows}
             atomic_write(os.path.join(out_dir, "ab.json"), json.dumps(summary, indent=2))
             atomic_write(os.path.join(out_dir, "ab.md"), _markdown(summary))
     finally:
         lock.release()
     print(format_table(rows))
-    bad = [r for r in rows if r["verdict"] in (REGRESSION, "LOST")]
-    better = [r for r in rows if r["verdict"] == IMPROVEMENT]
+    bad = [r for r in rows if r["verdict"].startswith((REGRESSION, "LOST"))]
+    better = [r for r in rows if r["verdict"].startswith(IMPROVEMENT)]
     noisy = sum(c.noisy["base"] + c.noisy["new"] for c in results)
     print("\n%d comparisons, %d regressions or lost, %d improvements (threshold %.0f%%, alpha %g, "
-          "%d rounds ABBA); %d of %d cell processes were noisy" % (
+          "%d+ rounds ABBA); %d of %d cell processes were noisy" % (
               len(rows), len(bad), len(better), 100 * threshold.fraction, ALPHA, rounds, noisy, done))
     return 1 if bad else 0
 

@@ -55,7 +55,8 @@ import numpy as np
 from . import readout, reference, registry, verify
 from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_batch
 from .config import CellConfig
-from .environment import NoiseProbe, limit_blas_threads, machine, peak_rss_mb
+from .environment import (NoiseProbe, limit_blas_threads, machine, peak_rss_mb, thread_times,
+                          wait_share)
 from .flops import forward_flops, train_flops
 from .interface import DeviceUnavailable, NotApplicable, Unavailable
 from .params import ModelConfig, init_params
@@ -242,6 +243,8 @@ def base_record(cfg: CellConfig) -> Dict:
         "infer_flops_per_sample": None,
         "gemm_flops": None,
         "passes_per_sample": None,
+        "train_wait_shares": [],
+        "infer_wait_shares": [],
         "noise": None,
         "noisy": None,
         "accuracy": None,
@@ -279,8 +282,9 @@ def calibrate(impl, call, prepared: List, min_repeat_s: float, cap: int = 1000) 
 
 def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int],
                   repeats: int, passes: int = 1):
-    """Samples/s and tokens/s of each timed sample (sync inside the clock); a sample is
-    ``passes`` passes over the pool, back to back (``calibrate``).
+    """Samples/s, tokens/s and run-queue wait share (``environment.wait_share``: how much of
+    the sample other work held the CPU; None where unknown) of each timed sample (sync inside
+    the clock); a sample is ``passes`` passes over the pool, back to back (``calibrate``).
 
     An implementation that times its own passes (``Implementation.timed_passes``
     returns a list, e.g. a worker process, so that IPC stays outside the clock)
@@ -292,14 +296,17 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
     what = "train" if call.__name__ == "train_step" else "inference"
     _PHASES.say("%s sample 1/%d (%d pool passes each)" % (what, repeats, passes), force=True)
     durations = impl.timed_passes(call.__name__, cycle, repeats)
+    waits: List[Optional[float]] = [None] * len(durations or [])
     if durations is None:
-        durations = []
+        durations, waits = [], []
         for _ in range(repeats):
+            before = thread_times()
             t0 = time.perf_counter()
             for ready in cycle:
                 call(ready)
             impl.sync()
             durations.append(time.perf_counter() - t0)
+            waits.append(wait_share(before, thread_times()))
             if len(durations) < repeats:
                 _PHASES.say("%s sample %d/%d (%d pool passes each)"
                             % (what, len(durations) + 1, repeats, passes))
@@ -310,7 +317,7 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
         # A zero duration is an impossible measurement, not a crash: run_cell fails the cell.
         per_s.append(n_samples / dt if dt else math.inf)
         tok_s.append(n_tokens / dt if dt else math.inf)
-    return per_s, tok_s
+    return per_s, tok_s, [None if w is None else round(w, 4) for w in waits]
 
 
 # Every number here must be finite and positive for the cell to be `ok`.
@@ -603,13 +610,13 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     if can_train:
         k = rec["passes_per_sample"]["train"] = calibrate(impl, impl.train_step, prepared,
                                                           cfg.min_repeat_s)
-        rec["train_samples_per_s"], rec["train_tokens_per_s"] = _timed_passes(
-            impl, impl.train_step, prepared, sizes, tokens, cfg.repeats, k)
+        rec["train_samples_per_s"], rec["train_tokens_per_s"], rec["train_wait_shares"] = \
+            _timed_passes(impl, impl.train_step, prepared, sizes, tokens, cfg.repeats, k)
     else:
         rec["reason"] = "inference only: this implementation declares no training step"
     k = rec["passes_per_sample"]["infer"] = calibrate(impl, impl.logits, prepared, cfg.min_repeat_s)
-    rec["infer_samples_per_s"], rec["infer_tokens_per_s"] = _timed_passes(
-        impl, impl.logits, prepared, sizes, tokens, cfg.repeats, k)
+    rec["infer_samples_per_s"], rec["infer_tokens_per_s"], rec["infer_wait_shares"] = \
+        _timed_passes(impl, impl.logits, prepared, sizes, tokens, cfg.repeats, k)
     rec["noise"] = noise.stop()
     rec["noisy"] = rec["noise"]["noisy"]
 

@@ -467,7 +467,8 @@ def cmd_ab(args) -> int:
     try:
         sides.append(ab.resolve(args.base, "base", envs[0]))
         sides.append(ab.resolve(args.new, "new", envs[1]))
-        return ab.run_ab(cells, sides[0], sides[1], args.rounds, threshold, out)
+        return ab.run_ab(cells, sides[0], sides[1], args.rounds, threshold, out,
+                         max_rounds=args.max_rounds)
     finally:
         for side in sides:
             ab.release(side)
@@ -683,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cell_options(s)
     s.add_argument("--rounds", type=_positive_int("rounds", 1000), default=DEFAULT_AB_ROUNDS,
                    help="ABBA rounds (default: %(default)s; fewer than 7 cannot reach alpha 0.01)")
+    s.add_argument("--max-rounds", type=_positive_int("max rounds", 10000),
+                   help="while fewer than --rounds rounds were quiet on both sides (no sample "
+                        "disturbed by other work), run more, up to this many (default: twice "
+                        "--rounds)")
     s.add_argument("--threshold", default="5%", type=_threshold,
                    help="slowdown that counts as a regression (default: %(default)s)")
     s.add_argument("--base-env", nargs="+", metavar="KEY=VALUE",

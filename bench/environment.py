@@ -148,6 +148,24 @@ def _thread_schedstat() -> Optional[Dict[str, tuple]]:
     return out or None
 
 
+def thread_times() -> Optional[Dict[str, tuple]]:
+    """A snapshot for ``wait_share`` (this process's threads' run and run-queue times)."""
+    return _thread_schedstat()
+
+
+def wait_share(before: Optional[Dict[str, tuple]], after: Optional[Dict[str, tuple]]
+               ) -> Optional[float]:
+    """Of the time this process's threads wanted a CPU between two snapshots, the share they
+    spent waiting for one (threads started in between count from zero); None if unknown."""
+    if before is None or after is None:
+        return None
+    ran = waited = 0
+    for tid, (run, wt) in after.items():
+        r0, w0 = before.get(tid, (0, 0))
+        ran, waited = ran + run - r0, waited + wt - w0
+    return waited / float(ran + waited) if ran + waited > 0 else None
+
+
 def _cpu_times() -> Optional[tuple]:
     """(steal, total) jiffies of the whole machine from /proc/stat, or None."""
     try:
@@ -189,13 +207,7 @@ class NoiseProbe:
         steal = wait = None
         if self.cpu0 and cpu1 and cpu1[1] > self.cpu0[1]:
             steal = (cpu1[0] - self.cpu0[0]) / float(cpu1[1] - self.cpu0[1])
-        if self.sched0 is not None and sched1 is not None:
-            ran = waited = 0
-            for tid, (run, wt) in sched1.items():
-                r0, w0 = self.sched0.get(tid, (0, 0))
-                ran, waited = ran + run - r0, waited + wt - w0
-            if ran + waited > 0:
-                wait = waited / float(ran + waited)
+        wait = wait_share(self.sched0, sched1)
         noise = {"load_before": self.load0, "load_after": load1,
                  "steal_share": None if steal is None else round(steal, 4),
                  "wait_share": None if wait is None else round(wait, 4),

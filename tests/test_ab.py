@@ -1,0 +1,327 @@
+"""Issue 16: the interleaved A/B check, time-calibrated samples, noise disclosure and the
+machine roofline.
+
+The statistics are checked on synthetic paired data (false alarms under no change, a
+common drift that an unpaired comparison mistakes for a regression, detection of a real
+slowdown); the driver end to end with the NumPy reference and its test-only slowed twin.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bench import ab
+from bench.cell import run_cell
+from bench.compare import (ALPHA, REGRESSION, Threshold, compare_runs, judge, judge_paired,
+                           paired_slowdown_ci, signed_rank_greater)
+from bench.config import CellConfig, UsageError, smoke
+from bench.environment import NoiseProbe, verdict
+from bench.flops import time_gemm
+from bench.records import read_records
+from bench.report import machine_peaks, summarise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 12
+NOISE = 0.03   # per-process lognormal spread; a loaded 2-core machine shows about this
+
+
+def _env(**extra):
+    env = dict(os.environ, BENCH_TEST_ENTRIES="1", PYTHONPATH=ROOT, **extra)
+    env.pop("BENCH_SLOWDOWN", None)
+    return env
+
+
+# --- the paired statistics ---
+
+def _brute_signed_rank(d):
+    """P(W+ >= observed) by enumerating every sign assignment (ranks with ties averaged)."""
+    d = [v for v in d if v != 0]
+    mags = sorted(abs(v) for v in d)
+    rank = {m: np.mean([i + 1 for i, x in enumerate(mags) if x == m]) for m in mags}
+    ranks = [rank[abs(v)] for v in d]
+    observed = sum(r for r, v in zip(ranks, d) if v > 0)
+    hits = sum(1 for signs in itertools.product((0, 1), repeat=len(d))
+               if sum(r for r, s in zip(ranks, signs) if s) >= observed - 1e-9)
+    return hits / 2.0 ** len(d)
+
+
+@pytest.mark.parametrize("d", [[0.3, -0.1, 0.2, 0.5, -0.4, 0.25, 0.6],
+                               [1, 1, -1, 2, 2, -2, 3, 0.5],        # tied magnitudes
+                               [0.1, 0.0, -0.3, 0.2, 0.4, 0.0]])    # zeros are dropped
+def test_signed_rank_matches_enumeration(d):
+    assert signed_rank_greater(d) == pytest.approx(_brute_signed_rank(d))
+
+
+def test_signed_rank_extremes():
+    assert signed_rank_greater([0.1] * 8) == pytest.approx(1 / 256)   # every round slower
+    assert signed_rank_greater([-0.1] * 8) == 1.0
+    assert signed_rank_greater([]) == 1.0
+
+
+def _paired(rng, slowdown, drift=0.0, rounds=ROUNDS):
+    """Per-round medians of base and new: a shared per-round level (drift and load hit both
+    sides of a round alike), each process's own noise, and NEW's real slowdown."""
+    level = 100.0 * np.exp(drift * np.arange(rounds) + rng.normal(0, 0.10, rounds))
+    base = level * rng.lognormal(0, NOISE, rounds)
+    new = level * (1 - slowdown) * rng.lognormal(0, NOISE, rounds)
+    return base, new
+
+
+def test_aa_paired_false_alarms_at_most_alpha():
+    rng = np.random.default_rng(7)
+    th = Threshold.parse("5%")
+    alarms = sum(judge_paired(*_paired(rng, 0.0), th, seed=i)[0] == REGRESSION for i in range(400))
+    assert alarms / 400 <= ALPHA
+
+
+def test_five_percent_slowdown_caught_in_at_least_nine_of_ten():
+    rng = np.random.default_rng(11)
+    th = Threshold.parse("5%")
+    caught = sum(judge_paired(*_paired(rng, 0.05), th, seed=i)[0] == REGRESSION for i in range(400))
+    assert caught / 400 >= 0.9
+
+
+def test_pairing_removes_drift_that_fools_an_unpaired_comparison():
+    """Identical code while the machine gets busier (3% a round). Run BASE's rounds and then
+    NEW's, as two separate runs, and the unpaired test flags the drift as a regression;
+    interleaved, each round's pair shares its load and the paired verdict does not."""
+    rng = np.random.default_rng(3)
+    th = Threshold.parse("5%")
+    flagged_unpaired = flagged_paired = 0
+    for i in range(100):
+        base, new = _paired(rng, 0.0, drift=-0.03)
+        # an unpaired run of BASE first and NEW afterwards: NEW's rounds come later
+        later = new * np.exp(-0.03 * ROUNDS)
+        flagged_unpaired += judge(base, later, th, seed=i)[0] == REGRESSION
+        flagged_paired += judge_paired(base, new, th, seed=i)[0] == REGRESSION
+    assert flagged_unpaired >= 90 and flagged_paired <= 1
+
+
+def test_paired_interval_covers_the_true_slowdown():
+    rng = np.random.default_rng(5)
+    covered = 0
+    for i in range(200):
+        point, lo, hi = paired_slowdown_ci(*_paired(rng, 0.10), seed=i)
+        covered += lo <= 0.10 <= hi
+    assert covered / 200 >= 0.85
+
+
+def test_too_few_rounds_say_so():
+    base, new = np.array([100.0, 101, 99]), np.array([80.0, 79, 81])
+    assert judge_paired(base, new, Threshold.parse("5%"))[0] == "too few rounds to tell"
+
+
+# --- environments ---
+
+def test_resolve_each_kind_of_env(tmp_path):
+    side = ab.resolve(sys.executable, "base")
+    assert side.python == os.path.abspath(sys.executable) and side.root == ab.ROOT
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, venv / "bin" / "python")
+    assert ab.resolve(str(venv), "new").python == str(venv / "bin" / "python")
+    for bad, words in ((str(tmp_path), "not a venv"), ("no-such-ref-or-path", "not an interpreter"),
+                       ("nox:no-such-framework", "no nox venv"), ("", "empty")):
+        with pytest.raises(UsageError, match=words):
+            ab.resolve(bad, "new")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with pytest.raises(UsageError, match="not an executable"):
+        ab.resolve(str(plain), "new")
+
+
+def test_a_git_ref_is_checked_out_and_removed():
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    side = ab.resolve("git:HEAD", "base")
+    try:
+        assert side.root != ROOT and os.path.isfile(os.path.join(side.root, "bench", "ab.py"))
+        assert side.python == sys.executable
+    finally:
+        ab.release(side)
+    assert not os.path.exists(side.root)
+    listed = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True)
+    assert side.root not in listed.stdout
+
+
+def test_env_items_are_checked():
+    assert ab.parse_env_items(["A=1", "B_2=x=y"], "--new-env") == {"A": "1", "B_2": "x=y"}
+    for bad in ("A", "=1", "A B=1"):
+        with pytest.raises(UsageError):
+            ab.parse_env_items([bad], "--new-env")
+
+
+# --- the driver end to end ---
+
+def _ab(tmp_path, *args, slowdown=None):
+    cmd = [sys.executable, "-m", "bench", "ab", "--base", sys.executable, "--new", sys.executable,
+           "--preset", "smoke", "--frameworks", "numpy-slowed", "--models", "lstm",
+           "--threads", "1", "--min-repeat-s", "0.03", "--out", str(tmp_path / "ab")] + list(args)
+    if slowdown is not None:
+        cmd += ["--new-env", "BENCH_SLOWDOWN=%s" % slowdown]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_ab_catches_a_real_slowdown_and_keeps_every_record(tmp_path):
+    res = _ab(tmp_path, "--rounds", "8", slowdown=0.3)
+    assert res.returncode == 1, res.stdout + res.stderr
+    summary = json.load(open(tmp_path / "ab" / "ab.json"))
+    (row,) = summary["verdicts"]
+    assert row["verdict"] == REGRESSION and row["metric"] == "infer_samples_per_s"
+    assert 0.15 < row["slowdown"] < 0.45 and row["rounds"] == 8
+    for side, share in (("base", 0.0), ("new", 0.3)):
+        recs = read_records(str(tmp_path / "ab" / side / "records.jsonl"))
+        assert sorted(r["ab"]["round"] for r in recs) == list(range(8))
+        assert all(r["status"] == "ok" and r["info"]["slowdown"] == share for r in recs)
+        # ABBA: base runs first in even rounds, second in odd ones
+        assert all(r["ab"]["order"] == ("bn" if r["ab"]["round"] % 2 == 0 else "nb") for r in recs)
+    assert "REGRESSION" in open(tmp_path / "ab" / "ab.md").read()
+
+
+def test_ab_refuses_bad_input_in_one_line(tmp_path):
+    res = _ab(tmp_path, "--rounds", "0")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    cmd = [sys.executable, "-m", "bench", "ab", "--base", "no/such/python", "--new", sys.executable,
+           "--preset", "smoke", "--frameworks", "numpy-slowed", "--out", str(tmp_path / "x")]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "not an interpreter" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_ab_refuses_an_out_that_holds_an_ab_run(tmp_path):
+    out = tmp_path / "ab" / "base"
+    out.mkdir(parents=True)
+    (out / "records.jsonl").write_text("")
+    res = _ab(tmp_path, "--rounds", "2")
+    assert res.returncode == 2 and "already holds" in res.stderr
+
+
+# --- time-calibrated samples ---
+
+def test_each_timed_sample_lasts_at_least_min_repeat_s():
+    base = smoke(("numpy",)).base
+    cfg = CellConfig("numpy", "elman", "loop", **{k: getattr(base, k) for k in (
+        "batch_size", "embed_dim", "hidden", "pool_batches", "warmup_passes", "latency_samples",
+        "verify_examples")}, repeats=3, threads=1, min_repeat_s=0.05)
+    rec = run_cell(cfg)
+    assert rec["status"] == "ok", rec["reason"]
+    k = rec["passes_per_sample"]["infer"]
+    assert k > 1     # a smoke pool pass takes milliseconds: one pass would be timer noise
+    n = cfg.batch_size * cfg.pool_batches * k     # examples in one sample (full batches)
+    for rate in rec["infer_samples_per_s"]:
+        assert n / rate >= 0.05 * 0.999
+
+
+def test_min_repeat_s_is_not_part_of_the_cell_key():
+    a = CellConfig("numpy", "lstm", "loop")
+    b = CellConfig("numpy", "lstm", "loop", min_repeat_s=1.0)
+    assert a.key() == b.key() and b.to_dict()["min_repeat_s"] == 1.0
+    with pytest.raises(ValueError):
+        CellConfig("numpy", "lstm", "loop", min_repeat_s=-1)
+
+
+# --- noise disclosure ---
+
+def test_noise_verdicts():
+    assert verdict({"wait_share": 0.02, "steal_share": 0.0}) == (False, None)
+    noisy, why = verdict({"wait_share": 0.4, "steal_share": 0.0})
+    assert noisy is True and "40%" in why
+    assert verdict({"wait_share": 0.0, "steal_share": 0.2})[0] is True
+    assert verdict({"wait_share": None, "steal_share": None})[0] is None
+
+
+def test_a_busy_machine_makes_a_cell_noisy():
+    """More runnable processes than cores: this process's thread waits for a CPU."""
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("no /proc here")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.3)
+        probe = NoiseProbe(threads=1).start()
+        end = time.perf_counter() + 1.5
+        while time.perf_counter() < end:
+            pass
+        noise = probe.stop()
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    if noise["wait_share"] is None:
+        pytest.skip("this kernel does not report run-queue waits")
+    assert noise["noisy"] is True and noise["wait_share"] > 0.1, noise
+
+
+def test_compare_refuses_noisy_cells_unless_forced(tmp_path):
+    base = CellConfig("numpy", "lstm", "loop")
+    rec = {"schema_version": 2, "cell_id": base.key(), "framework": "numpy", "model": "lstm",
+           "strategy": "loop", "task": "sst", "batch_size": 25, "device": "cpu", "threads": 2,
+           "status": "ok", "machine": {"cpu": "x", "cores": 2, "gpu": None},
+           "train_samples_per_s": [], "infer_samples_per_s": [100.0, 101, 99, 100, 102, 98, 100]}
+    loud = dict(rec, noisy=True, noise={"noisy": True, "noisy_why": "its threads waited 40%"},
+                infer_samples_per_s=[50.0, 51, 49, 50, 52, 48, 50])
+    found = []
+    changes, problems, lost, _ = compare_runs([rec], [loud], Threshold.parse("5%"), noisy=found)
+    assert not changes and not lost and found and "waited 40%" in found[0]
+    changes, _, _, _ = compare_runs([rec], [loud], Threshold.parse("5%"), force=True, noisy=[])
+    assert changes[0].verdict == REGRESSION + " (noisy)"
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(rec) + "\n")
+    b.write_text(json.dumps(loud) + "\n")
+    res = subprocess.run([sys.executable, "-m", "bench", "compare", str(a), str(b)], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "noisy" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "bench", "compare", str(a), str(b), "--force"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "REGRESSION (noisy)" in res.stdout
+
+
+# --- the roofline against the machine ---
+
+def test_roofline_divides_by_the_machine_peak_not_the_cells_own_gemm():
+    common = {"schema_version": 2, "model": "treelstm", "task": "sst", "batch_size": 25,
+              "device": "cpu", "threads": 2, "status": "ok", "machine": {"cpu": "x", "cores": 2},
+              "train_flops_per_sample": 1e6, "infer_flops_per_sample": 3e5}
+    slow = dict(common, cell_id="a", framework="paddle", strategy="levels", gemm_flops=1e9,
+                train_samples_per_s=[500.0] * 3, infer_samples_per_s=[900.0] * 3,
+                machine_gemm_flops=4e9)
+    fast = dict(common, cell_id="b", framework="torch", strategy="levels", gemm_flops=5e9,
+                train_samples_per_s=[1000.0] * 3, infer_samples_per_s=[2000.0] * 3,
+                machine_gemm_flops=4e9)
+    assert list(machine_peaks([slow, fast]).values()) == [5e9]
+    df = summarise([slow, fast]).set_index("framework")
+    # paddle: 5e8 FLOP/s is 50% of its own slow GEMM but 10% of the machine's peak
+    assert df.loc["paddle", "own_gemm_pct"] == pytest.approx(50.0)
+    assert df.loc["paddle", "roofline_pct"] == pytest.approx(10.0)
+    assert df.loc["torch", "roofline_pct"] == pytest.approx(20.0)
+
+
+def test_gemm_timing_is_shared_and_counts_every_product():
+    calls = []
+
+    def product():
+        calls.append(1)
+        time.sleep(0.002)
+        return len(calls)
+    flops = time_gemm(product, lambda out: None, n=100, repeats=3)
+    # each product takes >= 2 ms: at most 2*100^3 / 2e-3 FLOP/s
+    assert 0 < flops <= 2 * 100 ** 3 / 2e-3 and len(calls) >= 2 + 3
+
+
+def test_a_run_measures_the_machine_peak_once_and_records_it(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "smoke", "--frameworks",
+                          "numpy", "--models", "elman", "--threads", "1", "--out", str(tmp_path)],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    env = json.load(open(tmp_path / "env.json"))
+    peak = env["machine_gemm_flops"]["1"]
+    assert peak > 1e8
+    recs = [r for r in read_records(str(tmp_path / "records.jsonl")) if r["status"] == "ok"]
+    assert recs and all(r["machine_gemm_flops"] == peak for r in recs)
+    assert all(isinstance(r["noise"], dict) and "wait_share" in r["noise"] for r in recs)
