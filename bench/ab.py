@@ -157,59 +157,83 @@ QUIET_SAMPLES = 3   # a process is quiet for a metric with at least this many qu
 MIN_ROUNDS = 7      # the fewest paired rounds whose exact test can reach alpha 0.01
 
 
-def round_value(rec: Dict, metric: str) -> Tuple[Optional[float], bool]:
-    """One process's value of a metric, and whether it was quiet.
-
-    Quiet: at least ``QUIET_SAMPLES`` samples during which other work held the CPU at most
-    ``NOISY_WAIT`` of the time (``*_wait_shares``); the value is then their median. Else
-    the median of all samples, not quiet. A sample that waited in the run queue measured
-    the load as much as the code, and load is what an A/B comparison must keep out."""
+def round_value(rec: Dict, metric: str) -> Dict:
+    """One process's values of a metric: ``wall`` (the median rate of its samples that no
+    other work disturbed, when there are ``QUIET_SAMPLES`` of them, else of all), ``quiet``
+    (there were), ``cpu`` (the median on-CPU rate: each sample's rate / (1 - its run-queue
+    wait share), None where the waits are unknown) and ``wait`` (the median wait share)."""
     samples = rec.get(metric) or []
     waits = rec.get(metric.split("_")[0] + "_wait_shares") or [None] * len(samples)
     good = [(v, w) for v, w in zip(samples, waits)
             if isinstance(v, (int, float)) and np.isfinite(v) and v > 0]
-    if not good:
-        return None, False
+    if rec.get("status") != "ok" or not good:
+        return {"wall": None, "quiet": False, "cpu": None, "wait": None}
     quiet = [v for v, w in good if w is not None and w <= NOISY_WAIT]
-    if len(quiet) >= QUIET_SAMPLES:
-        return float(np.median(quiet)), True
-    return float(np.median([v for v, _ in good])), False
+    known = [(v, w) for v, w in good if w is not None and w < 1]
+    return {"wall": float(np.median(quiet if len(quiet) >= QUIET_SAMPLES else [v for v, _ in good])),
+            "quiet": len(quiet) >= QUIET_SAMPLES,
+            "cpu": float(np.median([v / (1 - w) for v, w in known])) if len(known) == len(good)
+            else None,
+            "wait": float(np.median([w for _, w in known])) if known else None}
 
 
 @dataclass
 class CellAB:
     cfg: CellConfig
-    # metric -> side -> one (value or None, quiet) per round
-    values: Dict[str, Dict[str, List[Tuple[Optional[float], bool]]]] = field(default_factory=dict)
+    # metric -> side -> one round_value dict per round
+    values: Dict[str, Dict[str, List[Dict]]] = field(default_factory=dict)
     failures: Dict[str, List[str]] = field(default_factory=lambda: {"base": [], "new": []})
     noisy: Dict[str, int] = field(default_factory=lambda: {"base": 0, "new": 0})
     rounds_done: int = 0
 
-    def pairs(self, metric: str, quiet_only: bool) -> List[Tuple[float, float]]:
+    def pairs(self, metric: str, kind: str) -> List[Tuple[float, float]]:
+        """(base, new) per round: ``quiet`` wall rates of rounds quiet on both sides, ``wall``
+        or ``cpu`` rates of every round where both sides have one."""
         per = self.values.get(metric) or {"base": [], "new": []}
-        return [(a, b) for (a, qa), (b, qb) in zip(per["base"], per["new"])
-                if a and b and (not quiet_only or (qa and qb))]
+        key = "cpu" if kind == "cpu" else "wall"
+        return [(a[key], b[key]) for a, b in zip(per["base"], per["new"])
+                if a[key] and b[key] and (kind != "quiet" or (a["quiet"] and b["quiet"]))]
+
+    def measured(self) -> List[str]:
+        return [m for m, per in self.values.items()
+                if any(v["wall"] for v in per["base"] + per["new"])]
 
     def quiet_rounds(self) -> int:
         """Rounds quiet on both sides, for the metric that has the fewest (0: none measured)."""
-        counts = [len(self.pairs(m, True)) for m, per in self.values.items()
-                  if any(v for v, _ in per["base"] + per["new"])]
+        counts = [len(self.pairs(m, "quiet")) for m in self.measured()]
         return min(counts) if counts else 0
 
 
+BUSY_WAIT_GAP = 0.15   # sides whose median waits differ more than this: on-CPU rates may mislead
+
+
 def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
+    """Quiet rounds when there are ``MIN_ROUNDS`` of them (wall-clock rates, what the suite
+    publishes); on a machine too busy for that, every round's on-CPU rates, which keep the
+    time spent waiting for a CPU (the load) out of both sides, and say so."""
     out = []
-    for metric in METRICS:
-        per = cell.values.get(metric)
-        if not per:
-            continue
-        quiet, every = cell.pairs(metric, True), cell.pairs(metric, False)
-        pairs = quiet if len(quiet) >= MIN_ROUNDS else every
+    for metric in cell.measured():
+        per = cell.values[metric]
+        quiet, cpu, wall = (cell.pairs(metric, k) for k in ("quiet", "cpu", "wall"))
+        waits = {side: [v["wait"] for v in per[side] if v["wait"] is not None] for side in SIDES}
         row = {"cell": cell.cfg.label(), "cell_id": cell.cfg.key(), "metric": metric,
-               "rounds": len(pairs), "rounds_run": cell.rounds_done, "quiet_rounds": len(quiet),
-               "base": [v for v, _ in per["base"]], "new": [v for v, _ in per["new"]],
-               "quiet_base": [q for _, q in per["base"]], "quiet_new": [q for _, q in per["new"]],
-               "noisy_base": cell.noisy["base"], "noisy_new": cell.noisy["new"]}
+               "rounds_run": cell.rounds_done, "quiet_rounds": len(quiet),
+               "values": per, "noisy_base": cell.noisy["base"], "noisy_new": cell.noisy["new"],
+               "median_wait": {side: float(np.median(w)) if w else None
+                               for side, w in waits.items()}}
+        if len(quiet) >= MIN_ROUNDS:
+            pairs, basis = quiet, "wall-clock rates of the quiet rounds"
+        elif len(cpu) >= MIN_ROUNDS:
+            pairs, basis = cpu, "on-CPU rates (busy machine: %d of %d rounds quiet)" % (
+                len(quiet), cell.rounds_done)
+        else:
+            pairs, basis = wall, "wall-clock rates of every round (busy machine)"
+        row.update(rounds=len(pairs), basis=basis)
+        gap = row["median_wait"]
+        if pairs is cpu and None not in gap.values() and abs(gap["base"] - gap["new"]) > BUSY_WAIT_GAP:
+            row["warning"] = ("the sides waited for a CPU differently (base %.0f%%, new %.0f%%): "
+                              "on-CPU rates cannot see a change in how a side uses the cores; "
+                              "rerun on a quieter machine" % (100 * gap["base"], 100 * gap["new"]))
         if cell.failures["new"] and not cell.failures["base"]:
             row.update(verdict="LOST", why="failed in new: " + cell.failures["new"][0])
         elif len(pairs) < 2:
@@ -218,7 +242,7 @@ def _verdicts(cell: CellAB, threshold: Threshold) -> List[Dict]:
             a, b = [p[0] for p in pairs], [p[1] for p in pairs]
             verdict, p, (point, lo, hi) = judge_paired(a, b, threshold)
             if pairs is not quiet:
-                verdict += " (noisy: %d of %d rounds quiet)" % (len(quiet), cell.rounds_done)
+                verdict += " (busy: on-CPU rates)" if pairs is cpu else " (busy)"
             row.update(verdict=verdict, p_slower=p, slowdown=point, ci_low=lo, ci_high=hi,
                        base_median=float(np.median(a)), new_median=float(np.median(b)))
         out.append(row)
@@ -237,7 +261,8 @@ def format_table(rows: Sequence[Dict]) -> str:
             nums = "- | - | - | -"
         lines.append("| %s | %s | %d / %d | %s | %d/%d | %s |" % (
             r["cell"], r["metric"].replace("_samples_per_s", ""), r["rounds"], r["rounds_run"], nums,
-            r["noisy_base"], r["noisy_new"], r["verdict"] + (": " + r["why"] if r.get("why") else "")))
+            r["noisy_base"], r["noisy_new"], r["verdict"] + (": " + r["why"] if r.get("why") else "")
+            + (" (%s)" % r["warning"] if r.get("warning") else "")))
     return "\n".join(lines)
 
 
@@ -295,7 +320,9 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
                 r = 0
                 # Rounds go on past --rounds (up to max_rounds) until --rounds of them were
                 # quiet on both sides: a busy spell costs time, not the verdict.
+                # Only while that looks reachable: at least half the rounds so far were quiet.
                 while r < rounds or (cell.quiet_rounds() < rounds and r < max_rounds
+                                     and 2 * cell.quiet_rounds() >= r
                                      and not cell.failures["base"] and not cell.failures["new"]):
                     order = SIDES if r % 2 == 0 else SIDES[::-1]
                     for name in order:
@@ -315,13 +342,11 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
                         done += 1
                         shown = []
                         for metric in METRICS:
-                            per = cell.values.setdefault(metric, {"base": [], "new": []})
-                            value, quiet = round_value(rec, metric) \
-                                if rec.get("status") == "ok" else (None, False)
-                            per[name].append((value, quiet))
-                            if value:
-                                shown.append("%s %.4g%s" % (metric.split("_")[0], value,
-                                                            "" if quiet else " (noisy)"))
+                            got = round_value(rec, metric)
+                            cell.values.setdefault(metric, {"base": [], "new": []})[name].append(got)
+                            if got["wall"]:
+                                shown.append("%s %.4g%s" % (metric.split("_")[0], got["wall"],
+                                                            "" if got["quiet"] else " (busy)"))
                         if rec.get("status") != "ok":
                             cell.failures[name].append("round %d: %s: %s" % (
                                 r, rec.get("status"), rec.get("reason", "")))
@@ -334,9 +359,6 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
                         out.flush()
                     r += 1
                     cell.rounds_done = r
-                for metric in [m for m, per in cell.values.items() if not any(
-                        v for v, _ in per["base"] + per["new"])]:
-                    del cell.values[metric]   # a metric the cell does not measure (inference only)
         finally:
             rows = [row for cell in results for row in _verdicts(cell, threshold)]
             summary = {"base": base.describe(), "new": new.describe(), "rounds": rounds,
@@ -344,8 +366,13 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
                        "complete": len(results) == len(cells) and all(
                            c.rounds_done >= rounds for c in results),
                        "verdicts": rows}
-            atomic_write(os.path.join(out_dir, "ab.json"), json.dumps(summary, indent=2))
-            atomic_write(os.path.join(out_dir, "ab.md"), _markdown(summary))
+            try:
+                atomic_write(os.path.join(out_dir, "ab.json"), json.dumps(summary, indent=2))
+                atomic_write(os.path.join(out_dir, "ab.md"), _markdown(summary))
+            except OSError as exc:
+                raise EnvironmentProblem("cannot write the verdicts into %s: %s (the records "
+                                         "of both sides are kept)" % (out_dir, exc.strerror or exc)
+                                         ) from None
     finally:
         lock.release()
     print(format_table(rows))

@@ -28,7 +28,9 @@ from bench.report import machine_peaks, summarise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 12
-NOISE = 0.03   # per-process lognormal spread; a loaded 2-core machine shows about this
+# Per-process lognormal spread of a round's value. Undisturbed samples of one cell in fresh
+# processes on this 2-core machine spread about 1-2% (results/2026-12-01-ab); 2% here.
+NOISE = 0.02
 
 
 def _env(**extra):
@@ -169,12 +171,13 @@ def _ab(tmp_path, *args, slowdown=None):
 
 
 def test_ab_catches_a_real_slowdown_and_keeps_every_record(tmp_path):
-    res = _ab(tmp_path, "--rounds", "8", slowdown=0.3)
+    res = _ab(tmp_path, "--rounds", "8", "--max-rounds", "8", slowdown=0.3)
     assert res.returncode == 1, res.stdout + res.stderr
     summary = json.load(open(tmp_path / "ab" / "ab.json"))
     (row,) = summary["verdicts"]
-    assert row["verdict"] == REGRESSION and row["metric"] == "infer_samples_per_s"
-    assert 0.15 < row["slowdown"] < 0.45 and row["rounds"] == 8
+    # on a busy machine the verdict adds "(noisy: k of 8 rounds quiet)"
+    assert row["verdict"].startswith(REGRESSION) and row["metric"] == "infer_samples_per_s"
+    assert 0.1 < row["slowdown"] < 0.6 and row["rounds"] == row["rounds_run"] == 8
     for side, share in (("base", 0.0), ("new", 0.3)):
         recs = read_records(str(tmp_path / "ab" / side / "records.jsonl"))
         assert sorted(r["ab"]["round"] for r in recs) == list(range(8))

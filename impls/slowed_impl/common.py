@@ -25,12 +25,15 @@ class Slowed(NumpyReference):
         self.share = share()
 
     def logits(self, prepared):
-        t0 = time.perf_counter()
+        # CPU time of this thread, not wall time: the extra is a fixed share of the work
+        # however busy the machine is (a wall-clock spin would grow with the load).
+        t0 = time.thread_time()
         out = super().logits(prepared)
         if self.share:
-            # throughput (1 - share) times the reference's: the call lasts t / (1 - share)
-            until = time.perf_counter() + self.share / (1.0 - self.share) * (time.perf_counter() - t0)
-            while time.perf_counter() < until:
+            # throughput (1 - share) times the reference's: the call costs t / (1 - share)
+            now = time.thread_time()
+            until = now + self.share / (1.0 - self.share) * (now - t0)
+            while time.thread_time() < until:
                 pass
         return out
 
