@@ -328,3 +328,41 @@ def test_a_run_measures_the_machine_peak_once_and_records_it(tmp_path):
     recs = [r for r in read_records(str(tmp_path / "records.jsonl")) if r["status"] == "ok"]
     assert recs and all(r["machine_gemm_flops"] == peak for r in recs)
     assert all(isinstance(r["noise"], dict) and "wait_share" in r["noise"] for r in recs)
+
+
+# --- a round's value, and the busy-machine fallback ---
+
+def test_round_value_keeps_disturbed_samples_out():
+    rec = {"status": "ok", "infer_samples_per_s": [100.0, 101, 99, 50, 40],
+           "infer_wait_shares": [0.01, 0.0, 0.02, 0.5, 0.6]}
+    got = ab.round_value(rec, "infer_samples_per_s")
+    assert got["quiet"] and got["wall"] == 100.0
+    assert got["cpu"] == pytest.approx(100.0, rel=0.02)   # 50 / (1 - 0.5), 40 / (1 - 0.6)
+    busy = dict(rec, infer_wait_shares=[0.5] * 5)
+    assert not ab.round_value(busy, "infer_samples_per_s")["quiet"]
+    unknown = dict(rec, infer_wait_shares=[None] * 5)
+    got = ab.round_value(unknown, "infer_samples_per_s")
+    assert got["cpu"] is None and not got["quiet"] and got["wall"] == 99.0
+
+
+def _busy_cell(rng, slowdown, wait_new=None):
+    cell = ab.CellAB(CellConfig("numpy", "lstm", "loop"))
+    per = cell.values.setdefault("infer_samples_per_s", {"base": [], "new": []})
+    for r in range(ROUNDS):
+        for side, scale in (("base", 1.0), ("new", 1.0 - slowdown)):
+            w = rng.uniform(0.2, 0.6) if side == "base" or wait_new is None else wait_new
+            on_cpu = 100.0 * scale * rng.lognormal(0, 0.01)
+            per[side].append({"wall": on_cpu * (1 - w), "quiet": False, "cpu": on_cpu, "wait": w})
+        cell.rounds_done = r + 1
+    return cell
+
+
+def test_a_busy_machine_is_judged_on_cpu_rates_and_says_so():
+    rng = np.random.default_rng(2)
+    (row,) = ab._verdicts(_busy_cell(rng, 0.05), Threshold.parse("5%"))
+    assert row["verdict"] == REGRESSION + " (busy: on-CPU rates)" and "warning" not in row
+    (row,) = ab._verdicts(_busy_cell(rng, 0.0), Threshold.parse("5%"))
+    assert not row["verdict"].startswith(REGRESSION)
+    # one side waiting far more than the other: the on-CPU rate may hide why; said so
+    (row,) = ab._verdicts(_busy_cell(rng, 0.0, wait_new=0.9), Threshold.parse("5%"))
+    assert "waited for a CPU differently" in row["warning"]
