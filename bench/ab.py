@@ -327,9 +327,13 @@ def run_ab(cells: Sequence[CellConfig], base: Side, new: Side, rounds: int, thre
                     order = SIDES if r % 2 == 0 else SIDES[::-1]
                     for name in order:
                         side = sides[name]
-                        rec = run_in_subprocess(cfg, probes[name][cfg.framework].get("detail"),
-                                                python=side.python, result_dir=out_dir,
-                                                root=side.root, extra_env=side.env)
+                        try:
+                            rec = run_in_subprocess(cfg, probes[name][cfg.framework].get("detail"),
+                                                    python=side.python, result_dir=out_dir,
+                                                    root=side.root, extra_env=side.env)
+                        except OSError as exc:   # the cell could not write its result
+                            raise EnvironmentProblem("cannot write a cell's result in %s: %s" % (
+                                out_dir, exc.strerror or exc)) from None
                         rec["ab"] = {"side": name, "round": r, "order": "".join(s[0] for s in order),
                                      "env": side.spec}
                         try:

@@ -137,9 +137,10 @@ MUTATIONS = (
         "jax-all-loss-over-rows", "impls/jax_impl/common.py",
         "    count = jnp.maximum(jnp.sum(keep), 1).astype(logits.dtype)",
         "    count = jnp.asarray(labels.shape[0], logits.dtype)",
-        ("jax/treelstm/levels",), "wrong all-node loss averaging",
-        "the loss is divided by every row of the node buffer, labelled or not "
-        "(a root-loss cell: only the gate's second loss mode sees it)"),
+        ("jax/treelstm/compiled",), "wrong all-node loss averaging",
+        "the loss is divided by every row of the padded node buffer, labelled or not "
+        "(a root-loss cell: only the gate's second loss mode sees it; `levels` scales its "
+        "loss on the host and no longer calls this function)"),
     Mutation(
         "jax-adam-no-bias-correction", "impls/jax_impl/common.py",
         '        return optax.adam(cfg.lr, b1=ADAM["beta1"], b2=ADAM["beta2"], eps=ADAM["eps"])',
