@@ -91,6 +91,16 @@ def _positive_float(what: str) -> Callable[[str], float]:
     return parse
 
 
+def _weight_decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("weight decay must be a number, not %r" % text) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("weight decay must be a finite number >= 0, not %r" % text)
+    return value
+
+
 def _whole(what: str, minimum: int, maximum: int) -> Callable[[str], int]:
     one = _whole_list(what, minimum, maximum)
 
@@ -269,7 +279,8 @@ def _cells(args) -> List[CellConfig]:
     overrides = {}
     for option, field in (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
                           ("timeout", "timeout_s"), ("epochs", "epochs"),
-                          ("spectral_radius", "spectral_radius")):
+                          ("spectral_radius", "spectral_radius"),
+                          ("weight_decay", "weight_decay")):
         if getattr(args, option) is not None:
             overrides[field] = getattr(args, option)
     if overrides:
@@ -566,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget for accuracy (the parity preset's is 3; 0 measures none)")
     s.add_argument("--spectral-radius", type=_positive_float("spectral radius"),
                    help="readout cells: radius of the frozen recurrent/composition blocks")
+    s.add_argument("--weight-decay", type=_weight_decay,
+                   help="coupled L2 in every optimiser step: the update sees g + WD * theta "
+                        "(default: the preset's, 0)")
     s.add_argument("--out", metavar="DIR",
                    help="run directory (default: a new results/run-YYYYmmdd-HHMMSS, printed at the "
                         "start; --resume needs the directory named)")
