@@ -217,6 +217,7 @@ def base_record(cfg: CellConfig) -> Dict:
         "embed_dim": cfg.embed_dim,
         "threads": cfg.threads,
         "seed": cfg.seed,
+        "weight_decay": cfg.weight_decay,
         "batch_hash": None,
         "status": None,
         "reason": "",
@@ -259,7 +260,8 @@ def base_record(cfg: CellConfig) -> Dict:
 def _model_config(cfg: CellConfig, dataset) -> ModelConfig:
     return ModelConfig(cfg.model, vocab_size=len(dataset.vocab), embed_dim=cfg.embed_dim,
                        hidden=cfg.hidden, num_classes=dataset.num_classes,
-                       loss_mode=cfg.loss_mode, optimizer=cfg.optimizer, lr=cfg.lr)
+                       loss_mode=cfg.loss_mode, optimizer=cfg.optimizer, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay)
 
 
 def _make_batch(family: str, examples):
@@ -577,6 +579,8 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     rec["verify_batches"] = result["batches"]
     if result.get("other_loss_mode"):
         rec["info"]["verify_other_loss_mode"] = result["other_loss_mode"]
+    if result.get("weight_decay"):
+        rec["info"]["verify_weight_decay"] = result["weight_decay"]
     if not result["ok"]:
         rec["status"] = "failed"
         rec["reason"] = "not equivalent: " + "; ".join(result["problems"])

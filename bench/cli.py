@@ -104,6 +104,16 @@ def _seconds(what: str) -> Callable[[str], float]:
     return parse
 
 
+def _weight_decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("weight decay must be a number, not %r" % text) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("weight decay must be a finite number >= 0, not %r" % text)
+    return value
+
+
 def _whole(what: str, minimum: int, maximum: int) -> Callable[[str], int]:
     one = _whole_list(what, minimum, maximum)
 
@@ -283,7 +293,8 @@ def _cells(args) -> List[CellConfig]:
     for option, field in (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
                           ("min_repeat_s", "min_repeat_s"),
                           ("timeout", "timeout_s"), ("epochs", "epochs"),
-                          ("spectral_radius", "spectral_radius")):
+                          ("spectral_radius", "spectral_radius"),
+                          ("weight_decay", "weight_decay")):
         if getattr(args, option) is not None:
             overrides[field] = getattr(args, option)
     if overrides:
@@ -574,6 +585,9 @@ def _add_cell_options(s) -> None:
                    help="timed passes over the pool per cell (default: the preset's; quick: 7)")
     s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S),
                    help="seconds per cell before it is killed (default: the preset's; quick: 900)")
+    s.add_argument("--weight-decay", type=_weight_decay,
+                   help="coupled L2 in every optimiser step: the update sees g + WD * theta "
+                        "(default: the preset's, 0)")
     s.add_argument("--min-repeat-s", type=_seconds("min repeat s"), metavar="S",
                    help="a timed sample cycles the pool until it lasts at least S seconds "
                         "(default: the preset's; quick: 0.2; 0: one pass per sample)")

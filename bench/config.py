@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,8 @@ class CellConfig:
     loss_mode: str = "root"       # root | all (tree models only)
     optimizer: str = "adam"       # optimiser for the timed train steps and the accuracy budget
     lr: float = 0.001
+    # coupled L2: every optimiser sees g + weight_decay * theta (bench.reference.optimizer_steps)
+    weight_decay: float = 0.0
     pool_batches: int = 5         # distinct batches, prepared before timing, cycled
     repeats: int = 7              # timed samples (median / IQR over these)
     # A timed sample lasts at least this long: it cycles the pool k times (k calibrated once
@@ -72,6 +75,10 @@ class CellConfig:
             raise ValueError("min_repeat_s must be between 0 and 3600 seconds")
         if not self.spectral_radius > 0:
             raise ValueError("spectral_radius must be > 0")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError("weight_decay must be a finite number >= 0, not %r"
+                             % (self.weight_decay,))
 
     @property
     def family(self) -> str:
@@ -83,6 +90,8 @@ class CellConfig:
         del d["min_repeat_s"]
         if d["train_mode"] == "full":       # readout-only fields: absent from full cells' keys
             del d["train_mode"], d["spectral_radius"]
+        if not d["weight_decay"]:           # absent at 0: cells from before it keep their keys
+            del d["weight_decay"]
         text = json.dumps(d, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -91,6 +100,8 @@ class CellConfig:
                                       self.batch_size, self.device)
         if self.epochs:
             text += " %gep seed%d" % (self.epochs, self.seed)
+        if self.weight_decay:
+            text += " wd%g" % self.weight_decay
         if self.train_mode == "readout":
             text += " readout rho%g seed%d" % (self.spectral_radius, self.seed)
         return text

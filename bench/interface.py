@@ -17,6 +17,7 @@ Life of an implementation in a benchmark cell::
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -86,6 +87,11 @@ class Implementation:
     # to it (bench.batches.padded_rows), so a partial last batch or the
     # verification batch runs the full batch's program instead of compiling one.
     batch_size: Optional[int] = None
+    # Coupled L2 weight decay (``cfg.weight_decay``; bench.reference.optimizer_steps has the
+    # formula): None where ``train_step`` applies it, else why it cannot, and then a cell
+    # with a non-zero decay is not applicable. Declared, never inferred: an implementation
+    # refuses a decay until it says it applies one (never a decay silently dropped).
+    weight_decay_refusal: Optional[str] = "this implementation applies no weight decay"
 
     def __init__(self, cfg: ModelConfig, strategy: str, device: str = "cpu", threads: int = 1):
         if cfg.family != self.family:
@@ -100,6 +106,25 @@ class Implementation:
         self.strategy = strategy
         self.device = device
         self.threads = threads
+        self._refuse_weight_decay(getattr(cfg, "weight_decay", 0.0))
+
+    def _refuse_weight_decay(self, weight_decay: float) -> None:
+        if weight_decay and self.trains and self.weight_decay_refusal:
+            raise NotApplicable("weight decay %g: %s" % (weight_decay, self.weight_decay_refusal))
+
+    def set_weight_decay(self, weight_decay: float) -> None:
+        """Train with ``weight_decay`` from the next ``load_params`` on.
+
+        For the verification gate, which checks one step of the decay path at
+        ``bench.verify.DECAY_PROBE`` whatever the cell's decay, then sets the cell's
+        back (and reloads). The probe's step may take another path than the timed one
+        (e.g. gradients, then the optimiser's update alone, where a compiled whole step
+        would compile again) but must use the same optimiser code. The default suits an
+        implementation that builds its optimiser from ``self.cfg`` in ``load_params``.
+        Raises NotApplicable where ``weight_decay_refusal`` says why not.
+        """
+        self._refuse_weight_decay(weight_decay)
+        self.cfg = replace(self.cfg, weight_decay=float(weight_decay))
 
     # --- parameters ---
     def load_params(self, params: Dict[str, np.ndarray]) -> None:

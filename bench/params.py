@@ -8,6 +8,7 @@ axis in the order given in each schema's comment.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict
@@ -37,6 +38,9 @@ class ModelConfig:
     loss_mode: str = "root"  # root: one label per example; all: every labelled tree node
     optimizer: str = "sgd"  # sgd | adam | adagrad
     lr: float = 0.05
+    # coupled L2 in the optimiser step: the update sees g + weight_decay * theta
+    # (the gradient of loss + weight_decay / 2 * ||theta||^2); the loss and gradients don't
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         family(self.model)
@@ -46,6 +50,10 @@ class ModelConfig:
             raise ValueError("all-node loss needs a tree model")
         if self.optimizer not in ("sgd", "adam", "adagrad"):
             raise ValueError("optimizer is sgd, adam or adagrad, not %r" % self.optimizer)
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError("weight_decay must be a finite number >= 0, not %r"
+                             % (self.weight_decay,))
         for name in ("vocab_size", "embed_dim", "hidden", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1" % name)

@@ -310,6 +310,12 @@ def sgd_step(params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray], lr: fl
 ADAM_EPS = ("corrected", "raw")
 
 
+def decayed(grad: np.ndarray, param: np.ndarray, weight_decay: float) -> np.ndarray:
+    """The gradient an optimiser step sees under coupled L2: ``g + weight_decay * theta``
+    (``g`` itself when the decay is 0, bit for bit)."""
+    return grad + weight_decay * param if weight_decay else grad
+
+
 def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, steps: int,
                     first_grads: Optional[Dict[str, np.ndarray]] = None,
                     adam_eps: Tuple[str, ...] = ("corrected",), agree: float = 2.5e-6
@@ -325,6 +331,14 @@ def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, step
     the conventions' trajectories differ by more than ``agree``; a wrong learning
     rate or bias correction still moves every kept entry by a fraction of lr.
     ``first_grads``: the reference gradients at ``params``, if already computed.
+
+    Weight decay (``cfg.weight_decay``, wd) is coupled L2, the classic form: each
+    update, SGD, Adam and Adagrad alike, sees ``g + wd * theta`` in place of the loss
+    gradient ``g``, for every parameter, before any moment or accumulator (what
+    ``torch.optim``'s ``weight_decay=`` does for these three). It equals adding
+    ``wd / 2 * ||theta||^2`` to the loss. (Decoupled decay, AdamW's
+    ``theta -= lr * wd * theta`` beside the Adam step, is another algorithm.) The Adam
+    mask is taken on the decayed gradient, the one the update sees.
     """
     p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
     alt = ({k: v.copy() for k, v in p.items()} if cfg.optimizer == "adam" and len(adam_eps) > 1
@@ -336,7 +350,7 @@ def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, step
     for t in range(1, steps + 1):
         grads = first_grads if t == 1 and first_grads is not None else loss_and_grads(cfg, p, batch)[1]
         for k, g in grads.items():
-            g = np.asarray(g, np.float64)
+            g = decayed(np.asarray(g, np.float64), p[k], cfg.weight_decay)
             if cfg.optimizer == "adam":
                 m[k] = ADAM["beta1"] * m[k] + (1 - ADAM["beta1"]) * g
                 v2[k] = ADAM["beta2"] * v2[k] + (1 - ADAM["beta2"]) * g * g
@@ -346,6 +360,8 @@ def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, step
                        "raw": ADAM["eps"] / np.sqrt(1 - ADAM["beta2"] ** t)}
                 p[k] = p[k] - cfg.lr * m_hat / (root + eps[adam_eps[0]])
                 if alt is not None:
+                    # shares the moments and the decayed gradient (of p, not alt: the
+                    # trajectories differ by at most ``agree`` where they are compared)
                     alt[k] = alt[k] - cfg.lr * m_hat / (root + eps[adam_eps[1]])
                 masks[k] &= (np.abs(g) > 1e-3 * np.abs(g).max()) | (g == 0)
             elif cfg.optimizer == "adagrad":

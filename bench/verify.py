@@ -22,12 +22,14 @@ measured differences, ``ok`` and ``problems`` (the caller records them).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import reference
 from .batches import SeqBatch
+from .interface import NotApplicable
 from .params import ModelConfig
 
 # float32 implementation vs the float64 reference: the limits every equivalence check uses.
@@ -41,6 +43,14 @@ TOLERANCE = {
     # PyTorch's and Keras' epsilon placements agree to param_abs / 4)
     "param_abs": 1e-5,
 }
+
+# The gate's second optimiser step, at this weight decay, whatever the cell's (0 included):
+# a framework that drops the decay, halves it or applies it after the optimiser's scaling
+# lands elsewhere. Large on purpose: with lr 1e-3, a decay of 0.01 moves an SGD or Adagrad
+# step by ~1e-6 |theta|, under param_abs; at 0.5 it moves most entries by 1e-5 .. 1e-4, and
+# Adam's (sign-like) first step turns for every entry where |g| < 0.5 |theta| with the
+# other sign, and for every embedding row the batch does not read (g = 0).
+DECAY_PROBE = 0.5
 
 GATE_MIN = 8    # examples in a gate batch, unless the pool has fewer
 GATE_MAX = 32   # the float64 reference (a Python loop over tree nodes) costs linearly in it
@@ -223,13 +233,37 @@ def check_step(impl, cfg: ModelConfig, params: Dict[str, np.ndarray], batch,
     return out
 
 
+def check_decay_step(impl, cfg: ModelConfig, params: Dict[str, np.ndarray], batch,
+                     ref_grads: Optional[Dict[str, np.ndarray]] = None,
+                     weight_decay: float = DECAY_PROBE) -> Dict:
+    """``check_step`` with the implementation switched to ``weight_decay``
+    (``Implementation.set_weight_decay``), then back to ``cfg.weight_decay``.
+
+    An implementation that refuses a decay (``weight_decay_refusal``) passes, with its
+    reason in ``not_applicable``: its cells with a non-zero decay are not applicable.
+    Leaves the implementation one step on: the caller reloads ``params``.
+    """
+    try:
+        impl.set_weight_decay(weight_decay)
+    except NotApplicable as exc:
+        return {"ok": True, "problems": [], "param_max_abs": None, "not_applicable": str(exc)}
+    try:
+        impl.load_params(params)   # a fresh optimiser state, with the decay
+        return check_step(impl, replace(cfg, weight_decay=weight_decay), params, batch,
+                          ref_grads=ref_grads)
+    finally:
+        impl.set_weight_decay(cfg.weight_decay)
+
+
 def gate(impl, cfg: ModelConfig, params: Dict[str, np.ndarray],
          batches: Sequence[Tuple[str, object]], trains: bool = True,
          other: Optional[Tuple[object, ModelConfig]] = None,
          other_note: Optional[str] = None) -> Dict:
     """The whole gate for a cell: ``check`` on every named batch, ``check_step`` on the
-    first (if the implementation trains), loss and gradients of the first in the other
-    loss mode (``other``: an implementation built with that mode, and its config).
+    first (if the implementation trains) at the cell's weight decay and, unless that is
+    ``DECAY_PROBE``, again at ``DECAY_PROBE`` (``check_decay_step``), loss and gradients
+    of the first in the other loss mode (``other``: an implementation built with that
+    mode, and its config).
 
     ``impl`` must hold ``params`` with a fresh optimiser state; afterwards it is one
     step on (the caller reloads ``params``). ``other`` is loaded here.
@@ -264,6 +298,18 @@ def gate(impl, cfg: ModelConfig, params: Dict[str, np.ndarray],
         step = check_step(impl, cfg, params, batch, ref_grads=first_grads)
         out["param_max_abs"], out["step_compared"] = step["param_max_abs"], step["step_compared"]
         out["problems"] += ["%s: %s" % (name, p) for p in step["problems"]]
-        out["batches"][0]["checks"].append("%s step" % cfg.optimizer)
+        out["batches"][0]["checks"].append("%s step" % cfg.optimizer
+                                           + (" (weight decay %g)" % cfg.weight_decay
+                                              if cfg.weight_decay else ""))
+        if cfg.weight_decay != DECAY_PROBE:
+            decay = check_decay_step(impl, cfg, params, batch, ref_grads=first_grads)
+            if decay.get("not_applicable"):
+                out["weight_decay"] = "not checked: %s" % decay["not_applicable"]
+            else:
+                out["param_max_abs"] = max(out["param_max_abs"], decay["param_max_abs"])
+                out["problems"] += ["%s (weight decay %g): %s" % (name, DECAY_PROBE, p)
+                                    for p in decay["problems"]]
+                out["batches"][0]["checks"].append("%s step (weight decay %g)"
+                                                   % (cfg.optimizer, DECAY_PROBE))
     out["ok"] = not out["problems"]
     return out

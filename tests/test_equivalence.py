@@ -7,6 +7,7 @@ absence fails the run.
 """
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,6 +124,37 @@ def test_sst_logits_loss_grads_and_sgd_step(fw, model, strategy, sst):
             assert got[name].dtype == np.float32 and got[name].shape == params[name].shape
         # and the step changed something (a no-op optimiser would pass the check above only by luck)
         assert max(verify.max_abs(got[k], params[k]) for k in params) > 10 * TOL["param_abs"]
+
+
+@pytest.mark.parametrize("fw,model,strategy", ENTRIES)
+def test_weight_decay_steps_match_the_reference(fw, model, strategy, sst):
+    """With a weight decay, one step of each optimiser lands where bench.reference's does:
+    the step the cell times (built with the decay) and the gate's probe step at
+    verify.DECAY_PROBE (Implementation.set_weight_decay), which then sets the decay back.
+    An implementation that refuses a decay must say so at construction."""
+    batch = None
+    for optimizer, lr in (("sgd", 0.5), ("adam", 1e-3), ("adagrad", 0.05)):
+        cfg = ModelConfig(model, vocab_size=len(sst.vocab), embed_dim=12, hidden=10,
+                          num_classes=5, optimizer=optimizer, lr=lr, weight_decay=0.05)
+        impl = _make(fw, model, strategy, cfg)   # skips with the reason if it refuses the decay
+        if not impl.trains:
+            pytest.skip("inference only: no optimiser step to decay")
+        assert impl.weight_decay_refusal is None
+        params = init_params(cfg, seed=7)
+        batch = batch or _batch(cfg, sst.train[:10])
+        impl.load_params(params)
+        step = verify.check_step(impl, cfg, params, batch)
+        assert step["ok"], (optimizer, step)
+        # ... and the decay moved it: the step without one lands elsewhere
+        plain, _ = reference.optimizer_steps(replace(cfg, weight_decay=0.0), params, batch, 1)
+        got = impl.export_params()
+        assert max(verify.max_abs(got[k], plain[k]) for k in params) > 10 * TOL["param_abs"]
+        probe = verify.check_decay_step(impl, cfg, params, batch)
+        assert probe["ok"] and probe["param_max_abs"] is not None, (optimizer, probe)
+        assert impl.cfg.weight_decay == cfg.weight_decay
+        # back at the cell's decay, the timed step again
+        impl.load_params(params)
+        assert verify.check_step(impl, cfg, params, batch)["ok"], optimizer
 
 
 def test_export_roundtrip_is_exact():

@@ -6,13 +6,15 @@ optimiser step) could not. The mutation suite (tests/mutants) does the same
 with the real torch, JAX and TensorFlow implementations.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from bench import reference, verify
 from bench.batches import batch_examples, make_seq_batch, make_tree_batch
 from bench.config import CellConfig
-from bench.interface import ADAGRAD, ADAM
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable
 from bench.params import ModelConfig, init_params
 from bench.tasks import load_sst
 from impls.numpy_impl.rnn import RNN as NumpyRNN
@@ -82,7 +84,10 @@ class Trainable:
     for the bugs the step check must catch (and the one legitimate variant it must accept)."""
 
     trains = True
+    weight_decay_refusal = None
     lr_scale = 1.0
+    decay_scale = 1.0          # 0: the weight decay dropped; 0.5: the loss term's 1/2 twice
+    decay_after_scaling = False  # theta -= lr * wd * theta beside the step (decoupled, AdamW)
     eps_on_raw_root = False    # Keras' Adam epsilon placement: legitimate
     no_bias_correction = False
     frozen = False
@@ -100,7 +105,10 @@ class Trainable:
             return loss
         self.t += 1
         lr, t = np.float32(self.cfg.lr * self.lr_scale), self.t
+        wd = np.float32(self.cfg.weight_decay * self.decay_scale)
         for k, g in grads.items():
+            if wd and not self.decay_after_scaling:
+                g = g + wd * self.params[k]
             if self.cfg.optimizer == "sgd":
                 step = lr * g
             elif self.cfg.optimizer == "adagrad":
@@ -115,6 +123,8 @@ class Trainable:
                     step = lr * np.sqrt(1 - b2 ** t) * m_hat / (np.sqrt(self.v[k]) + eps)
                 else:
                     step = lr * m_hat / (np.sqrt(self.v[k] / (1 - b2 ** t)) + eps)
+            if wd and self.decay_after_scaling:
+                step = step + lr * wd * self.params[k]
             self.params[k] = (self.params[k] - step).astype(np.float32)
         return loss
 
@@ -193,7 +203,8 @@ def test_a_trainable_cell_checks_its_optimiser_step(monkeypatch):
     rec = _run(monkeypatch, _trainable(NumpyRNN), _cell("lstm"))
     assert rec["status"] == "ok", rec["reason"]
     assert rec["verify_param_max_abs"] < 1e-6 and rec["train_samples_per_s"]
-    assert rec["verify_batches"][0]["checks"][-1] == "adam step"
+    assert rec["verify_batches"][0]["checks"][-2:] == [
+        "adam step", "adam step (weight decay %g)" % verify.DECAY_PROBE]
     rec = _run(monkeypatch, _trainable(NumpyRNN, lr_scale=2.0), _cell("lstm"))
     assert rec["status"] == "failed" and "adam step" in rec["reason"], rec["reason"]
     assert rec["train_samples_per_s"] == [] and rec["compile_s"] is None
@@ -241,3 +252,60 @@ def test_order_bugs_that_bucketed_batches_hide_are_caught(monkeypatch, sst):
     assert verify.check(impl, cfg, params, sorted_batch)["ok"]   # what a bucketed batch shows
     rec = _run(monkeypatch, SortsRows, _cell("elman"))
     assert rec["status"] == "failed" and "logits differ" in rec["reason"], rec["reason"]
+
+
+# --- weight decay in the optimiser step ---
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 1e-3), ("adagrad", 0.05)])
+def test_gate_checks_the_decay_step_at_the_cells_decay_and_at_the_probe(sst, optimizer, lr):
+    """A step that drops the decay, halves it or decouples it (Adam, Adagrad) passes a plain step check
+    (a cell without decay) but not the gate, which steps again at DECAY_PROBE."""
+    cfg = ModelConfig("lstm", vocab_size=len(sst.vocab), embed_dim=20, hidden=16,
+                      optimizer=optimizer, lr=lr)
+    params = init_params(cfg, 3)
+    batch = make_seq_batch(sst.train[:12])
+
+    def gate(model_cfg, **switches):
+        impl = _trainable(NumpyRNN, **switches)(model_cfg, "loop")
+        impl.load_params(params)
+        out = verify.gate(impl, model_cfg, params, [("b", batch)])
+        assert impl.cfg.weight_decay == model_cfg.weight_decay   # set back after the probe
+        return out
+
+    good = gate(cfg)
+    assert good["ok"], good["problems"]
+    assert good["batches"][0]["checks"][-2:] == [
+        "%s step" % optimizer, "%s step (weight decay %g)" % (optimizer, verify.DECAY_PROBE)]
+    decayed = replace(cfg, weight_decay=0.01)
+    res = gate(decayed)
+    assert res["ok"], res["problems"]
+    assert "%s step (weight decay 0.01)" % optimizer in res["batches"][0]["checks"]
+    bugs = [{"decay_scale": 0.0}, {"decay_scale": 0.5}]
+    if optimizer != "sgd":   # for SGD, decoupled decay is the same update
+        bugs.append({"decay_after_scaling": True})
+    for bug in bugs:
+        impl = _trainable(NumpyRNN, **bug)(cfg, "loop")
+        impl.load_params(params)
+        assert verify.check_step(impl, cfg, params, batch)["ok"]   # no decay: invisible
+        for model_cfg in (cfg, decayed):
+            res = gate(model_cfg, **bug)
+            assert not res["ok"], (bug, model_cfg.weight_decay)
+            assert any("weight decay %g" % verify.DECAY_PROBE in p for p in res["problems"])
+
+
+def test_an_implementation_without_decay_refuses_it_and_its_gate_says_so(sst):
+    cfg = ModelConfig("lstm", vocab_size=len(sst.vocab), embed_dim=8, hidden=8, optimizer="adam",
+                      lr=1e-3)
+    # the interface's default: an implementation that does not say it applies a decay refuses it
+    refuses = type("NoDecay", (Trainable, NumpyRNN),
+                   {"weight_decay_refusal": Implementation.weight_decay_refusal})
+    with pytest.raises(NotApplicable, match="weight decay 0.01: .*no weight decay"):
+        refuses(replace(cfg, weight_decay=0.01), "loop")
+    params = init_params(cfg, 0)
+    impl = refuses(cfg, "loop")
+    impl.load_params(params)
+    res = verify.gate(impl, cfg, params, [("b", make_seq_batch(sst.train[:8]))])
+    assert res["ok"] and res["weight_decay"].startswith("not checked: weight decay 0.5")
+    assert res["batches"][0]["checks"][-1] == "adam step"
+    # the inference-only reference takes any decay: it has no optimiser step to apply it in
+    NumpyRNN(replace(cfg, weight_decay=0.01), "loop")

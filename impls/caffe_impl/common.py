@@ -323,12 +323,15 @@ class Optimizer:
     SGD ``p -= lr g``; Adam ``p -= lr m_hat / (sqrt(v_hat) + eps)``; AdaGrad
     ``a += g^2; p -= lr g / (sqrt(a) + eps)`` with ``a`` starting at
     ``ADAGRAD['initial_accumulator']`` (Caffe's AdaGradSolver starts at 0 and
-    its Adam puts eps outside the bias correction).
+    its Adam puts eps outside the bias correction). Weight decay wd (coupled L2): each
+    ``g`` above is ``g + wd * p`` (nothing is added at 0; Caffe's own ``weight_decay``
+    belongs to its solvers, which this model does not use).
     """
 
     def __init__(self, cfg):
         self.kind = cfg.optimizer
         self.lr = float(cfg.lr)
+        self.wd = np.float32(cfg.weight_decay)
         self.reset()
 
     def reset(self) -> None:
@@ -356,6 +359,8 @@ class Optimizer:
             c2 = np.float32(1.0 / np.sqrt(1.0 - b2 ** self.t))
         for key, g in grads.items():
             p = params[key]
+            if self.wd:
+                g = g + self.wd * p
             st = self._slot(key, p)
             tmp = st["tmp"]
             if self.kind == "sgd":
@@ -389,6 +394,7 @@ class Optimizer:
 
 class CaffeImplementation(Implementation):
     framework = "caffe"
+    weight_decay_refusal = None   # in the NumPy optimiser (Optimizer.step)
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -402,6 +408,10 @@ class CaffeImplementation(Implementation):
         self.version = 0          # bumped whenever parameters change
         self.nets_built = 0
         self.net_build_s = 0.0
+
+    def set_weight_decay(self, weight_decay):
+        super().set_weight_decay(weight_decay)
+        self.opt = Optimizer(self.cfg)   # fresh state; load_params follows
 
     # --- hooks ---
     def _store_names(self) -> Sequence[str]:

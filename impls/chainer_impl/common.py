@@ -108,6 +108,9 @@ def masked_xent(logits, labels: np.ndarray, count: int):
 
 class ChainerImplementation(Implementation):
     framework = "chainer"
+    # chainer.optimizer_hooks.WeightDecay on every trained parameter's update rule: a 'pre'
+    # hook, ``g += rate * p`` before the rule's update (coupled L2); built in load_params
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -155,6 +158,11 @@ class ChainerImplementation(Implementation):
         for name in self._frozen:
             # the second bias of a two-bias layer stays zero: only the first one is b
             native[name].update_rule.enabled = False
+        if self.cfg.weight_decay:
+            for name, param in native.items():
+                if name not in self._frozen:
+                    param.update_rule.add_hook(
+                        chainer.optimizer_hooks.WeightDecay(float(self.cfg.weight_decay)))
 
     def export_params(self):
         return self._canonical(lambda p: _host(p.array))

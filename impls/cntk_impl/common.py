@@ -219,6 +219,8 @@ class Prepared:
 
 class CNTKImplementation(Implementation):
     framework = "cntk"
+    # coupled L2 in the worker's universal learner (``Model._update``: g + wd * theta)
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -229,6 +231,7 @@ class CNTKImplementation(Implementation):
             "threads": threads, "vocab_size": cfg.vocab_size, "embed_dim": cfg.embed_dim,
             "hidden": cfg.hidden, "num_classes": cfg.num_classes, "loss_mode": cfg.loss_mode,
             "optimizer": cfg.optimizer, "lr": cfg.lr, "adam": ADAM, "adagrad": ADAGRAD,
+            "weight_decay": float(cfg.weight_decay),
             "schema": [[name, list(shape)] for name, (shape, _) in schema(cfg).items()],
         }
         reply, _ = self._client.request("create", spec=spec)
@@ -243,6 +246,11 @@ class CNTKImplementation(Implementation):
             raise TypeError("expected a batch prepared by this implementation's prepare(), got %s"
                             % type(prepared).__name__)
         return prepared.handle
+
+    def set_weight_decay(self, weight_decay):
+        """The worker builds (and caches apart) graphs whose learner has the new decay."""
+        super().set_weight_decay(weight_decay)
+        self._call("set_weight_decay", weight_decay=float(self.cfg.weight_decay))
 
     # --- parameters ---
     def load_params(self, params):

@@ -168,6 +168,11 @@ class Model(object):
             C.device.try_set_default_device(C.device.gpu(gpus[0].id()))
         self.threads = int(spec["threads"])
         C.cntk_py.set_max_num_cputhreads(self.threads)
+        # coupled L2 in _update; graphs (and their learners) at another decay than the
+        # built one (the gate's probe, set_weight_decay) are kept apart, so the probe
+        # evicts none of the timed pool's graphs
+        self.wd = self.built_wd = float(spec.get("weight_decay", 0.0))
+        self.probe_graphs = collections.OrderedDict()
         self.graphs = collections.OrderedDict()
         self.prepared = {}
         self.next_handle = 1
@@ -249,9 +254,12 @@ class Model(object):
     def _update(self, parameters, gradients):
         opt, lr = self.spec["optimizer"], float(self.spec["lr"])
         adam, adagrad = self.spec["adam"], self.spec["adagrad"]
+        wd = self.wd
         ups = []
         for p, g in zip(parameters, gradients):
             st = self.state[p.uid]
+            if wd:
+                g = g + wd * p   # coupled L2: every update below sees g + wd * theta
             if opt == "sgd":
                 new = p - lr * g
             elif opt == "adagrad":
@@ -269,19 +277,27 @@ class Model(object):
         return C.combine(ups)
 
     # --- graphs ---
+    def set_weight_decay(self, wd):
+        """Build graphs with decay ``wd`` from now on (kept in ``probe_graphs`` unless it is
+        the built decay); the built ones stay cached."""
+        self.wd = float(wd)
+        if self.wd == self.built_wd:
+            self.probe_graphs.clear()
+
     def _graph(self, ready):
-        g = self.graphs.get(ready.key)
+        graphs = self.graphs if self.wd == self.built_wd else self.probe_graphs
+        g = graphs.get(ready.key)
         if g is None:
             t0 = time.perf_counter()
             g = self._build(ready.key, ready)
             self.stats["graph_build_s"] += time.perf_counter() - t0
             self.stats["graphs_built"] += 1
-            self.graphs[ready.key] = g
-            while len(self.graphs) > GRAPH_CACHE:
-                self.graphs.popitem(last=False)
+            graphs[ready.key] = g
+            while len(graphs) > GRAPH_CACHE:
+                graphs.popitem(last=False)
                 self.stats["graphs_evicted"] += 1
         else:
-            self.graphs.move_to_end(ready.key)
+            graphs.move_to_end(ready.key)
         if ready.graph is not g:
             # The feeds become CNTK Values once, keyed by this graph's inputs (per Function:
             # CNTK warns about arguments a Function does not use). Converting on every call
@@ -697,6 +713,9 @@ class Worker(object):
             return ok, None
         if kind == "export_params":
             return ok, m.export_params()
+        if kind == "set_weight_decay":
+            m.set_weight_decay(header["weight_decay"])
+            return ok, None
         if kind == "prepare":
             ok["handle"] = m.prepare(arrays)
             return ok, None

@@ -111,6 +111,12 @@ def make_trainer(dy, pc, cfg):
 
 class DynetImplementation(Implementation):
     framework = "dynet"
+    # Coupled L2 as the penalty wd / 2 * ||theta||^2 added to the train step's graph (its
+    # gradient is wd * theta on every slot, embedding rows included), so the trainer sees
+    # g + wd * theta. DyNet's own ``ParameterCollection.set_weight_decay`` shrinks the
+    # weights by (1 - lambda) per update, independently of the learning rate and of the
+    # optimiser's moments: another algorithm.
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -200,14 +206,26 @@ class DynetImplementation(Implementation):
         value = out.npvalue()
         return np.asarray(value, np.float32).reshape(self.cfg.num_classes, -1).T
 
-    def _backward(self, prepared) -> Tuple[float, bool]:
+    def _backward(self, prepared, weight_decay: float = 0.0) -> Tuple[float, bool]:
+        """Forward and backward of the loss (its value is returned), plus with a
+        ``weight_decay`` the L2 penalty's gradient (``_penalty``)."""
         self._renew()
         loss = self._graph(prepared, loss=True)
-        if loss is None:  # no labelled point: the loss is 0 and nothing moves
+        if loss is None and not weight_decay:  # no labelled point: the loss is 0, nothing moves
             return 0.0, False
-        value = loss.value()
+        value = loss.value() if loss is not None else 0.0
+        if weight_decay:
+            loss = self._penalty(weight_decay) if loss is None else loss + self._penalty(weight_decay)
         loss.backward()
         return float(value), True
+
+    def _penalty(self, weight_decay: float):
+        """``weight_decay / 2 * ||theta||^2`` over every slot (all embedding rows, looked up)."""
+        dy = self.dy
+        terms = [dy.squared_norm(p) for name, (p, _, _) in self.slots.items() if name != "E"]
+        rows = dy.lookup_batch(self.E, list(range(self.cfg.vocab_size)))
+        terms.append(dy.sum_batches(dy.squared_norm(rows)))
+        return dy.esum(terms) * float(weight_decay / 2.0)
 
     def loss_and_grads(self, prepared):
         value, had = self._backward(prepared)
@@ -218,7 +236,7 @@ class DynetImplementation(Implementation):
         return value, grads
 
     def train_step(self, prepared):
-        value, had = self._backward(prepared)
+        value, had = self._backward(prepared, self.cfg.weight_decay)
         if had:
             self.trainer.update()
         return value

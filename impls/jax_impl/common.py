@@ -143,15 +143,24 @@ def make_optimizer(cfg):
     Note optax's Adagrad adds eps inside the square root (g / sqrt(acc + eps)),
     PyTorch and Keras outside it (g / (sqrt(acc) + eps)); with eps=1e-7 and the
     accumulator >= 0.1 the two differ by under 1e-6 relative.
+
+    Weight decay (coupled L2) is ``optax.add_decayed_weights`` chained *before* the
+    optimiser, so its moments / accumulator see ``g + wd * theta`` (chained after the
+    scaling it would be a decoupled, AdamW-like decay). At 0 the chain is not built: the
+    transformation is the one without decay.
     """
     if cfg.optimizer == "sgd":
-        return optax.sgd(cfg.lr)
-    if cfg.optimizer == "adam":
-        return optax.adam(cfg.lr, b1=ADAM["beta1"], b2=ADAM["beta2"], eps=ADAM["eps"])
-    if cfg.optimizer == "adagrad":
-        return optax.adagrad(cfg.lr, initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                             eps=ADAGRAD["eps"])
-    raise ValueError("unknown optimizer %r" % cfg.optimizer)
+        opt = optax.sgd(cfg.lr)
+    elif cfg.optimizer == "adam":
+        opt = optax.adam(cfg.lr, b1=ADAM["beta1"], b2=ADAM["beta2"], eps=ADAM["eps"])
+    elif cfg.optimizer == "adagrad":
+        opt = optax.adagrad(cfg.lr, initial_accumulator_value=ADAGRAD["initial_accumulator"],
+                            eps=ADAGRAD["eps"])
+    else:
+        raise ValueError("unknown optimizer %r" % cfg.optimizer)
+    if cfg.weight_decay:
+        opt = optax.chain(optax.add_decayed_weights(float(cfg.weight_decay)), opt)
+    return opt
 
 
 # --- losses shared by both families ---
@@ -187,6 +196,7 @@ def _inputs(prepared, phase):
 class JaxImplementation(Implementation):
     framework = "jax"
     jit_strategies: tuple = ()  # strategies whose whole step runs under one jax.jit
+    weight_decay_refusal = None  # optax.add_decayed_weights before the update (make_optimizer)
 
     @property
     def whole_jit(self) -> bool:
@@ -202,6 +212,9 @@ class JaxImplementation(Implementation):
         jax.config.update("jax_default_matmul_precision", "highest")
         self.dev = pick_device(device)
         self.opt = make_optimizer(cfg)
+        self._built_decay = cfg.weight_decay   # the decay self.opt and the jitted steps have
+        self._probe = None        # (optimiser, jitted update) of set_weight_decay's other decay
+        self._probe_state = None
         self.params = None
         self.opt_state = None
         self._opt_init = None
@@ -292,10 +305,42 @@ class JaxImplementation(Implementation):
             if self._opt_init is None:
                 self._opt_init = jax.jit(self.opt.init)
             self.opt_state = jax.device_put(self._opt_init(self.params), self.dev)
+        self._probe_state = None   # a fresh probe optimiser state too (set_weight_decay)
         self._last = None
 
     def export_params(self):
         return {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.params.items()}
+
+    def set_weight_decay(self, weight_decay):
+        """The timed step (``self.opt`` inside its jitted programs) keeps the decay it was
+        built with; another decay (the gate's probe) steps as ``_probe_step`` does, with
+        ``make_optimizer`` of that decay: one small update program to compile, where the
+        whole-step strategies would compile the whole step again."""
+        super().set_weight_decay(weight_decay)
+        if self.cfg.weight_decay == self._built_decay:
+            self._probe = self._probe_state = None
+            return
+        opt = make_optimizer(self.cfg)
+
+        def apply(params, opt_state, grads):
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        self._probe = (opt, jax.jit(self._traced("optimizer_update_probe", apply)))
+        self._probe_state = None
+
+    def _probe_step(self, prepared):
+        """One step at set_weight_decay's decay: the strategy's own gradients
+        (``loss_and_grads``), then the probe optimiser's update."""
+        value, grads = self.loss_and_grads(prepared)
+        opt, update = self._probe
+        with jax.default_device(self.dev):
+            if self._probe_state is None:
+                self._probe_state = opt.init(self.params)
+            grads = {k: jax.device_put(g, self.dev) for k, g in grads.items()}
+            self.params, self._probe_state = update(self.params, self._probe_state, grads)
+        self._last = None
+        return value
 
     # -- work --
     def logits(self, prepared):
@@ -320,6 +365,8 @@ class JaxImplementation(Implementation):
         return value, {k: np.array(g, dtype=np.float32) for k, g in grads.items()}
 
     def train_step(self, prepared):
+        if self._probe is not None:
+            return self._probe_step(prepared)
         with jax.default_device(self.dev), self._phase("train"):
             value, self.params, self.opt_state = self._train(self.params, self.opt_state,
                                                              _inputs(prepared, "train"))

@@ -597,7 +597,7 @@ class RvNN(JaxImplementation):
         return self._real_rows(out, prepared)
 
     def train_step(self, prepared):
-        if self.strategy != "levels":
+        if self.strategy != "levels" or self._probe is not None:
             return super().train_step(prepared)
         with jax.default_device(self.dev), self._phase("train"):
             loss, _, self.params, self.opt_state = self._levels_step(prepared)

@@ -239,6 +239,14 @@ def make_optimizer(cfg):
     raise ValueError("unknown optimizer %r" % cfg.optimizer)
 
 
+def decayed(grads, values, wd):
+    """Coupled L2: ``g + wd * theta`` for each gradient and parameter value (the gradients
+    themselves at 0), before the optimiser's update (bench.reference.optimizer_steps)."""
+    if not wd:
+        return grads
+    return [g + wd * v for g, v in zip(grads, values)]
+
+
 def masked_xent(logits, labels):
     """Mean softmax cross-entropy over rows with label >= 0 (logits [M, C], labels int32[M])."""
     keep = ops.greater_equal(labels, 0)
@@ -269,6 +277,9 @@ class Prepared:
 class KerasImplementation(Implementation):
     framework = FRAMEWORK
     modes: Dict[str, str] = {}
+    # coupled L2 added to the gradients before ``optimizer.apply`` (each engine's
+    # ``decayed``), never Keras' own ``weight_decay=``, which is decoupled (AdamW-like)
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -294,6 +305,16 @@ class KerasImplementation(Implementation):
             self._opt_initial = [np.array(to_numpy(v)) for v in self.optimizer.variables]
         self._engine = {"torch": _TorchEngine, "jax": _JaxEngine,
                         "tensorflow": _TFEngine}[BACKEND](self)
+        self._built_decay = cfg.weight_decay   # the decay the engine's train step applies
+        self._probe_decay = None               # set_weight_decay's other decay
+
+    def set_weight_decay(self, weight_decay):
+        """The engine's (compiled) train step keeps the decay it was built with; at another
+        decay (the gate's probe) a step is the engine's gradients, then the same optimiser's
+        update of the decayed gradients (``_Engine.apply_decayed``)."""
+        super().set_weight_decay(weight_decay)
+        wd = self.cfg.weight_decay
+        self._probe_decay = None if wd == self._built_decay else wd
 
     # -- subclass hooks --
     def _build_model(self):
@@ -366,7 +387,11 @@ class KerasImplementation(Implementation):
     def train_step(self, prepared):
         self._need_params()
         with self._scope():
-            loss = self._engine.train(prepared)
+            if self._probe_decay is not None:
+                loss, grads = self._engine.loss_and_grads(prepared)
+                self._engine.apply_decayed(grads, self._probe_decay)
+            else:
+                loss = self._engine.train(prepared)
         self._last = loss
         return loss
 
@@ -466,9 +491,14 @@ class _TorchEngine:
 
     def train(self, p):
         loss, grads = self.loss_and_grads(p)
-        with torch.no_grad():
-            self.impl.optimizer.apply(grads, self.impl._vars)
+        self.apply_decayed(grads, self.impl.cfg.weight_decay)
         return loss
+
+    def apply_decayed(self, grads, wd):
+        with torch.no_grad():
+            if wd:   # coupled L2: g + wd * theta, before the optimiser's update
+                grads = [g + wd * v.value for g, v in zip(grads, self.impl._vars)]
+            self.impl.optimizer.apply(grads, self.impl._vars)
 
     def sync(self, last):
         if self.cuda:
@@ -491,15 +521,19 @@ class _JaxEngine:
             return model.stateless_call(tv, ntv, inputs, static)[0]
 
         grad_fn = jax.value_and_grad(loss_fn)
+        wd = impl.cfg.weight_decay
 
         def train_fn(tv, ntv, ov, inputs, static, labels):
             loss, grads = grad_fn(tv, ntv, inputs, static, labels)
-            tv, ov = opt.stateless_apply(ov, grads, tv)
+            tv, ov = opt.stateless_apply(ov, decayed(grads, tv, wd), tv)
             return loss, tv, ov
 
         def apply_fn(tv, ov, grads):
-            tv, ov = opt.stateless_apply(ov, grads, tv)
+            tv, ov = opt.stateless_apply(ov, decayed(grads, tv, wd), tv)
             return tv, ov
+
+        self._opt = opt
+        self._probe_apply = {}
 
         if impl.mode == "eager":
             self._logits = logits_fn
@@ -541,6 +575,17 @@ class _JaxEngine:
             self.tv, self.ov = self._apply(self.tv, self.ov, grads)
         return loss
 
+    def apply_decayed(self, grads, wd):
+        """One update at decay ``wd`` (another than the built one: the gate's probe)."""
+        if wd not in self._probe_apply:
+            opt = self._opt
+
+            def apply_fn(tv, ov, grads):
+                return opt.stateless_apply(ov, decayed(grads, tv, wd), tv)
+
+            self._probe_apply[wd] = jax.jit(self.impl._counted("apply_probe", apply_fn))
+        self.tv, self.ov = self._probe_apply[wd](self.tv, self.ov, grads)
+
     def sync(self, last):
         jax.block_until_ready((last, self.tv, self.ov))
 
@@ -551,19 +596,26 @@ class _TFEngine:
     def __init__(self, impl: KerasImplementation):
         self.impl = impl
         sparse_ok = impl.cfg.optimizer == "sgd"
+        self._sparse_ok = sparse_ok
 
         def grads_fn(inputs, static, labels):
             with tf.GradientTape() as tape:
                 loss = masked_xent(impl._forward(inputs, static), labels)
             return loss, tape.gradient(loss, impl._vars)
 
-        def for_optimizer(grads):
+        def for_optimizer(grads, wd=impl.cfg.weight_decay):
             # The embedding's gradient is IndexedSlices (one row per lookup). Keras' SGD applies
             # it as an exact scatter-subtract; Keras' Adagrad would square each duplicate row
             # separately (not the square of their sum) and Adam decays every row anyway, so
-            # those get the dense gradient, as on the other backends.
+            # those get the dense gradient, as on the other backends. With a weight decay every
+            # row decays: dense, and g + wd * theta.
+            if wd:
+                return decayed([tf.convert_to_tensor(g) for g in grads],
+                               [v.value for v in impl._vars], wd)
             return [g if sparse_ok or not isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g)
                     for g in grads]
+
+        self._for_optimizer = for_optimizer
 
         def logits_fn(inputs, static):
             return impl._forward(inputs, static)
@@ -611,6 +663,10 @@ class _TFEngine:
         loss, grads = self._grads(p.inputs, p.static, p.labels)
         self._apply(grads)
         return loss
+
+    def apply_decayed(self, grads, wd):
+        """One update at decay ``wd`` (another than the built one: the gate's probe), eagerly."""
+        self.impl.optimizer.apply(self._for_optimizer(grads, wd), self.impl._vars)
 
     def sync(self, last):
         if last is not None:

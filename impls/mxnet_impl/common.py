@@ -108,6 +108,10 @@ def masked_xent(F, logits, safe, keep, scale):
 
 class MXNetImplementation(Implementation):
     framework = "mxnet"
+    # Coupled L2 added to each trained parameter's gradient before ``Trainer.step``, the
+    # optimisers keeping wd=0: MXNet's own ``wd`` is coupled for SGD and Adam but not for
+    # AdaGrad (1.9: ``history += g^2; w += (g / sqrt(history + eps) + wd * w) * -lr``).
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -184,6 +188,11 @@ class MXNetImplementation(Implementation):
         with autograd.record():
             loss = self._loss(prepared)
         loss.backward()
+        wd = self.cfg.weight_decay
+        if wd:
+            for p in self._trainable:
+                g = p.grad(self.ctx)
+                g += wd * p.data(self.ctx)
         self._trainer.step(1)  # the loss is already a mean: no 1/batch rescaling
         return loss
 

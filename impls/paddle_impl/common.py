@@ -82,18 +82,24 @@ def make_optimizer(cfg, parameters):
     Paddle's Adam applies eps as ``eps * sqrt(1 - beta2^t)`` on the raw second
     moment, which is the paper's ``m_hat / (sqrt(v_hat) + eps)``; Adagrad puts
     eps outside the square root, as the suite specifies.
+
+    Weight decay: a float ``weight_decay=`` is ``L2Decay(coeff)``, which the optimiser
+    adds to each gradient before its update (``grad + coeff * param``: coupled L2;
+    AdamW is the decoupled one). At 0 none is given, as before.
     """
     import paddle
+    wd = float(cfg.weight_decay) or None
     if cfg.optimizer == "sgd":
-        return paddle.optimizer.SGD(learning_rate=cfg.lr, parameters=parameters)
+        return paddle.optimizer.SGD(learning_rate=cfg.lr, parameters=parameters,
+                                    weight_decay=wd)
     if cfg.optimizer == "adam":
         return paddle.optimizer.Adam(learning_rate=cfg.lr, beta1=ADAM["beta1"],
                                      beta2=ADAM["beta2"], epsilon=ADAM["eps"],
-                                     parameters=parameters)
+                                     parameters=parameters, weight_decay=wd)
     if cfg.optimizer == "adagrad":
         return paddle.optimizer.Adagrad(learning_rate=cfg.lr, epsilon=ADAGRAD["eps"],
                                         initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                                        parameters=parameters)
+                                        parameters=parameters, weight_decay=wd)
     raise ValueError("unknown optimizer %r" % cfg.optimizer)
 
 
@@ -170,6 +176,7 @@ class PaddleImplementation(Implementation):
         return dict(self.layer.named_parameters())
 
     frozen = ()  # native names held constant: differentiated through, never updated
+    weight_decay_refusal = None   # the optimiser's L2Decay (make_optimizer), from load_params
 
     def _trainable(self):
         return [p for n, p in self._params().items() if n not in self.frozen]

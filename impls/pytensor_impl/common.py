@@ -149,10 +149,12 @@ class Optimizer:
     Adam: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
     p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
     Adagrad: acc starts at 0.1; acc += g^2; p -= lr * g / (sqrt(acc) + eps).
+    Weight decay wd (coupled L2): each ``g`` above is ``g + wd * p`` (no term at 0).
     """
 
     def __init__(self, lib, cfg, params: List):
         self.lib, self.kind, self.lr = lib, cfg.optimizer, np.float32(cfg.lr)
+        self.wd = np.float32(cfg.weight_decay)
         self.params = params
         self.slots = {}
         if self.kind == "adam":
@@ -178,6 +180,8 @@ class Optimizer:
         T, lr = self.lib.T, self.lr
         f32 = lambda x: T.cast(x, FLOAT)  # noqa: E731  (keep every update float32)
         out = []
+        if self.wd:
+            grads = [g + self.wd * p for g, p in zip(grads, self.params)]
         if self.kind == "sgd":
             return [(p, f32(p - lr * g)) for p, g in zip(self.params, grads)]
         if self.kind == "adagrad":
@@ -224,6 +228,7 @@ class SymbolicImplementation(Implementation):
     framework = "pytensor"
     backend = "pytensor"          # which library Lib loads (theano_impl overrides both)
     not_applicable = NOT_APPLICABLE
+    weight_decay_refusal = None   # in the symbolic updates (Optimizer.updates)
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -237,6 +242,8 @@ class SymbolicImplementation(Implementation):
         self.p = {name: self.lib.shared(np.zeros(shape), name)
                   for name, (shape, _) in schema(cfg).items()}
         self.opt = Optimizer(self.lib, cfg, [self.p[k] for k in self.names])
+        self._built_decay = cfg.weight_decay   # the decay self.opt's compiled updates apply
+        self._probe = None                     # set_weight_decay's other decay: its Optimizer
         self._fns: Dict = {}
         self.compiles: Counter = Counter()
         self.compile_seconds = 0.0
@@ -294,11 +301,33 @@ class SymbolicImplementation(Implementation):
             return self.lib.function(seeds, [], updates=self.opt.updates(seeds))
         return self._compiled("apply", build)
 
+    def _probe_apply(self):
+        """The update alone at set_weight_decay's decay (its own optimiser state)."""
+        probe = self._probe
+
+        def build():
+            seeds = [self.p[k].type() for k in self.names]
+            return self.lib.function(seeds, [], updates=probe.updates(seeds))
+        return self._compiled("apply_decay_%g" % probe.wd, build)
+
+    def set_weight_decay(self, weight_decay):
+        """The compiled train step / update keep the decay they were built with; at another
+        decay (the gate's probe) a step is ``loss_and_grads``, then an update compiled with
+        an Optimizer of that decay (a small graph, where the whole-graph strategy would
+        compile its forward and backward again)."""
+        super().set_weight_decay(weight_decay)
+        if self.cfg.weight_decay == self._built_decay:
+            self._probe = None
+        elif self._probe is None or self._probe.wd != np.float32(self.cfg.weight_decay):
+            self._probe = Optimizer(self.lib, self.cfg, [self.p[k] for k in self.names])
+
     # --- parameters ---
     def load_params(self, params):
         for name, value in self._checked(params).items():
             self.p[name].set_value(np.array(value, dtype=FLOAT))
         self.opt.reset()
+        if self._probe is not None:
+            self._probe.reset()
 
     def export_params(self):
         return {k: np.array(self.p[k].get_value(), dtype=np.float32) for k in self.names}
@@ -324,6 +353,10 @@ class SymbolicImplementation(Implementation):
 
     def train_step(self, prepared):
         self.calls["train_step"] += 1
+        if self._probe is not None:
+            loss, grads = self.loss_and_grads(prepared)
+            self._probe_apply()(*[grads[k] for k in self.names])
+            return np.float32(loss)
         if self.whole_graph:
             return self._whole("train")(*self._inputs(prepared))
         loss, grads = self._stepwise_loss_and_grads(prepared)

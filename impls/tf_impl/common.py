@@ -207,6 +207,9 @@ class TFImplementation(Implementation):
     """
 
     framework = "tensorflow"
+    # coupled L2 added to the gradients in the train step (``_for_optimizer``), never Keras'
+    # own ``weight_decay=``, which is decoupled (AdamW-like: ``var -= lr * wd * var``)
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -219,6 +222,8 @@ class TFImplementation(Implementation):
         self._var_list: List = []
         self._opt = None
         self._opt_initial = []
+        self._built_decay = cfg.weight_decay  # the decay the traced train function applies
+        self._probe_opt = None                # set_weight_decay's other decay: eager optimiser
         self._traces: Dict[str, int] = {}
         self._fns = {}
         self._last = None
@@ -270,6 +275,10 @@ class TFImplementation(Implementation):
                     var.assign(self._to_storage(name, params[name]))
                 for var, value in self._opt_initial:
                     var.assign(value)
+            if self.cfg.weight_decay != self._built_decay:
+                # a fresh optimiser for the probe (set_weight_decay), built eagerly
+                self._probe_opt = make_optimizer(self.cfg)
+                self._probe_opt.build(self._var_list)
 
     def export_params(self):
         self._need_params()
@@ -325,8 +334,25 @@ class TFImplementation(Implementation):
         self._opt.apply_gradients(zip(self._for_optimizer(grads), self._var_list))
         return loss
 
+    def set_weight_decay(self, weight_decay):
+        """The traced train function keeps the decay it was built with (another would trace
+        and, with XLA, compile it again); at another decay (the gate's probe) a step is the
+        traced gradients, then ``_for_optimizer`` and a fresh optimiser's update, eagerly."""
+        super().set_weight_decay(weight_decay)
+        if self.cfg.weight_decay == self._built_decay:
+            self._probe_opt = None
+
+    def _probe_step(self, prepared):
+        loss, grads = self._call("grads", "train", prepared)
+        self._probe_opt.apply_gradients(zip(self._for_optimizer(grads), self._var_list))
+        return loss
+
     def _for_optimizer(self, grads):
         """Gradients as the optimiser should see them.
+
+        With a weight decay wd (``self.cfg.weight_decay``), every gradient is dense and
+        ``g + wd * var``: coupled L2, before the optimiser's moments or accumulator. At 0
+        nothing is added (and the embedding's may stay sparse, as below).
 
         The embedding gradient is tf.IndexedSlices (rows of E that were read).
         SGD applies it sparsely (a scatter-subtract, exact: duplicate rows add
@@ -337,8 +363,12 @@ class TFImplementation(Implementation):
         gradient, as in the other frameworks.
         """
         out = []
+        wd = float(self.cfg.weight_decay)
         for g, var in zip(grads, self._var_list):
-            if isinstance(g, tf.IndexedSlices):
+            if wd:
+                # every row decays, read by the batch or not: a dense gradient
+                g = dense(g, var) + wd * var
+            elif isinstance(g, tf.IndexedSlices):
                 if self.cfg.optimizer == "adagrad":
                     rows, where = tf.unique(g.indices)
                     g = tf.IndexedSlices(tf.math.unsorted_segment_sum(g.values, where, tf.shape(rows)[0]),
@@ -397,6 +427,10 @@ class TFImplementation(Implementation):
 
     def train_step(self, prepared):
         self._need_params()
+        if self._probe_opt is not None:
+            with tf.device(self._device):
+                loss = self._last = self._probe_step(prepared)
+            return loss
         with tf.device(self._device):
             loss = self._call("train", "train", prepared)
         self._last = loss
@@ -441,7 +475,8 @@ class TFImplementation(Implementation):
             "xla": self.xla,
             "traces": dict(self._traces),
             "compiles": self.compile_counts(),
-            "embedding_update": {"sgd": "sparse", "adagrad": "sparse (deduplicated rows)",
+            "embedding_update": "dense (weight decay)" if self.cfg.weight_decay else
+                                {"sgd": "sparse", "adagrad": "sparse (deduplicated rows)",
                                  "adam": "dense"}[self.cfg.optimizer],
             "optimizer": type(self._opt).__name__ if self._opt is not None else self.cfg.optimizer,
         }

@@ -92,17 +92,23 @@ def long_tensor(array, device) -> torch.Tensor:
 # --- optimiser ---
 
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
-    """The suite's optimisers with its shared constants (bench.interface)."""
+    """The suite's optimisers with its shared constants (bench.interface).
+
+    ``weight_decay=`` of torch.optim's SGD, Adam and Adagrad is the suite's coupled L2:
+    ``grad = grad.add(param, alpha=weight_decay)`` before the update (Adam's
+    ``decoupled_weight_decay`` stays False; that is AdamW). At 0 torch skips it.
+    """
     params = list(params)
+    wd = float(cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=wd)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(ADAM["beta1"], ADAM["beta2"]),
-                                eps=ADAM["eps"])
+                                eps=ADAM["eps"], weight_decay=wd)
     if cfg.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=cfg.lr,
                                    initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                                   eps=ADAGRAD["eps"])
+                                   eps=ADAGRAD["eps"], weight_decay=wd)
     raise ValueError("unknown optimizer %r" % cfg.optimizer)
 
 
@@ -234,6 +240,9 @@ class TorchImplementation(Implementation):
 
     # names of torch-layout tensors that never train (see fused_from_canonical)
     frozen = ()
+    # torch.optim's own coupled decay (make_optimizer), built in load_params from self.cfg;
+    # a frozen bias takes no decay (the trained one carries the canonical bias, which does)
+    weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)

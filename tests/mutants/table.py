@@ -91,11 +91,19 @@ MUTATIONS = (
         "Adam runs with twice the configured learning rate"),
     Mutation(
         "torch-sgd-doubled-lr", "impls/torch_impl/common.py",
-        "        return torch.optim.SGD(params, lr=cfg.lr)",
-        "        return torch.optim.SGD(params, lr=2 * cfg.lr)",
+        "        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=wd)",
+        "        return torch.optim.SGD(params, lr=2 * cfg.lr, weight_decay=wd)",
         ("torch/elman/fused",), "scaled learning rate",
         "SGD runs with twice the configured learning rate (an SGD cell, lr 0.05)",
         overrides=(("optimizer", "sgd"), ("lr", 0.05))),
+    Mutation(
+        "torch-adam-decay-dropped", "impls/torch_impl/common.py",
+        '                                eps=ADAM["eps"], weight_decay=wd)',
+        '                                eps=ADAM["eps"])',
+        ("torch/treelstm/levels",), "dropped weight decay",
+        "Adam ignores the weight decay (a cell with decay 0.01: the step at the cell's own "
+        "decay and the gate's probe step both see it)",
+        overrides=(("weight_decay", 0.01),)),
     Mutation(
         "torch-rvnn-wrong-nonlinearity", "impls/torch_impl/rvnn.py",
         "    return torch.tanh(affine(hlr, W, b)), None",
@@ -143,12 +151,20 @@ MUTATIONS = (
         "loss on the host and no longer calls this function)"),
     Mutation(
         "jax-adam-no-bias-correction", "impls/jax_impl/common.py",
-        '        return optax.adam(cfg.lr, b1=ADAM["beta1"], b2=ADAM["beta2"], eps=ADAM["eps"])',
-        '        return optax.chain(optax.scale_by_adam(b1=ADAM["beta1"], b2=ADAM["beta2"], '
+        '        opt = optax.adam(cfg.lr, b1=ADAM["beta1"], b2=ADAM["beta2"], eps=ADAM["eps"])',
+        '        opt = optax.chain(optax.scale_by_adam(b1=ADAM["beta1"], b2=ADAM["beta2"], '
         'eps=ADAM["eps"]), optax.scale_by_schedule(lambda t: -cfg.lr * (1 - ADAM["beta1"] '
         '** (t + 1))))',
         ("jax/lstm/compiled",), "wrong Adam bias correction",
         "Adam's first moment is used without its bias correction"),
+    Mutation(
+        "jax-decay-after-adam-scaling", "impls/jax_impl/common.py",
+        "        opt = optax.chain(optax.add_decayed_weights(float(cfg.weight_decay)), opt)",
+        "        opt = optax.chain(opt, optax.add_decayed_weights(float(cfg.weight_decay)))",
+        ("jax/lstm/compiled",), "weight decay after the optimiser's scaling",
+        "add_decayed_weights chained after Adam's scaling (updates + wd * theta: the decay "
+        "bypasses the moments and the learning rate); a cell without decay, so only the "
+        "gate's probe step at bench.verify.DECAY_PROBE sees it"),
     # --- TensorFlow ---
     Mutation(
         "tf-lstm-swapped-gates", "impls/tf_impl/rnn.py",
@@ -211,7 +227,8 @@ MUTATIONS = (
 REQUIRED_KINDS = ("swapped gates", "dropped forget gate", "shared forget gate", "swapped children",
                   "level before its children", "padding leak", "skipped last step",
                   "wrong nonlinearity", "scaled learning rate", "wrong Adam bias correction",
-                  "wrong all-node loss averaging", "wrong example order")
+                  "wrong all-node loss averaging", "wrong example order",
+                  "dropped weight decay", "weight decay after the optimiser's scaling")
 
 # The subset `nox -s tests` runs (tests/test_mutants.py): one per framework, smoke sizes.
 SUBSET = ("torch-loop-padding-leak", "jax-all-loss-over-rows", "tf-adam-doubled-lr")
