@@ -28,7 +28,7 @@ Order of work, and what is timed:
 
 Every record has ``phase_s``, the seconds each phase took (``PHASES``): all but
 ``timed`` is the runner's overhead for the cell. While a cell runs, its current
-phase (and timed pass k of n) is in a small status file the runner polls for its
+phase (and timed sample k of n) is in a small status file the runner polls for its
 progress line; it is written between passes, never inside one.
 
 A cell that reports a throughput, token rate or latency that is not finite and
@@ -102,7 +102,7 @@ class Phases:
     """Adds up seconds per phase into a dict and tells the runner the current phase.
 
     The status file holds one JSON object ({"phase", "detail"}), replaced whole; updates
-    within a phase (pass k of n) are written at most every ``min_interval_s``.
+    within a phase (sample k of n) are written at most every ``min_interval_s``.
     """
 
     def __init__(self, seconds: Dict[str, float], status_path: Optional[str] = None,

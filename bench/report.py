@@ -45,7 +45,7 @@ SUMMARY_COLUMNS = [
     "threads_applied", "epochs", "loss_mode", "machine", "train_mode", "cell_wall_s", "timed_s",
     "overhead_s",
     "compiles_train", "compiles_infer", "compile_cache",
-    "own_gemm_pct", "machine_gemm_flops", "noisy", "noisy_why",
+    "own_gemm_pct", "machine_gemm_flops", "noisy", "noisy_why", "weight_decay",
 ]
 # Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
 QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
@@ -145,7 +145,8 @@ def machine_label(m: Optional[Dict]) -> str:
 def _group_key(r: Dict) -> Tuple:
     """Cells that differ only in strategy (and seed), on the same hardware, are comparable."""
     return (r["framework"], r["model"], r["task"], r["device"], r["batch_size"], r["threads"],
-            r.get("hidden"), r.get("seed"), machine_label(r.get("machine")))
+            r.get("hidden"), r.get("seed"), float(r.get("weight_decay") or 0.0),
+            machine_label(r.get("machine")))
 
 
 def _threads_applied(r: Dict) -> Optional[int]:
@@ -217,6 +218,7 @@ def summarise(records: List[Dict]):
             "peak_rss_mb": r.get("peak_rss_mb"), "speedup_vs_baseline": None,
             "roofline_pct": roof, "own_gemm_pct": own, "machine_gemm_flops": peak,
             "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None,
+            "weight_decay": float(r.get("weight_decay") or 0.0),
             "accuracy": acc.get("test"),
             "train_iqr": _iqr(r.get("train_samples_per_s")),
             "infer_iqr": _iqr(r.get("infer_samples_per_s")),
@@ -424,8 +426,10 @@ def accuracy_table(df):
     acc = df[(df["status"] == "ok") & df["accuracy"].notna() & (df["train_mode"] == "full")]
     if acc.empty:
         return acc
-    # One row per training budget: cells of different epochs or losses never average together.
-    grouped = acc.groupby(["task", "model", "loss_mode", "epochs", "framework", "strategy"])
+    # One row per training budget: cells of different epochs, losses or weight decays never
+    # average together.
+    grouped = acc.groupby(["task", "model", "loss_mode", "epochs", "weight_decay", "framework",
+                           "strategy"])
     out = grouped.agg(test_mean=("accuracy", "mean"), test_std=("accuracy", "std"),
                       dev_mean=("dev_accuracy", "mean"), dev_std=("dev_accuracy", "std"),
                       seeds=("seed", "nunique")).reset_index()

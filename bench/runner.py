@@ -56,7 +56,7 @@ POLL_S = 1.0   # how often the runner looks at a running cell's phase
 
 
 def describe_status(status: Optional[Dict]) -> str:
-    """``{"phase": "timed", "detail": "train pass 3/7"}`` -> ``timed: train pass 3/7``."""
+    """``{"phase": "timed", "detail": "train sample 3/7"}`` -> ``timed: train sample 3/7``."""
     if not status or not status.get("phase"):
         return "starting"
     words = PHASE_WORDS.get(status["phase"], str(status["phase"]))
@@ -65,7 +65,7 @@ def describe_status(status: Optional[Dict]) -> str:
 
 class Progress:
     """Progress on stderr. On a terminal, one line redrawn every second: cells done, the run's
-    elapsed time, the running cell, its elapsed time and phase (timed pass k of n). In a log
+    elapsed time, the running cell, its elapsed time and phase (timed sample k of n). In a log
     (not a terminal): a line per finished cell, and a line every ``every_s`` seconds while
     one cell runs long, so that no cell runs for minutes without output."""
 

@@ -301,8 +301,8 @@ def test_the_runner_sees_each_phase_of_a_real_cell_and_a_timeout_keeps_the_last(
     phases = [s["phase"] for s in seen if s]
     assert phases and phases[-1] == "timed"
     assert phases == sorted(phases, key=PHASES.index)          # in the cell's order
-    assert any((s or {}).get("detail", "").startswith("inference pass ") for s in seen)
-    assert rec["last_phase"].startswith("timed: inference pass ")
+    assert any((s or {}).get("detail", "").startswith("inference sample ") for s in seen)
+    assert rec["last_phase"].startswith("timed: inference sample ")
     assert os.listdir(str(tmp_path)) == []                      # no status or result file left
 
 

@@ -177,3 +177,18 @@ def test_cli_weight_decay_reaches_the_cells(tmp_path):
     assert res.stdout.strip().splitlines() == ["numpy/lstm/loop synth-left-8 b8 cpu wd0.0001"]
     res = _bench("--out", str(tmp_path / "run"), "--weight-decay", "0", "--dry-run")
     assert res.returncode == 0 and "wd" not in res.stdout, res.stdout
+
+
+def test_the_report_never_averages_accuracies_of_different_decays():
+    pytest.importorskip("pandas")
+    from bench.report import accuracy_table, summarise
+    base = {"schema_version": 2, "framework": "torch", "model": "treelstm", "strategy": "levels",
+            "task": "sst", "device": "cpu", "batch_size": 25, "threads": 1, "status": "ok",
+            "machine": {"cpu": "x", "cores": 2}, "train_samples_per_s": [1.0],
+            "infer_samples_per_s": [1.0], "config": {"loss_mode": "all", "train_mode": "full"}}
+    recs = [dict(base, cell_id="a%d" % i, seed=i, weight_decay=wd,
+                 accuracy={"epochs": 3, "test": acc, "dev": acc})
+            for i, (wd, acc) in enumerate(((0.0, 0.40), (0.0, 0.42), (1e-4, 0.46)))]
+    table = accuracy_table(summarise(recs)).set_index("weight_decay")
+    assert table.loc[0.0, "test_mean"] == pytest.approx(0.41) and table.loc[0.0, "seeds"] == 2
+    assert table.loc[1e-4, "test_mean"] == pytest.approx(0.46) and table.loc[1e-4, "seeds"] == 1
