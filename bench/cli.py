@@ -91,27 +91,24 @@ def _positive_float(what: str) -> Callable[[str], float]:
     return parse
 
 
-def _seconds(what: str) -> Callable[[str], float]:
+def _number(what: str, ok: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    """A float option: finite, and ``ok``; else one line saying it must be ``wanted``."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("%s must be a number of seconds, not %r"
-                                             % (what, text)) from None
-        if not math.isfinite(value) or not 0 <= value < 3600:
-            raise argparse.ArgumentTypeError("%s must be from 0 to 3600 seconds, not %r" % (what, text))
+            raise argparse.ArgumentTypeError("%s must be a number, not %r" % (what, text)) from None
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError("%s must be %s, not %r" % (what, wanted, text))
         return value
     return parse
 
 
-def _weight_decay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("weight decay must be a number, not %r" % text) from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError("weight decay must be a finite number >= 0, not %r" % text)
-    return value
+def _seconds(what: str) -> Callable[[str], float]:
+    return _number(what, lambda v: 0 <= v < 3600, "from 0 to 3600 seconds")
+
+
+_weight_decay = _number("weight decay", lambda v: v >= 0, "a finite number >= 0")
 
 
 def _whole(what: str, minimum: int, maximum: int) -> Callable[[str], int]:

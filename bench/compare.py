@@ -160,25 +160,29 @@ def smallest_p(n: int, m: int) -> float:
     return 1.0 / math.comb(n + m, n) if n and m else 1.0
 
 
+def _significant(p_slower: float, p_faster: float, lo: float, hi: float, threshold: Threshold,
+                 alpha: float) -> Optional[str]:
+    """The rule both tests share: a significant change is a regression (or an improvement)
+    when its interval reaches the threshold, else within it; None when neither side is
+    significant."""
+    if p_slower < alpha:
+        return REGRESSION if hi >= threshold.fraction else "slower, within threshold"
+    if p_faster < alpha:
+        return IMPROVEMENT if lo <= -threshold.fraction else "faster, within threshold"
+    return None
+
+
 def judge(base: Sequence[float], new: Sequence[float], threshold: Threshold,
           alpha: float = ALPHA, seed: int = 0) -> Tuple[str, float, Tuple[float, float, float]]:
     """Verdict for one metric's raw samples (higher is better); one of VERDICTS."""
     p_slower = mann_whitney_less(new, base)
     p_faster = mann_whitney_less(base, new)
     point, lo, hi = slowdown_ci(base, new, seed=seed)
-    if p_slower < alpha and hi >= threshold.fraction:
-        verdict = REGRESSION
-    elif p_slower < alpha:
-        verdict = "slower, within threshold"
-    elif p_faster < alpha and lo <= -threshold.fraction:
-        verdict = IMPROVEMENT
-    elif p_faster < alpha:
-        verdict = "faster, within threshold"
-    elif len(base) <= 30 and len(new) <= 30 and smallest_p(len(base), len(new)) >= alpha:
+    verdict = _significant(p_slower, p_faster, lo, hi, threshold, alpha)
+    if verdict is None:
         # No outcome of so few repeats could be significant: "no change" would be a guess.
-        verdict = "too few repeats to tell"
-    else:
-        verdict = NO_CHANGE
+        blind = len(base) <= 30 and len(new) <= 30 and smallest_p(len(base), len(new)) >= alpha
+        verdict = "too few repeats to tell" if blind else NO_CHANGE
     return verdict, p_slower, (point, lo, hi)
 
 
@@ -419,16 +423,7 @@ def judge_paired(base: Sequence[float], new: Sequence[float], threshold: Thresho
     p_slower = signed_rank_greater(d)
     p_faster = signed_rank_greater(-d)
     point, lo, hi = paired_slowdown_ci(base, new, seed=seed)
-    if p_slower < alpha and hi >= threshold.fraction:
-        verdict = REGRESSION
-    elif p_slower < alpha:
-        verdict = "slower, within threshold"
-    elif p_faster < alpha and lo <= -threshold.fraction:
-        verdict = IMPROVEMENT
-    elif p_faster < alpha:
-        verdict = "faster, within threshold"
-    elif 0.5 ** int(np.count_nonzero(d)) >= alpha:
-        verdict = TOO_FEW_ROUNDS      # no outcome of so few rounds could reach alpha
-    else:
-        verdict = NO_CHANGE
+    verdict = _significant(p_slower, p_faster, lo, hi, threshold, alpha)
+    if verdict is None:   # no outcome of so few rounds could reach alpha: say so
+        verdict = TOO_FEW_ROUNDS if 0.5 ** int(np.count_nonzero(d)) >= alpha else NO_CHANGE
     return verdict, p_slower, (point, lo, hi)
