@@ -14,10 +14,11 @@ Order of work, and what is timed:
    ``failed`` and keeps no timing; the step is undone by reloading the parameters);
 5. ``warmup_passes`` untimed passes over the pool (later bucket shapes compile here);
 6. ``repeats`` timed samples for training, then for inference, each ended by a
-   device sync; a sample is k passes over the pool, k calibrated once (one more
-   untimed pass) so that a sample lasts at least ``min_repeat_s``
-   (``passes_per_sample``); around them, what else the machine did
-   (``noise``, ``noisy``: ``bench.environment.NoiseProbe``);
+   device sync; a sample is k or more passes over the pool, k calibrated once (one
+   more untimed pass) so that a sample lasts about ``min_repeat_s``, and passes are
+   added while it has lasted less (``passes_per_sample``: each sample's passes);
+   around them, what else the machine did (``noise``, ``noisy``:
+   ``bench.environment.NoiseProbe``);
 7. batch-1 latency: single examples, each call timed alone with a sync
    (6 and 7: an implementation whose work runs in another process times these
    loops itself, ``Implementation.timed_passes`` / ``timed_calls``, so IPC
@@ -283,43 +284,49 @@ def calibrate(impl, call, prepared: List, min_repeat_s: float, cap: int = 1000) 
 
 
 def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int],
-                  repeats: int, passes: int = 1):
+                  repeats: int, passes: int = 1, min_s: float = 0.0):
     """Samples/s, tokens/s and run-queue wait share (``environment.wait_share``: how much of
     the sample other work held the CPU; None where unknown) of each timed sample (sync inside
-    the clock); a sample is ``passes`` passes over the pool, back to back (``calibrate``).
+    the clock); a sample is at least ``passes`` passes over the pool, back to back
+    (``calibrate``), and more while it has lasted less than ``min_s`` (the host clock is read
+    between passes without a sync: it can only run behind the device, so the guarantee holds).
+    Returns also the passes of each sample.
 
     An implementation that times its own passes (``Implementation.timed_passes``
     returns a list, e.g. a worker process, so that IPC stays outside the clock)
     supplies the sample durations instead of this loop (its "pool" is then the
     pool repeated ``passes`` times)."""
     per_s, tok_s = [], []
-    n_samples, n_tokens = sum(sizes) * passes, sum(tokens) * passes
-    cycle = list(prepared) * passes
     what = "train" if call.__name__ == "train_step" else "inference"
-    _PHASES.say("%s sample 1/%d (%d pool passes each)" % (what, repeats, passes), force=True)
-    durations = impl.timed_passes(call.__name__, cycle, repeats)
+    _PHASES.say("%s sample 1/%d (%d pool passes or more each)" % (what, repeats, passes), force=True)
+    durations = impl.timed_passes(call.__name__, list(prepared) * passes, repeats)
     waits: List[Optional[float]] = [None] * len(durations or [])
+    counts = [passes] * len(durations or [])
     if durations is None:
         durations, waits = [], []
         for _ in range(repeats):
             before = thread_times()
+            done = 0
             t0 = time.perf_counter()
-            for ready in cycle:
-                call(ready)
+            while done < passes or time.perf_counter() - t0 < min_s:
+                for ready in prepared:
+                    call(ready)
+                done += 1
             impl.sync()
             durations.append(time.perf_counter() - t0)
             waits.append(wait_share(before, thread_times()))
+            counts.append(done)
             if len(durations) < repeats:
-                _PHASES.say("%s sample %d/%d (%d pool passes each)"
+                _PHASES.say("%s sample %d/%d (%d pool passes or more each)"
                             % (what, len(durations) + 1, repeats, passes))
     fault = _test_fault("timing")
     if fault is not None:
         durations = [float(fault)] * len(durations)
-    for dt in durations:
+    for dt, k in zip(durations, counts):
         # A zero duration is an impossible measurement, not a crash: run_cell fails the cell.
-        per_s.append(n_samples / dt if dt else math.inf)
-        tok_s.append(n_tokens / dt if dt else math.inf)
-    return per_s, tok_s, [None if w is None else round(w, 4) for w in waits]
+        per_s.append(sum(sizes) * k / dt if dt else math.inf)
+        tok_s.append(sum(tokens) * k / dt if dt else math.inf)
+    return per_s, tok_s, [None if w is None else round(w, 4) for w in waits], counts
 
 
 # Every number here must be finite and positive for the cell to be `ok`.
@@ -611,16 +618,13 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     _phase("timed")
     noise = NoiseProbe(cfg.threads).start()
     rec["passes_per_sample"] = {}
-    if can_train:
-        k = rec["passes_per_sample"]["train"] = calibrate(impl, impl.train_step, prepared,
-                                                          cfg.min_repeat_s)
-        rec["train_samples_per_s"], rec["train_tokens_per_s"], rec["train_wait_shares"] = \
-            _timed_passes(impl, impl.train_step, prepared, sizes, tokens, cfg.repeats, k)
-    else:
+    for name, call in ((("train", impl.train_step),) if can_train else ()) + (("infer", impl.logits),):
+        k = calibrate(impl, call, prepared, cfg.min_repeat_s)
+        (rec[name + "_samples_per_s"], rec[name + "_tokens_per_s"], rec[name + "_wait_shares"],
+         rec["passes_per_sample"][name]) = _timed_passes(impl, call, prepared, sizes, tokens,
+                                                         cfg.repeats, k, cfg.min_repeat_s)
+    if not can_train:
         rec["reason"] = "inference only: this implementation declares no training step"
-    k = rec["passes_per_sample"]["infer"] = calibrate(impl, impl.logits, prepared, cfg.min_repeat_s)
-    rec["infer_samples_per_s"], rec["infer_tokens_per_s"], rec["infer_wait_shares"] = \
-        _timed_passes(impl, impl.logits, prepared, sizes, tokens, cfg.repeats, k)
     rec["noise"] = noise.stop()
     rec["noisy"] = rec["noise"]["noisy"]
 
