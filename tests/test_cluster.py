@@ -51,8 +51,12 @@ SMOKE = ["--preset", "smoke", "--frameworks", "numpy"]
 TIMING_FIELDS = {"compile_s", "first_infer_s", "warmup_s", "train_samples_per_s", "infer_samples_per_s",
                  "train_tokens_per_s", "infer_tokens_per_s", "latency_ms", "latency_ms_p50",
                  "latency_ms_p95", "peak_rss_mb", "device_peak_mb", "gemm_flops", "wall_s",
-                 "cell_wall_s", "load_avg_1m_at_start", "verify_s", "phase_s"}
-NODE_FIELDS = {"machine", "executor"}
+                 "cell_wall_s", "load_avg_1m_at_start", "verify_s", "phase_s",
+                 # how busy the machine was, and the passes that made each sample last long
+                 # enough: they follow the load, not the code
+                 "noise", "noisy", "train_wait_shares", "infer_wait_shares", "passes_per_sample"}
+# machine_gemm_flops: measured by a local run's runner; on a cluster the nodes differ
+NODE_FIELDS = {"machine", "executor", "machine_gemm_flops"}
 
 # Brings lo up in the new namespace (SIOCGIFFLAGS / SIOCSIFFLAGS, no iproute2 needed), says
 # so, and holds the namespace until its stdin closes.
@@ -274,7 +278,10 @@ def _latest(out):
 
 
 def _comparable(rec):
-    return {k: v for k, v in rec.items() if k not in TIMING_FIELDS | NODE_FIELDS}
+    out = {k: v for k, v in rec.items() if k not in TIMING_FIELDS | NODE_FIELDS}
+    # where the data came from (SST parsed, or the parse cache an earlier cell wrote)
+    out["info"] = {k: v for k, v in (out.get("info") or {}).items() if k != "data_source"}
+    return out
 
 
 def test_a_ray_run_records_what_a_local_run_records(cluster, tmp_path):
