@@ -48,6 +48,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import registry
+from .cluster import nox_python
 from .compare import ALPHA, IMPROVEMENT, METRICS, REGRESSION, Threshold, judge_paired
 from .config import CellConfig, UsageError
 from .environment import NOISY_WAIT, describe, git_commit
@@ -80,14 +81,6 @@ def _interpreter_of_venv(path: str) -> Optional[str]:
     return None
 
 
-def _nox_python(framework: str, root: str = ROOT) -> Optional[str]:
-    for name in ("bench_framework-framework-" + framework, "bench-framework-" + framework):
-        found = _interpreter_of_venv(os.path.join(root, ".nox", name))
-        if found:
-            return found
-    return None
-
-
 def _git_commit_of(ref: str, root: str = ROOT) -> Optional[str]:
     try:
         done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", ref + "^{commit}"],
@@ -105,7 +98,7 @@ def resolve(spec: str, name: str, env: Optional[Dict[str, str]] = None, root: st
         raise UsageError("--%s is empty: give an interpreter, a venv, nox:FW or a git ref" % name)
     if text.startswith("nox:"):
         fw = text[4:]
-        python = _nox_python(fw, root)
+        python = nox_python(root, fw)
         if not python:
             raise UsageError("--%s %s: no nox venv for %r in %s/.nox (make it with nox -s "
                              "\"bench_framework(framework='%s')\")" % (name, spec, fw, root, fw))

@@ -300,7 +300,10 @@ def _wait(proc: subprocess.Popen, timeout_s: float, t0: float, status_path: str,
                 if on_status is not None:
                     on_status(read_status(status_path), time.time() - t0)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:   # it had already ended: the interrupt must still go up
+            pass
         proc.communicate()
         raise
 
