@@ -325,7 +325,8 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str], skip_corrupt:
     """
     best = {}
     if run_dir:
-        from .report import load_run, _median
+        from .report import load_run
+        from .stats import median
         if not os.path.isdir(run_dir):
             raise UsageError("--fastest-from %s: not a directory" % run_dir)
         records, _ = load_run(run_dir, skip_corrupt=skip_corrupt)
@@ -334,7 +335,7 @@ def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str], skip_corrupt:
         for r in records:
             if r.get("status") != "ok":
                 continue
-            speed = _median(r.get("train_samples_per_s")) or _median(r.get("infer_samples_per_s"))
+            speed = median(r.get("train_samples_per_s")) or median(r.get("infer_samples_per_s"))
             key = (r["framework"], r["model"], r["device"])
             if speed and speed > best.get(key, ("", 0.0))[1]:
                 best[key] = (r["strategy"], speed)

@@ -33,6 +33,7 @@ from .config import UsageError
 from .coverage import coverage_rows
 from .interface import BASELINE_STRATEGY
 from .params import family
+from .stats import median
 from .records import ENV, RECORDS, atomic_write, finite_samples, latest, read_records, run_files
 
 SUMMARY_COLUMNS = [
@@ -98,11 +99,6 @@ def load_run(run_dir: str, skip_corrupt: bool = False) -> Tuple[List[dict], List
             env["_dir"] = os.path.relpath(os.path.dirname(path), run_dir)
             envs.append(env)
     return recs, envs
-
-
-def _median(xs) -> Optional[float]:
-    xs = finite_samples(xs)
-    return float(np.median(xs)) if xs else None
 
 
 def _repeats(r: Dict) -> int:
@@ -195,7 +191,7 @@ def summarise(records: List[Dict]):
     rows = []
     peaks = machine_peaks(records)
     for r in records:
-        train, infer = _median(r.get("train_samples_per_s")), _median(r.get("infer_samples_per_s"))
+        train, infer = median(r.get("train_samples_per_s")), median(r.get("infer_samples_per_s"))
         tq = _quartiles(r.get("train_samples_per_s")) or (train, train)
         iq = _quartiles(r.get("infer_samples_per_s")) or (infer, infer)
         timed, overhead = _timed_and_overhead(r)

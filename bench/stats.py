@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from .records import finite_samples
 
 FIELDS = ("n", "min", "max", "mean", "std", "median", "q1", "q3", "iqr")
 
@@ -46,3 +48,9 @@ class Stats:
 def percentile(samples: Sequence[float], q: float) -> float:
     x = np.asarray(samples, np.float64)
     return float(np.percentile(x, q)) if x.size else float("nan")
+
+
+def median(xs) -> Optional[float]:
+    """Median of the finite samples in xs (a record's list; None and NaN skipped), or None."""
+    fin = finite_samples(xs)
+    return float(np.median(fin)) if fin else None
