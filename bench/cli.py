@@ -22,7 +22,8 @@ from dataclasses import replace
 from typing import Callable, List, Optional
 
 from . import registry
-from .config import PREFERENCE, PRESETS, CellConfig, UsageError, preset
+from .config import PRESETS, CellConfig, UsageError, preset
+from .fastest import keep_fastest
 from .interface import STRATEGIES
 from .params import MODELS
 from .records import RECORDS, EnvironmentProblem, LockHeld, RecordsError, occupied, read_records
@@ -256,28 +257,34 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _cells(args) -> List[CellConfig]:
-    frameworks = _flat(args.frameworks)
-    grid = preset(args.preset, frameworks)
-    cells = grid.cells()
-    models, strategies = _flat(args.models), _flat(args.strategies)
-    tasks, batch_sizes = _flat(args.tasks), _flat(args.batch_sizes)
+def select_cells(args) -> List[CellConfig]:
+    """The cells ``run`` and ``ab`` ask for: the preset's, filtered, retargeted, overridden,
+    one strategy per model where the preset or --fastest-from says so, then validated."""
+    cells = preset(args.preset, _flat(args.frameworks)).cells()
+    cells = _filtered(cells, _flat(args.models), _flat(args.strategies))
+    cells = _retargeted(cells, _flat(args.tasks), _flat(args.batch_sizes), _flat(args.seeds))
+    cells = _overridden(cells, args)
+    if args.fastest_from or args.preset in ("parity", "readout"):
+        cells = keep_fastest(cells, args.fastest_from, args.skip_corrupt)
+    _validate(cells)
+    return cells
+
+
+def _filtered(cells: List[CellConfig], models, strategies) -> List[CellConfig]:
     if models:
         cells = [c for c in cells if c.model in models]
     if strategies:
         cells = [c for c in cells if c.strategy in strategies]
+    return cells
+
+
+def _retargeted(cells: List[CellConfig], tasks, batch_sizes, seeds) -> List[CellConfig]:
+    """Tasks, batch sizes and seeds asked for on the command line, each cell once."""
     if tasks:
-        # A task the preset has keeps its own cells (the parity preset trains tree
-        # models on every SST node but on ListOps roots); any other task is asked
-        # for with the cells of the preset's first task.
-        present = [c.task for c in cells]
-        first = present[0] if present else None
-        cells = [c for c in cells if c.task in tasks] + [
-            replace(c, task=t) for t in tasks if t not in present for c in cells if c.task == first]
+        cells = _with_tasks(cells, tasks)
     if batch_sizes:
         # Replace the axis rather than filter it, so any batch size can be asked for.
         cells = [replace(c, batch_size=b) for c in cells for b in batch_sizes]
-    seeds = _flat(args.seeds)
     if seeds:
         cells = [replace(c, seed=s) for c in cells for s in seeds]   # replaced, like batch sizes
     seen, unique = set(), []
@@ -285,22 +292,37 @@ def _cells(args) -> List[CellConfig]:
         if c.key() not in seen:
             seen.add(c.key())
             unique.append(c)
-    cells = unique
-    overrides = {}
-    for option, field in (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
-                          ("min_repeat_s", "min_repeat_s"),
-                          ("timeout", "timeout_s"), ("epochs", "epochs"),
-                          ("spectral_radius", "spectral_radius"),
-                          ("weight_decay", "weight_decay")):
-        if getattr(args, option) is not None:
-            overrides[field] = getattr(args, option)
-    if overrides:
-        try:
-            cells = [replace(c, **overrides) for c in cells]
-        except ValueError as exc:   # e.g. --epochs on the readout preset
-            raise UsageError(str(exc)) from None
-    if args.fastest_from or args.preset in ("parity", "readout"):
-        cells = _keep_fastest(cells, args.fastest_from, args.skip_corrupt)
+    return unique
+
+
+def _with_tasks(cells: List[CellConfig], tasks) -> List[CellConfig]:
+    """A task the preset has keeps its own cells (the parity preset trains tree models on
+    every SST node but on ListOps roots); any other task is asked for with the cells of
+    the preset's first task."""
+    present = [c.task for c in cells]
+    first = present[0] if present else None
+    return [c for c in cells if c.task in tasks] + [
+        replace(c, task=t) for t in tasks if t not in present for c in cells if c.task == first]
+
+
+# option on the command line -> CellConfig field it overrides in every cell
+_OVERRIDES = (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
+              ("min_repeat_s", "min_repeat_s"), ("timeout", "timeout_s"), ("epochs", "epochs"),
+              ("spectral_radius", "spectral_radius"), ("weight_decay", "weight_decay"))
+
+
+def _overridden(cells: List[CellConfig], args) -> List[CellConfig]:
+    overrides = {field: getattr(args, option) for option, field in _OVERRIDES
+                 if getattr(args, option) is not None}
+    if not overrides:
+        return cells
+    try:
+        return [replace(c, **overrides) for c in cells]
+    except ValueError as exc:   # e.g. --epochs on the readout preset
+        raise UsageError(str(exc)) from None
+
+
+def _validate(cells: List[CellConfig]) -> None:
     if not cells:
         raise UsageError("no cells match the filters")
     sizes = {}
@@ -312,45 +334,6 @@ def _cells(args) -> List[CellConfig]:
             # The timed pool is drawn from the training split: a bigger batch would run smaller.
             raise UsageError("batch size %d is larger than %s's training split (%d examples)"
                              % (c.batch_size, c.task, sizes[c.task]))
-    return cells
-
-
-def _keep_fastest(cells: List[CellConfig], run_dir: Optional[str], skip_corrupt: bool = False
-                  ) -> List[CellConfig]:
-    """One strategy per (framework, model): the fastest ok one in RUN_DIR's records.
-
-    Training throughput decides (inference where a cell has none). Without a
-    run directory, or for a pair it did not time, the first strategy of
-    PREFERENCE that is not statically not-applicable is kept.
-    """
-    best = {}
-    if run_dir:
-        from .report import load_run
-        from .stats import median
-        if not os.path.isdir(run_dir):
-            raise UsageError("--fastest-from %s: not a directory" % run_dir)
-        records, _ = load_run(run_dir, skip_corrupt=skip_corrupt)
-        if not records:
-            raise UsageError("--fastest-from %s: no records there" % run_dir)
-        for r in records:
-            if r.get("status") != "ok":
-                continue
-            speed = median(r.get("train_samples_per_s")) or median(r.get("infer_samples_per_s"))
-            key = (r["framework"], r["model"], r["device"])
-            if speed and speed > best.get(key, ("", 0.0))[1]:
-                best[key] = (r["strategy"], speed)
-    out = []
-    for c in cells:
-        chosen = best.get((c.framework, c.model, c.device), (None,))[0]
-        if chosen is None:
-            for s in PREFERENCE:
-                if s in STRATEGIES[c.family] and not registry.not_applicable(
-                        c.framework, c.model, s, c.device):
-                    chosen = s
-                    break
-        if c.strategy == chosen:
-            out.append(c)
-    return out
 
 
 def default_out(root: str = "results", prefix: str = "run") -> str:
@@ -377,7 +360,7 @@ def cmd_run(args) -> int:
         raise UsageError("--retry-failed needs --resume (it reruns the failed cells of the run "
                          "in --out)")
     _check_executor(args)
-    cells = _cells(args)
+    cells = select_cells(args)
     _check_out_dir(args.out, create=not args.dry_run)
     if args.dry_run:
         return _dry_run(args, cells)
@@ -467,7 +450,7 @@ def cmd_ab(args) -> int:
     from .compare import Threshold
     threshold = args.threshold if isinstance(args.threshold, Threshold) else \
         Threshold.parse(args.threshold)
-    cells = _cells(args)
+    cells = select_cells(args)
     envs = (ab.parse_env_items(args.base_env, "--base-env"),
             ab.parse_env_items(args.new_env, "--new-env"))
     out = args.out or default_out(prefix="ab")
@@ -545,7 +528,7 @@ def _presets_text() -> str:
         grid = preset(name)
         one = preset(name, grid.frameworks[:1]).cells()
         if name == "parity":   # the run keeps one strategy per model (see --fastest-from)
-            one = _keep_fastest(one, None)
+            one = keep_fastest(one, None)
         base = one[0] if one else grid.base
         doc = (PRESETS[name].__doc__ or "").strip().splitlines()[0].rstrip(".")
         lines.append("  %-7s %s%s" % (name, "(default) " if name == DEFAULT_PRESET else "", doc))
@@ -591,26 +574,7 @@ def _add_cell_options(s) -> None:
                         "(default: the preset's; quick: 0.2; 0: one pass per sample)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
-    # from resetting what the main parser read.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks")
-    p = _Parser(prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="RNN vs RvNN benchmarks across frameworks: every implementation is "
-                            "checked against the NumPy reference before it is timed.",
-                epilog="start here:\n"
-                       "  python -m bench list                                  what can run here\n"
-                       "  python -m bench run --preset smoke --frameworks numpy  a run in seconds\n"
-                       "  python -m bench report results/run-...                report.md, CSV, "
-                       "plots\n"
-                       "every framework in its own venv, then the report: nox -s bench "
-                       "(see README.md)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    # The internal commands (cell, probe) are added without help: they stay out of --help.
-    sub = p.add_subparsers(dest="command", metavar="{list,run,report,compare,ab,study}", title="commands")
-
+def _add_list(sub, common) -> None:
     s = sub.add_parser("list", parents=[common],
                        help="what can run here: each framework, its version, or why it is unavailable")
     s.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
@@ -619,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one line per (framework, model, strategy), with every reason")
     s.set_defaults(fn=cmd_list)
 
+
+def _add_run(sub, common) -> None:
     s = sub.add_parser("run", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="run a preset's cells, each in its own process",
                        description="Run a preset's cells, each in a fresh process: the equivalence "
@@ -658,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the node's nox venv for it, else the node's own interpreter)")
     s.set_defaults(fn=cmd_run)
 
+
+def _add_report(sub, common) -> None:
     s = sub.add_parser("report", parents=[common],
                        help="report.md, summary.csv and plots from a run directory (needs pandas; "
                             "plots need matplotlib)")
@@ -669,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read past corrupt record lines (each is named) instead of refusing")
     s.set_defaults(fn=cmd_report)
 
+
+def _add_compare(sub, common) -> None:
     s = sub.add_parser("compare", parents=[common], help="regression check of NEW against BASE")
     s.add_argument("base")
     s.add_argument("new")
@@ -682,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read past corrupt record lines (each is named) instead of refusing")
     s.set_defaults(fn=cmd_compare)
 
+
+def _add_ab(sub, common) -> None:
     s = sub.add_parser("ab", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="interleaved A/B regression check of two environments (ABBA rounds)",
                        description="Run each cell alternately in two environments, ABBA over "
@@ -711,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_ab, epochs=None, spectral_radius=None, fastest_from=None,
                    skip_corrupt=False)
 
+
+def _add_study(sub, common) -> None:
     s = sub.add_parser("study", parents=[common],
                        help="studies over the NumPy reference: gradients (gradient flow)")
     s.add_argument("name", choices=("gradients",))
@@ -733,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic sequences per length (default 8)")
     s.set_defaults(fn=cmd_study)
 
+
+def _add_internal(sub) -> None:
+    """The internal commands (cell, gemm, probe): added without help, they stay out of --help."""
     s = sub.add_parser("cell")
     s.add_argument("--config", required=True)
     s.add_argument("--result", required=True)
@@ -749,6 +726,33 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("probe")
     s.add_argument("framework", choices=list(registry.FRAMEWORKS))
     s.set_defaults(fn=cmd_probe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
+    # from resetting what the main parser read.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+    p = _Parser(prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="RNN vs RvNN benchmarks across frameworks: every implementation is "
+                            "checked against the NumPy reference before it is timed.",
+                epilog="start here:\n"
+                       "  python -m bench list                                  what can run here\n"
+                       "  python -m bench run --preset smoke --frameworks numpy  a run in seconds\n"
+                       "  python -m bench report results/run-...                report.md, CSV, "
+                       "plots\n"
+                       "every framework in its own venv, then the report: nox -s bench "
+                       "(see README.md)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="{list,run,report,compare,ab,study}", title="commands")
+    _add_list(sub, common)
+    _add_run(sub, common)
+    _add_report(sub, common)
+    _add_compare(sub, common)
+    _add_ab(sub, common)
+    _add_study(sub, common)
+    _add_internal(sub)
     return p
 
 

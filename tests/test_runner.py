@@ -321,7 +321,7 @@ def test_refusals_that_depend_on_device_or_backend_are_static():
 
 def _cli_cells(*args):
     from bench import cli
-    return cli._cells(cli.build_parser().parse_args(["run"] + list(args)))
+    return cli.select_cells(cli.build_parser().parse_args(["run"] + list(args)))
 
 
 def test_task_and_budget_options_select_the_presets_own_cells():
