@@ -303,22 +303,7 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
     waits: List[Optional[float]] = [None] * len(durations or [])
     counts = [passes] * len(durations or [])
     if durations is None:
-        durations, waits = [], []
-        for _ in range(repeats):
-            before = thread_times()
-            done = 0
-            t0 = time.perf_counter()
-            while done < passes or time.perf_counter() - t0 < min_s:
-                for ready in prepared:
-                    call(ready)
-                done += 1
-            impl.sync()
-            durations.append(time.perf_counter() - t0)
-            waits.append(wait_share(before, thread_times()))
-            counts.append(done)
-            if len(durations) < repeats:
-                _PHASES.say("%s sample %d/%d (%d pool passes or more each)"
-                            % (what, len(durations) + 1, repeats, passes))
+        durations, waits, counts = _sample_loop(impl, call, prepared, repeats, passes, min_s, what)
     fault = _test_fault("timing")
     if fault is not None:
         durations = [float(fault)] * len(durations)
@@ -327,6 +312,29 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
         per_s.append(sum(sizes) * k / dt if dt else math.inf)
         tok_s.append(sum(tokens) * k / dt if dt else math.inf)
     return per_s, tok_s, [None if w is None else round(w, 4) for w in waits], counts
+
+
+def _sample_loop(impl, call, prepared: List, repeats: int, passes: int, min_s: float, what: str):
+    """``_timed_passes``' own clock: (seconds, wait share, passes) of each sample."""
+    durations: List[float] = []
+    waits: List[Optional[float]] = []
+    counts: List[int] = []
+    for _ in range(repeats):
+        before = thread_times()
+        done = 0
+        t0 = time.perf_counter()
+        while done < passes or time.perf_counter() - t0 < min_s:
+            for ready in prepared:
+                call(ready)
+            done += 1
+        impl.sync()
+        durations.append(time.perf_counter() - t0)
+        waits.append(wait_share(before, thread_times()))
+        counts.append(done)
+        if len(durations) < repeats:
+            _PHASES.say("%s sample %d/%d (%d pool passes or more each)"
+                        % (what, len(durations) + 1, repeats, passes))
+    return durations, waits, counts
 
 
 # Every number here must be finite and positive for the cell to be `ok`.
@@ -523,7 +531,36 @@ def _apply_test_faults() -> None:
 
 
 def _run(cfg: CellConfig, rec: Dict) -> None:
-    family = cfg.family
+    """The steps of the module docstring, in order; a step that decides the cell's status
+    (not applicable, unavailable, not equivalent) ends it there."""
+    dataset, model_cfg, groups, pool = _data_and_pool(cfg, rec)                   # 1
+    impl = _implementation(cfg, model_cfg, rec)
+    if impl is None:
+        return
+    params, prepared = _prepared(impl, cfg, model_cfg, pool, rec)                 # 2
+    _first_calls(impl, prepared, params, rec)                                     # 3
+    if not _verified(impl, cfg, model_cfg, dataset, groups, params, rec):         # 4
+        return
+    rec.update(_flops_per_sample(model_cfg, pool))
+    _warmup(impl, cfg, prepared, rec)                                             # 5
+    _timed(impl, cfg, pool, prepared, rec)                                        # 6
+    _latency(impl, cfg, dataset, rec)                                             # 7
+    _phase("gemm")
+    try:
+        rec["gemm_flops"] = impl.gemm_flops()
+    except NotImplementedError:
+        pass
+    if not _accuracy_budget(impl, cfg, model_cfg, dataset, rec):                  # 8
+        return
+    peak = impl.device_peak_bytes()
+    rec["device_peak_mb"] = peak / 2 ** 20 if peak is not None else None
+    rec["info"].update(impl.info())
+    rec["status"] = "ok"
+
+
+def _data_and_pool(cfg: CellConfig, rec: Dict):
+    """The task, the model's configuration and the timed pool (its batches and their groups
+    of examples)."""
     _phase("data")
     dataset = load_task(cfg.task, seed=DATA_SEED)
     rec["info"]["data_source"] = dataset.origin
@@ -534,48 +571,63 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     _phase("pool")
     groups = batch_examples(dataset.train, cfg.batch_size, seed=cfg.seed, bucket=True,
                             drop_last=len(dataset.train) >= cfg.batch_size)[:cfg.pool_batches]
-    pool = [_make_batch(family, g) for g in groups]
+    pool = [_make_batch(cfg.family, g) for g in groups]
     rec["batch_hash"] = hash_batches(pool)
+    return dataset, model_cfg, groups, pool
 
+
+def _implementation(cfg: CellConfig, model_cfg: ModelConfig, rec: Dict):
+    """The framework's model object, or None with the record saying why there is none."""
     _phase("imports")
     try:
         impl = registry.load(cfg.framework, cfg.model)(model_cfg, cfg.strategy, cfg.device,
                                                       cfg.threads)
     except NotApplicable as exc:
         rec["status"], rec["reason"] = "not-applicable", str(exc)
-        return
+        return None
     except Unavailable as exc:
         rec["status"], rec["reason"] = "unavailable", str(exc)
         if isinstance(exc, DeviceUnavailable):
             rec["unavailable_scope"] = "device"
-        return
-
+        return None
     impl.batch_size = cfg.batch_size  # static-shape strategies pad smaller batches to it
+    return impl
+
+
+def _prepared(impl, cfg: CellConfig, model_cfg: ModelConfig, pool, rec: Dict):
+    """The canonical parameters, loaded, and every pool batch prepared (step 2)."""
     # After the framework import (which may load its own BLAS), before any work.
     _phase("pool")
     rec["info"]["blas_threads"] = limit_blas_threads(cfg.threads)
     params = init_params(model_cfg, cfg.seed)
     impl.load_params(params)
-    prepared = [impl.prepare(b) for b in pool]
+    return params, [impl.prepare(b) for b in pool]
 
+
+def _first_calls(impl, prepared: List, params, rec: Dict) -> None:
+    """The first train step and inference call, each timed alone (step 3).
+
+    They come before the gate: a framework that traces or compiles lazily would
+    otherwise compile inside the gate, and its first timed call would look free.
+    The step they take is undone before the gate. Training is declared
+    (Implementation.trains), never inferred: a NotImplementedError from a
+    declared hook fails the cell like any other error.
+    """
     _phase("first_call")
-    # The first calls come before the gate: a framework that traces or compiles
-    # lazily would otherwise compile inside the gate, and its first timed call
-    # would look free. The step they take is undone before the gate. Training is
-    # declared (Implementation.trains), never inferred: a NotImplementedError
-    # from a declared hook fails the cell like any other error.
-    can_train = impl.trains
-    if can_train:
+    if impl.trains:
         rec["compile_s"] = _first_call(impl, impl.train_step, prepared[0])
     rec["first_infer_s"] = _first_call(impl, impl.logits, prepared[0])
     if rec["compile_s"] is None:
         rec["compile_s"] = rec["first_infer_s"]
     impl.load_params(params)
 
-    # Equivalence before any timed pass; a cell that fails keeps no timing.
+
+def _verified(impl, cfg: CellConfig, model_cfg: ModelConfig, dataset, groups, params,
+              rec: Dict) -> bool:
+    """Equivalence before any timed pass (step 4); a cell that fails keeps no timing."""
     _phase("gate")
     t0 = time.perf_counter()
-    result = _gate(impl, cfg, model_cfg, family, dataset, groups, params)
+    result = _gate(impl, cfg, model_cfg, cfg.family, dataset, groups, params)
     impl.load_params(params)   # undoes the gate's optimiser step (and resets the optimiser)
     rec["verify_s"] = time.perf_counter() - t0
     rec["verify_max_abs_diff"] = result["logits_max_abs"]
@@ -592,45 +644,56 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
         rec["status"] = "failed"
         rec["reason"] = "not equivalent: " + "; ".join(result["problems"])
         rec["compile_s"] = rec["first_infer_s"] = None
-        return
+    return result["ok"]
 
-    sizes = [b.size for b in pool]
-    tokens = [b.num_tokens for b in pool]
-    n = float(sum(sizes))
-    rec["infer_flops_per_sample"] = sum(forward_flops(model_cfg, b) for b in pool) / n
-    rec["train_flops_per_sample"] = sum(train_flops(model_cfg, b) for b in pool) / n
 
+def _flops_per_sample(model_cfg: ModelConfig, pool) -> Dict[str, float]:
+    n = float(sum(b.size for b in pool))
+    return {"infer_flops_per_sample": sum(forward_flops(model_cfg, b) for b in pool) / n,
+            "train_flops_per_sample": sum(train_flops(model_cfg, b) for b in pool) / n}
+
+
+def _warmup(impl, cfg: CellConfig, prepared: List, rec: Dict) -> None:
+    """``warmup_passes`` untimed passes (step 5), then every pool shape once more."""
     _phase("warmup")
     t0 = time.perf_counter()
     for _ in range(cfg.warmup_passes):
         for ready in prepared:
-            if can_train:
+            if impl.trains:
                 impl.train_step(ready)
             impl.logits(ready)
     # Every pool shape must be warm before timing, even with warmup_passes=0.
     for ready in prepared[1:]:
-        if can_train:
+        if impl.trains:
             impl.train_step(ready)
         impl.logits(ready)
     impl.sync()
     rec["warmup_s"] = time.perf_counter() - t0
 
+
+def _timed(impl, cfg: CellConfig, pool, prepared: List, rec: Dict) -> None:
+    """The timed samples, training then inference, with the machine's noise around them
+    (step 6)."""
     _phase("timed")
+    sizes = [b.size for b in pool]
+    tokens = [b.num_tokens for b in pool]
     noise = NoiseProbe(cfg.threads).start()
     rec["passes_per_sample"] = {}
-    for name, call in ((("train", impl.train_step),) if can_train else ()) + (("infer", impl.logits),):
+    for name, call in ((("train", impl.train_step),) if impl.trains else ()) + (("infer", impl.logits),):
         k = calibrate(impl, call, prepared, cfg.min_repeat_s)
         (rec[name + "_samples_per_s"], rec[name + "_tokens_per_s"], rec[name + "_wait_shares"],
          rec["passes_per_sample"][name]) = _timed_passes(impl, call, prepared, sizes, tokens,
                                                          cfg.repeats, k, cfg.min_repeat_s)
-    if not can_train:
+    if not impl.trains:
         rec["reason"] = "inference only: this implementation declares no training step"
     rec["noise"] = noise.stop()
     rec["noisy"] = rec["noise"]["noisy"]
 
-    # Batch-1 latency on dev examples; each shape is called once untimed first.
+
+def _latency(impl, cfg: CellConfig, dataset, rec: Dict) -> None:
+    """Batch-1 latency on dev examples (step 7); each shape is called once untimed first."""
     _phase("latency")
-    singles = [impl.prepare(_make_batch(family, [e]))
+    singles = [impl.prepare(_make_batch(cfg.family, [e]))
                for e in dataset.splits["dev"][:cfg.latency_samples]]
     for ready in singles:
         impl.logits(ready)
@@ -649,25 +712,19 @@ def _run(cfg: CellConfig, rec: Dict) -> None:
     rec["latency_ms_p50"] = percentile(lat, 50)
     rec["latency_ms_p95"] = percentile(lat, 95)
 
-    _phase("gemm")
-    try:
-        rec["gemm_flops"] = impl.gemm_flops()
-    except NotImplementedError:
-        pass
 
-    if cfg.epochs > 0 and can_train:
+def _accuracy_budget(impl, cfg: CellConfig, model_cfg: ModelConfig, dataset, rec: Dict) -> bool:
+    """The accuracy budget or the readout (step 8); False when the readout's features were
+    not equivalent (the cell has failed)."""
+    if cfg.epochs > 0 and impl.trains:
         _phase("accuracy")
-        rec["accuracy"] = _accuracy(impl, model_cfg, family, dataset, cfg)
+        rec["accuracy"] = _accuracy(impl, model_cfg, cfg.family, dataset, cfg)
     if cfg.train_mode == "readout":
         _phase("accuracy")
-        rec["accuracy"] = _readout(cfg, model_cfg, family, dataset)
+        rec["accuracy"] = _readout(cfg, model_cfg, cfg.family, dataset)
         if not rec["accuracy"]["verified"]:
             rec["status"] = "failed"
             rec["reason"] = "not equivalent: readout features differ from the reference by %.3g" \
                 % rec["accuracy"]["verify_max_abs"]
-            return
-
-    peak = impl.device_peak_bytes()
-    rec["device_peak_mb"] = peak / 2 ** 20 if peak is not None else None
-    rec["info"].update(impl.info())
-    rec["status"] = "ok"
+            return False
+    return True
