@@ -342,13 +342,7 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
                     reason="the cell process could not start: %s" % exc, cell_wall_s=0.0)
     try:
         err, timed_out = _wait(proc, cfg.timeout_s, t0, status_path, on_status)
-        rec = None
-        try:
-            with open(result_path, encoding="utf-8") as fh:
-                text = fh.read()
-            rec = json.loads(text) if text.strip() else None
-        except (OSError, ValueError):
-            rec = None
+        rec = _read_result(result_path)
         last_status = read_status(status_path) if rec is None else None
     finally:
         for leftover in (result_path, result_path + ".tmp", status_path, status_path + ".tmp"):
@@ -359,25 +353,8 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
         code = errno.ENOSPC if proc.returncode == RESULT_DISK_FULL else errno.EIO
         raise OSError(code, _tail(err, 1) or os.strerror(code), result_path)
     if rec is None:
-        rec = base_record(cfg)
-        rec["framework_version"] = version
-        rec["stderr_tail"] = _tail(err)
-        rec["returncode"] = proc.returncode
-        if last_status:
-            rec["last_phase"] = describe_status(last_status)
-        evidence = _oom_evidence(err, oom_before, oom_kills(OOM_FILE))
-        if timed_out:
-            rec["status"], rec["reason"] = "timeout", "no result after %d s" % cfg.timeout_s
-        elif evidence:
-            rec["status"] = "oom"
-            rec["reason"] = "out of memory: %s; the cell %s" % (evidence, _how_it_ended(proc.returncode))
-        elif proc.returncode == WATCHDOG_EXIT:
-            rec["status"] = "timeout"
-            rec["reason"] = "the cell's own deadline (%d s and a grace period) passed" % cfg.timeout_s
-        else:
-            rec["status"] = "crashed"
-            last = _tail(err, 1)
-            rec["reason"] = _how_it_ended(proc.returncode) + (": %s" % last if last else "")
+        rec = _record_without_result(cfg, version, err, proc.returncode, timed_out, last_status,
+                                     oom_before)
     rec["cell_wall_s"] = time.time() - t0
     phases = rec.get("phase_s")
     if isinstance(phases, dict) and isinstance(rec.get("wall_s"), (int, float)):
@@ -386,7 +363,44 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
     return rec
 
 
-def _merge_env(path: str, env: Dict) -> Dict:
+def _read_result(path: str) -> Optional[Dict]:
+    """The record a cell wrote, or None where it wrote none (or not a whole one)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _record_without_result(cfg: CellConfig, version: Optional[str], err: str, returncode: int,
+                           timed_out: bool, last_status: Optional[Dict],
+                           oom_before: Optional[int]) -> Dict:
+    """A cell that ended without a result: timed out, out of memory, past its own deadline,
+    or crashed; its stderr's tail and last phase say more."""
+    rec = base_record(cfg)
+    rec["framework_version"] = version
+    rec["stderr_tail"] = _tail(err)
+    rec["returncode"] = returncode
+    if last_status:
+        rec["last_phase"] = describe_status(last_status)
+    evidence = _oom_evidence(err, oom_before, oom_kills(OOM_FILE))
+    if timed_out:
+        rec["status"], rec["reason"] = "timeout", "no result after %d s" % cfg.timeout_s
+    elif evidence:
+        rec["status"] = "oom"
+        rec["reason"] = "out of memory: %s; the cell %s" % (evidence, _how_it_ended(returncode))
+    elif returncode == WATCHDOG_EXIT:
+        rec["status"] = "timeout"
+        rec["reason"] = "the cell's own deadline (%d s and a grace period) passed" % cfg.timeout_s
+    else:
+        rec["status"] = "crashed"
+        last = _tail(err, 1)
+        rec["reason"] = _how_it_ended(returncode) + (": %s" % last if last else "")
+    return rec
+
+
+def merge_env(path: str, env: Dict) -> Dict:
     """A resumed run may name other frameworks than the run it extends: keep both.
 
     The frameworks (and their probes) recorded before stay unless probed again,
@@ -548,77 +562,103 @@ class LocalExecutor:
 
 def _run_locked(cells, out_dir, path, earlier, retry_failed, python, out, executor) -> int:
     todo = plan(cells, earlier, retry_failed)
-    final = {r["cell_id"]: r for r in latest(earlier)}
+    final = {r["cell_id"]: r for r in latest(earlier)}   # each cell's last record so far
     if earlier:
         again = sum(1 for c in todo if c.key() in final)
         out.write("resume: %d of %d cells already recorded%s\n" % (
             len(cells) - len(todo) + again, len(cells),
             "; rerunning %d that failed" % again if again else ""))
-
     fws = sorted({c.framework for c in cells}, key=list(registry.FRAMEWORKS).index)
     executor.start(ROOT)
     try:
         probes = probe_frameworks(fws, python=python)
-        threads = sorted({c.threads for c in cells})
-        env = describe({k: v.get("detail") if v.get("ok") else None for k, v in probes.items()},
-                       threads[0] if len(threads) == 1 else threads, ROOT)
-        env["framework_probes"] = probes
-        env.update(executor.describe())
-        env[PLANNED] = planned_cells(cells)
-        # The roofline's denominator: measured once per run here, not by each framework.
-        gemm = machine_gemm([c.threads for c in cells if c.device == "cpu"], python) \
-            if executor.name == "local" else {}
-        env["machine_gemm_flops"] = gemm
-        env_path = os.path.join(out_dir, ENV)
-        if earlier or os.path.exists(env_path):
-            env = _merge_env(env_path, env)
-        try:
-            atomic_write(env_path, json.dumps(env, indent=2, sort_keys=True))
-        except OSError as exc:
-            raise EnvironmentProblem(_write_failure(env_path, exc, len(final))) from None
-
-        for fw in fws if executor.name == "local" else ():   # on a cluster the nodes decide
-            if not probes[fw].get("ok"):
-                n = sum(1 for c in todo if c.framework == fw)
-                out.write("%s: unavailable: %s (its %d cell%s are recorded as unavailable)\n"
-                          % (fw, probes[fw].get("detail", ""), n, "" if n == 1 else "s"))
-        progress = Progress(len(todo), stream=out)
-        counts = {s: 0 for s in STATUSES}
-        cells_done = executor.records(todo, probes, out_dir, progress)
-        try:
-            while True:
-                try:
-                    cfg, rec, seconds = next(cells_done)
-                except StopIteration:
-                    break
-                except OSError as exc:
-                    raise EnvironmentProblem(_write_failure(exc.filename or out_dir, exc,
-                                                            len(final), "the cell's result")) from None
-                if rec.get("status") == "ok" and cfg.device == "cpu":
-                    rec["machine_gemm_flops"] = gemm.get(str(cfg.threads))
-                try:
-                    append_record(path, rec)
-                except OSError as exc:
-                    raise EnvironmentProblem(_write_failure(path, exc, len(final))) from None
-                final.pop(rec["cell_id"], None)
-                final[rec["cell_id"]] = rec
-                counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-                progress.finish(cfg.label(), rec["status"], seconds,
-                                (rec.get("phase_s") or {}).get("timed"))
-        finally:
-            cells_done.close()   # an executor with cells in flight cancels them here
-            progress.close()
+        gemm = _write_env(cells, probes, executor, python, out_dir, bool(earlier), len(final))
+        if executor.name == "local":   # on a cluster the nodes decide
+            _say_unavailable(out, fws, probes, todo)
+        counts = _record_cells(executor, todo, probes, out_dir, path, gemm, final, out)
     finally:
         executor.stop()
     out.write("cells: " + ", ".join("%s %d" % (k, v) for k, v in counts.items() if v) + "\n")
+    return _summary(final.values(), out)
+
+
+def _write_env(cells, probes: Dict[str, Dict], executor, python: str, out_dir: str,
+               resumed: bool, recorded: int) -> Dict[str, Optional[float]]:
+    """env.json: the machine, the frameworks' probes and the cells planned, merged with the
+    earlier run's when there is one. Returns the machine's GEMM rate per thread count."""
+    threads = sorted({c.threads for c in cells})
+    env = describe({k: v.get("detail") if v.get("ok") else None for k, v in probes.items()},
+                   threads[0] if len(threads) == 1 else threads, ROOT)
+    env["framework_probes"] = probes
+    env.update(executor.describe())
+    env[PLANNED] = planned_cells(cells)
+    # The roofline's denominator: measured once per run here, not by each framework.
+    gemm = machine_gemm([c.threads for c in cells if c.device == "cpu"], python) \
+        if executor.name == "local" else {}
+    env["machine_gemm_flops"] = gemm
+    env_path = os.path.join(out_dir, ENV)
+    if resumed or os.path.exists(env_path):
+        env = merge_env(env_path, env)
+    try:
+        atomic_write(env_path, json.dumps(env, indent=2, sort_keys=True))
+    except OSError as exc:
+        raise EnvironmentProblem(_write_failure(env_path, exc, recorded)) from None
+    return gemm
+
+
+def _say_unavailable(out, fws: Sequence[str], probes: Dict[str, Dict], todo) -> None:
+    for fw in fws:
+        if not probes[fw].get("ok"):
+            n = sum(1 for c in todo if c.framework == fw)
+            out.write("%s: unavailable: %s (its %d cell%s are recorded as unavailable)\n"
+                      % (fw, probes[fw].get("detail", ""), n, "" if n == 1 else "s"))
+
+
+def _record_cells(executor, todo, probes: Dict[str, Dict], out_dir: str, path: str,
+                  gemm: Dict[str, Optional[float]], final: Dict[str, Dict], out) -> Dict[str, int]:
+    """Append each record the executor yields, as it comes; ``final`` keeps each cell's
+    last record. Returns the count of each status."""
+    progress = Progress(len(todo), stream=out)
+    counts = {s: 0 for s in STATUSES}
+    cells_done = executor.records(todo, probes, out_dir, progress)
+    try:
+        while True:
+            try:
+                cfg, rec, seconds = next(cells_done)
+            except StopIteration:
+                break
+            except OSError as exc:
+                raise EnvironmentProblem(_write_failure(exc.filename or out_dir, exc,
+                                                        len(final), "the cell's result")) from None
+            if rec.get("status") == "ok" and cfg.device == "cpu":
+                rec["machine_gemm_flops"] = gemm.get(str(cfg.threads))
+            try:
+                append_record(path, rec)
+            except OSError as exc:
+                raise EnvironmentProblem(_write_failure(path, exc, len(final))) from None
+            final.pop(rec["cell_id"], None)
+            final[rec["cell_id"]] = rec
+            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            progress.finish(cfg.label(), rec["status"], seconds,
+                            (rec.get("phase_s") or {}).get("timed"))
+    finally:
+        cells_done.close()   # an executor with cells in flight cancels them here
+        progress.close()
+    return counts
+
+
+def _summary(final: Iterable[Dict], out) -> int:
+    """The unavailable and failed cells of the whole run (earlier parts included); the exit
+    code: 1 if any failed."""
+    final = list(final)
     unavailable: Dict[Tuple[str, str], int] = {}
-    for rec in final.values():
+    for rec in final:
         if rec.get("status") == "unavailable":
             key = (rec["framework"], rec.get("reason", ""))
             unavailable[key] = unavailable.get(key, 0) + 1
     for (fw, reason), n in unavailable.items():
         out.write("  unavailable %s (%d cell%s): %s\n" % (fw, n, "" if n == 1 else "s", reason))
-    failed = [r for r in final.values() if r.get("status") in FAILED]
+    failed = [r for r in final if r.get("status") in FAILED]
     for rec in failed:
         out.write("  %s %s/%s/%s %s: %s\n" % (rec["status"], rec["framework"], rec["model"],
                                              rec["strategy"], rec["task"], rec.get("reason", "")))

@@ -88,11 +88,11 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_frameworks_its_earlier_steps_recorded(tmp_path):
-    from bench.runner import _merge_env
+    from bench.runner import merge_env
     path = tmp_path / "env.json"
     path.write_text(json.dumps({"frameworks": {"torch": "2.11"}, "framework_probes": {"torch": {"ok": True}},
                                 "time": "T1", "git_commit": "abc", "threads": 2}))
-    env = _merge_env(str(path), {"frameworks": {"jax": "0.11"}, "framework_probes": {"jax": {"ok": True}},
+    env = merge_env(str(path), {"frameworks": {"jax": "0.11"}, "framework_probes": {"jax": {"ok": True}},
                                  "time": "T2", "git_commit": "def", "threads": 2})
     assert env["frameworks"] == {"torch": "2.11", "jax": "0.11"}
     assert set(env["framework_probes"]) == {"torch", "jax"}
@@ -100,10 +100,10 @@ def test_a_resumed_run_keeps_the_frameworks_its_earlier_steps_recorded(tmp_path)
     assert env["earlier_starts"] == [{"time": "T1", "git_commit": "abc", "threads": 2}]
     # the cells each step planned add up, so a report can tell what is still missing
     path.write_text(json.dumps({"planned_cells": {"torch": ["a", "b"]}}))
-    env = _merge_env(str(path), {"planned_cells": {"torch": ["b", "c"], "jax": ["d"]}})
+    env = merge_env(str(path), {"planned_cells": {"torch": ["b", "c"], "jax": ["d"]}})
     assert env["planned_cells"] == {"torch": ["a", "b", "c"], "jax": ["d"]}
     # no earlier env.json: the new one as it is
-    assert _merge_env(str(tmp_path / "none.json"), {"frameworks": {}}) == {"frameworks": {}}
+    assert merge_env(str(tmp_path / "none.json"), {"frameworks": {}}) == {"frameworks": {}}
 
 
 def test_a_device_found_absent_once_is_not_probed_again(tmp_path, monkeypatch):
