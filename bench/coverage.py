@@ -57,34 +57,42 @@ def coverage_rows(records: List[Dict], incomplete: Optional[Dict[str, Tuple[int,
     for name, (fws, why_not, recipe) in SEED_FRAMEWORKS.items():
         registered = [f for f in fws if f in registry.FRAMEWORKS]
         recs = [r for r in records if r.get("framework") in registered]
-        ok = [r for r in recs if r["status"] == "ok"]
-        if not registered:
-            status = "not runnable here: %s. Elsewhere: %s" % (why_not or "no implementation yet",
-                                                               recipe)
-        elif not recs:
-            status = "implemented as %s, not in this run. Install: %s" % (", ".join(registered), recipe) \
-                if registered else recipe
-        else:
-            reasons = sorted({"%s: %s" % (r["status"], r["reason"]) for r in recs
-                              if r["status"] in ("unavailable", "failed", "timeout", "oom")})
-            status = "ok" if ok else "no cell ran"
-            short = ["%s %d of %d planned cells recorded" % (f, *incomplete[f])
-                     for f in registered if f in incomplete]
-            if short:
-                status = "incomplete: %s (interrupted or still running)%s" % (
-                    ", ".join(short), "" if status == "ok" else "; " + status)
-            if reasons:
-                status += "; " + "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
-        diffs = [r["verify_max_abs_diff"] for r in ok if r.get("verify_max_abs_diff") is not None]
-        rows.append({
-            "framework": name,
-            "entries": ", ".join(registered) or "-",
-            "RNN": _strategies(recs, RNN_MODELS),
-            "RvNN": _strategies(recs, RVNN_MODELS),
-            "equivalence verified": ("yes, %d cells (max logit diff %.1e)" % (len(diffs), max(diffs))
-                                     if diffs else "-"),
-            "CPU timed": sum(1 for r in ok if r["device"] == "cpu"),
-            "GPU timed": sum(1 for r in ok if r["device"] == "gpu"),
-            "status / reason": status,
-        })
+        row = _results(name, registered, recs)
+        row["status / reason"] = _status(registered, recs, why_not, recipe, incomplete)
+        rows.append(row)
     return rows
+
+
+def _results(name: str, registered: List[str], recs: List[Dict]) -> Dict:
+    ok = [r for r in recs if r["status"] == "ok"]
+    diffs = [r["verify_max_abs_diff"] for r in ok if r.get("verify_max_abs_diff") is not None]
+    return {
+        "framework": name,
+        "entries": ", ".join(registered) or "-",
+        "RNN": _strategies(recs, RNN_MODELS),
+        "RvNN": _strategies(recs, RVNN_MODELS),
+        "equivalence verified": ("yes, %d cells (max logit diff %.1e)" % (len(diffs), max(diffs))
+                                 if diffs else "-"),
+        "CPU timed": sum(1 for r in ok if r["device"] == "cpu"),
+        "GPU timed": sum(1 for r in ok if r["device"] == "gpu"),
+    }
+
+
+def _status(registered: List[str], recs: List[Dict], why_not: str, recipe: str,
+            incomplete: Dict[str, Tuple[int, int]]) -> str:
+    """Why a seed framework has no row of results, or how complete its results are."""
+    if not registered:
+        return "not runnable here: %s. Elsewhere: %s" % (why_not or "no implementation yet", recipe)
+    if not recs:
+        return "implemented as %s, not in this run. Install: %s" % (", ".join(registered), recipe)
+    status = "ok" if any(r["status"] == "ok" for r in recs) else "no cell ran"
+    short = ["%s %d of %d planned cells recorded" % (f, *incomplete[f])
+             for f in registered if f in incomplete]
+    if short:
+        status = "incomplete: %s (interrupted or still running)%s" % (
+            ", ".join(short), "" if status == "ok" else "; " + status)
+    reasons = sorted({"%s: %s" % (r["status"], r["reason"]) for r in recs
+                      if r["status"] in ("unavailable", "failed", "timeout", "oom")})
+    if reasons:
+        status += "; " + "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+    return status
