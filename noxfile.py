@@ -10,6 +10,7 @@ another framework installed; `bench` itself only chooses which of them run, so a
 framework left out costs nothing, not even a virtualenv.
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -41,44 +42,28 @@ def _expose_pyenv_pythons():
 _expose_pyenv_pythons()
 LATEST = os.path.join("results", "latest")
 
-# One place for pins. torch: exactly 2.13.0 (a CPU wheel on this machine kind;
-# an unpinned torch pulls a multi-GB CUDA build).
-TORCH = ["torch==2.13.0"]
-JAX = ["jax[cpu]==0.10.2", "optax==0.2.8"]
-TENSORFLOW = ["tensorflow-cpu==2.21.0"]
-KERAS = ["keras==3.15.1"]
-CORE = ["numpy", "threadpoolctl", "psutil"]
-RAY = ["ray==2.60.0"]   # `bench run --executor ray`; pyproject's `cluster` extra
-REPORT = ["pandas", "matplotlib"]
 
-# framework -> (python, pip install steps run in order; each step is one pip call)
-FRAMEWORKS = {
-    "numpy": ("3.11", []),
-    "torch": ("3.11", [TORCH]),
-    "jax": ("3.11", [JAX]),
-    "tensorflow": ("3.11", [TENSORFLOW]),
-    "keras-torch": ("3.11", [KERAS + TORCH]),
-    "keras-jax": ("3.11", [KERAS + JAX]),
-    "keras-tensorflow": ("3.11", [KERAS + TENSORFLOW]),
-    "paddle": ("3.11", [["paddlepaddle==3.3.1"]]),
-    "pytensor": ("3.11", [["pytensor==3.0.7"]]),
-    "theano": ("3.10", [["Theano==1.0.5", "numpy<1.22", "scipy<1.8"]]),
-    # Chainer's sdist needs an old setuptools and no build isolation.
-    "chainer": ("3.11", [["setuptools<70", "wheel"], ["--no-build-isolation", "chainer==7.8.1"],
-                         ["numpy<2"]]),
-    "mxnet": ("3.11", [["mxnet==1.9.1", "numpy<1.24"]]),
-    # DyNet publishes wheels for CPython 3.6-3.8 only.
-    "dynet": ("3.8", [["dynet==2.1.2", "numpy<1.25"]]),
-    "dynet-autobatch": ("3.8", [["dynet==2.1.2", "numpy<1.25"]]),
-    # Caffe 1.0 is Debian 11's python3-caffe (CPU, built for Python 3.9), unpacked into
-    # .deps/caffe (see _caffe_env); pip supplies the Python modules it imports.
-    "caffe": ("3.9", [["numpy<1.24", "protobuf<3.21", "scikit-image<0.20", "scipy<1.12", "six"]]),
-    # CNTK 2.7 (cp36 wheels only) runs in a Python 3.6 worker process set up by _cntk_env;
-    # the host side needs nothing beyond the core.
-    "cntk": ("3.11", []),
-}
-# The frameworks the tests-3.11 session installs together (one cross-framework venv).
-CROSS = ["numpy", "torch", "jax", "tensorflow"]
+def _framework_table():
+    """bench/frameworks.py, loaded by path: this file's venv has nox alone, and importing the
+    bench package would import numpy. The table is plain data on the standard library."""
+    spec = importlib.util.spec_from_file_location("bench_framework_table",
+                                                  os.path.join(ROOT, "bench", "frameworks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TABLE = _framework_table()
+# framework -> its entry: the Python of its venv and its pip steps (each step is one pip call)
+FRAMEWORKS = {fw.name: fw for fw in TABLE.ENTRIES}
+CORE = list(TABLE.CORE)
+RAY = list(TABLE.RAY)   # `bench run --executor ray`; pyproject's `cluster` extra
+REPORT = list(TABLE.REPORT)
+# The default `nox -s bench`: the reference and the three frameworks most users choose between.
+CORE_SET = list(TABLE.CORE_SET)
+# The frameworks the tests-3.11 session installs together (one cross-framework venv), and their pins.
+CROSS = CORE_SET
+CROSS_PINS = list(TABLE.pins(CROSS))
 
 
 def _no_venv(session):
@@ -90,7 +75,7 @@ def _install(session, framework, extra=()):
     if _no_venv(session):
         return
     session.install(*CORE, *extra)
-    for step in FRAMEWORKS[framework][1]:
+    for step in FRAMEWORKS[framework].pip:
         session.install(*step)
 
 
@@ -212,12 +197,8 @@ def _env(session, framework, env):
 
 def _params(exclude=()):
     names = [fw for fw in FRAMEWORKS if fw not in exclude]
-    return nox.parametrize("python,framework", [(FRAMEWORKS[fw][0], fw) for fw in names],
+    return nox.parametrize("python,framework", [(FRAMEWORKS[fw].python, fw) for fw in names],
                            ids=["framework='%s'" % fw for fw in names])
-
-
-# The default `nox -s bench`: the reference and the three frameworks most users choose between.
-CORE_SET = ["numpy", "torch", "jax", "tensorflow"]
 
 
 def split_frameworks(posargs):
@@ -346,12 +327,13 @@ def parity(session, framework):
 @_params(exclude=CROSS)
 def test_framework(session, framework):
     """Equivalence and framework-specific tests for one framework, in its own venv."""
+    specific = FRAMEWORKS[framework].tests
+    files = ["tests/test_equivalence.py"] + (["tests/" + specific] if specific else [])
+    missing = [f for f in files if not os.path.exists(os.path.join(ROOT, f))]
+    if missing:   # dropping one would pass the session without its framework-specific checks
+        session.error("bench/frameworks.py names test files that do not exist: %s"
+                      % ", ".join(missing))
     _install(session, framework, extra=["pytest"])
-    # PyTensor and Theano run one graph code base: their checks share one file.
-    stem = {"dynet-autobatch": "dynet", "pytensor": "symbolic", "theano": "symbolic"}.get(
-        framework, framework.split("-")[0])
-    specific = "tests/test_%s_specific.py" % stem
-    files = ["tests/test_equivalence.py"] + ([specific] if os.path.exists(specific) else [])
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *session.posargs,
                 env=_env(session, framework, {
                     "PYTHONPATH": ROOT, "BENCH_FRAMEWORKS": framework,
@@ -382,7 +364,7 @@ def tests(session):
         frameworks = "numpy"
     else:
         # nox: tests/test_noxfile.py runs the bench job's sessions (with --no-venv)
-        session.install(*(CORE + REPORT + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark", "nox"]))
+        session.install(*(CORE + REPORT + CROSS_PINS + ["pytest", "pytest-benchmark", "nox"]))
         session.run("python", "-m", "pip", "check")
         frameworks = ",".join(CROSS)
     bench_flags = [] if session.python == "3.8" else ["--benchmark-disable"]
@@ -408,7 +390,7 @@ def mutants(session):
     """The gate's mutation suite: every mutation of tests/mutants/table.py applied to a copy of
     the code, each affected cell run at the smoke and quick presets' sizes; prints the table
     (posargs go to tests/mutants/driver.py, e.g. --presets smoke --frameworks jax)."""
-    session.install(*(CORE + TORCH + JAX + TENSORFLOW))
+    session.install(*(CORE + CROSS_PINS))
     session.run("python", os.path.join("tests", "mutants", "driver.py"), *session.posargs,
                 env={"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
@@ -416,7 +398,7 @@ def mutants(session):
 @nox.session(python="3.11")
 def perf(session):
     """pytest-benchmark per implementation; compare with a saved run (see README)."""
-    session.install(*(CORE + TORCH + JAX + TENSORFLOW + ["pytest", "pytest-benchmark"]))
+    session.install(*(CORE + CROSS_PINS + ["pytest", "pytest-benchmark"]))
     session.run("python", "-m", "pytest", "-q", "tests/perf", "--benchmark-autosave",
                 "--benchmark-columns=min,median,iqr,rounds", *session.posargs,
                 env={"PYTHONPATH": ROOT, "BENCH_FRAMEWORKS": ",".join(CROSS),

@@ -2,42 +2,59 @@
 
 The coverage table is generated from this list, the registry and the records:
 a framework with no registry entry keeps its row with the reason and the
-recipe that would install it elsewhere.
+recipe that would install it elsewhere; the install recipe of one with entries
+comes from the framework table (``bench.frameworks``), the pins nox installs.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import registry
 from .params import RNN_MODELS, RVNN_MODELS
 
-# name -> (registry frameworks, why not here (if none runs), recipe elsewhere)
+# name -> (registry frameworks, why not here, recipe elsewhere): the last two only for a
+# framework without entries
 SEED_FRAMEWORKS = OrderedDict([
     ("Apache Singa", ((), "its only PyPI wheel (singa 3.0.0.dev1, cp36) runs forward, but "
                           "backward fails inside its bindings",
                       "conda install -c nusdbsystem singa (Python 3.6-3.9)")),
-    ("Caffe", (("caffe",), "", "Debian 11 python3-caffe (CPU) in a Python 3.9 venv")),
-    ("Chainer", (("chainer",), "",
-                 "setuptools<70, pip install --no-build-isolation chainer==7.8.1, numpy<2")),
+    ("Caffe", (("caffe",), "", "")),
+    ("Chainer", (("chainer",), "", "")),
     ("Deeplearning4j", ((), "Maven Central is unreachable from this machine",
                         "Maven: org.deeplearning4j:deeplearning4j-core with nd4j-native-platform")),
-    ("DyNet", (("dynet", "dynet-autobatch"), "", "Python 3.8 venv, pip install dynet==2.1.2")),
+    ("DyNet", (("dynet", "dynet-autobatch"), "", "")),
     ("Flux", ((), "no Julia here (not in Debian 12; Julia's package server is unreachable)",
               "install Julia 1.x, then `using Pkg; Pkg.add(\"Flux\")`")),
-    ("JAX", (("jax",), "", "pip install 'jax[cpu]' optax")),
-    ("Keras", (("keras-torch", "keras-jax", "keras-tensorflow"), "", "pip install keras + a backend")),
-    ("Microsoft Cognitive Toolkit", (("cntk",), "", "Python 3.6 venv, cntk==2.7.post2, libopenmpi3")),
-    ("MXNet", (("mxnet",), "", "mxnet==1.9.1 'numpy<1.24'")),
-    ("PaddlePaddle", (("paddle",), "", "pip install paddlepaddle==3.3.1")),
-    ("PyTorch", (("torch",), "", "pip install torch==2.13.0")),
-    ("TensorFlow", (("tensorflow",), "", "pip install tensorflow-cpu==2.21.0")),
-    ("Theano", (("theano", "pytensor"), "", "Python 3.10 venv, Theano==1.0.5 'numpy<1.22' 'scipy<1.8'; "
-                                             "or pip install pytensor")),
+    ("JAX", (("jax",), "", "")),
+    ("Keras", (("keras-torch", "keras-jax", "keras-tensorflow"), "", "")),
+    ("Microsoft Cognitive Toolkit", (("cntk",), "", "")),
+    ("MXNet", (("mxnet",), "", "")),
+    ("PaddlePaddle", (("paddle",), "", "")),
+    ("PyTorch", (("torch",), "", "")),
+    ("TensorFlow", (("tensorflow",), "", "")),
+    ("Theano", (("theano", "pytensor"), "", "")),
     ("Torch (Lua)", ((), "no package for it here (no Debian package, and LuaRocks' torch needs "
                          "its own CUDA/BLAS build)", "the torch/distro install script with LuaJIT")),
 ])
+
+
+def install_recipe(names: Sequence[str]) -> str:
+    """How to install these registry frameworks, from their table entries: the Python,
+    the pip steps and what comes from outside pip (entries that install alike: once)."""
+    recipes: List[str] = []
+    for name in names:
+        fw = registry.FRAMEWORKS[name]
+        parts = ["Python %s venv" % fw.python]
+        if fw.pip:
+            parts[0] += ", " + ", then ".join("pip install " + " ".join(step) for step in fw.pip)
+        if fw.outside_pip:
+            parts.append(fw.outside_pip)
+        text = "; ".join(parts)
+        if text not in recipes:
+            recipes.append(text)
+    return "; or ".join(recipes)
 
 
 def _strategies(recs: List[Dict], models) -> str:
@@ -84,7 +101,8 @@ def _status(registered: List[str], recs: List[Dict], why_not: str, recipe: str,
     if not registered:
         return "not runnable here: %s. Elsewhere: %s" % (why_not or "no implementation yet", recipe)
     if not recs:
-        return "implemented as %s, not in this run. Install: %s" % (", ".join(registered), recipe)
+        return "implemented as %s, not in this run. Install: %s" % (
+            ", ".join(registered), recipe or install_recipe(registered))
     status = "ok" if any(r["status"] == "ok" for r in recs) else "no cell ran"
     short = ["%s %d of %d planned cells recorded" % (f, *incomplete[f])
              for f in registered if f in incomplete]

@@ -3,7 +3,8 @@
 Explicit, greppable, lazily imported. Importing ``bench`` never imports a
 framework; a framework that is missing or broken only disables its own entries.
 To add a framework: add an ``impls/<name>_impl/`` package with ``rnn.py``
-(class ``RNN``) and ``rvnn.py`` (class ``RvNN``), and one line here.
+(class ``RNN``) and ``rvnn.py`` (class ``RvNN``), and its entry in the framework
+table, ``bench/frameworks.py`` (plain data that noxfile.py reads too).
 """
 
 from __future__ import annotations
@@ -12,51 +13,13 @@ import importlib
 import importlib.util
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from .frameworks import ENTRIES, Framework
 from .interface import STRATEGIES, Implementation, Unavailable, not_applicable_reason
 from .params import MODELS, family
 
-
-@dataclass(frozen=True)
-class Framework:
-    name: str        # name on the command line and in records
-    package: str     # impls sub-package
-    probe: str       # module(s), comma-separated, whose import proves the framework is installed
-    env: Tuple[Tuple[str, str], ...] = ()  # environment set before the cell's process starts
-    dist: str = ""   # distribution whose metadata version is exact where __version__ is not
-
-
-_QUIET_TF = ("TF_CPP_MIN_LOG_LEVEL", "2")
-
-FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in [
-    Framework("numpy", "impls.numpy_impl", "numpy"),
-    # Inductor's on-disk caches would make compile_s measure a warm cache from an earlier cell.
-    Framework("torch", "impls.torch_impl", "torch",
-              env=(("TORCHINDUCTOR_FX_GRAPH_CACHE", "0"), ("TORCHINDUCTOR_AUTOGRAD_CACHE", "0"))),
-    Framework("jax", "impls.jax_impl", "jax"),
-    Framework("tensorflow", "impls.tf_impl", "tensorflow", env=(_QUIET_TF,)),
-    # One Keras 3 implementation, three backends (chosen before keras is imported).
-    Framework("keras-torch", "impls.keras_impl", "torch,keras", env=(("KERAS_BACKEND", "torch"),)),
-    Framework("keras-jax", "impls.keras_impl", "jax,keras", env=(("KERAS_BACKEND", "jax"),)),
-    Framework("keras-tensorflow", "impls.keras_impl", "tensorflow,keras",
-              env=(("KERAS_BACKEND", "tensorflow"), _QUIET_TF)),
-    Framework("paddle", "impls.paddle_impl", "paddle", env=(("GLOG_minloglevel", "2"),)),
-    Framework("pytensor", "impls.pytensor_impl", "pytensor"),
-    Framework("theano", "impls.theano_impl", "theano"),
-    Framework("chainer", "impls.chainer_impl", "chainer"),
-    Framework("mxnet", "impls.mxnet_impl", "mxnet"),
-    # DyNet's autobatching is a process-wide switch, so it is its own entry.
-    Framework("dynet", "impls.dynet_impl", "dynet", env=(("BENCH_DYNET_AUTOBATCH", "0"),),
-              dist="dyNET"),
-    Framework("dynet-autobatch", "impls.dynet_impl", "dynet",
-              env=(("BENCH_DYNET_AUTOBATCH", "1"),), dist="dyNET"),
-    # CNTK (Python 3.6 only) runs in a worker process behind pipes; Caffe is Debian 11's
-    # build, imported in a Python 3.9 venv (see their packages and noxfile.py).
-    Framework("cntk", "impls.cntk_impl", "impls.cntk_impl.worker_probe"),
-    Framework("caffe", "impls.caffe_impl", "caffe", env=(("GLOG_minloglevel", "2"),)),
-])
+FRAMEWORKS: "OrderedDict[str, Framework]" = OrderedDict((f.name, f) for f in ENTRIES)
 
 # Test-only entries, registered only when BENCH_TEST_ENTRIES=1 (tests and the `ab` benchmark):
 # never in a preset, `bench list`, or nox's framework sessions.

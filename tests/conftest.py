@@ -27,20 +27,10 @@ from bench import registry  # noqa: E402
 SELECTED = [f for f in os.environ.get("BENCH_FRAMEWORKS", "").split(",") if f] or \
     list(registry.FRAMEWORKS)
 
-# framework-specific test files, by the registry names they exercise
-_SPECIFIC = {
-    "test_torch_specific.py": ("torch",),
-    "test_jax_specific.py": ("jax",),
-    "test_tf_specific.py": ("tensorflow",),
-    "test_keras_specific.py": ("keras-torch", "keras-jax", "keras-tensorflow"),
-    "test_paddle_specific.py": ("paddle",),
-    "test_pytensor_specific.py": ("pytensor",),
-    "test_theano_specific.py": ("theano",),
-    "test_symbolic_specific.py": ("pytensor", "theano"),
-    "test_chainer_specific.py": ("chainer",),
-    "test_mxnet_specific.py": ("mxnet",),
-    "test_dynet_specific.py": ("dynet", "dynet-autobatch"),
-    "test_caffe_specific.py": ("caffe",),
-    "test_cntk_specific.py": ("cntk",),
-}
-collect_ignore = [name for name, fws in _SPECIFIC.items() if not set(fws) & set(SELECTED)]
+# framework-specific test files -> the registry names they exercise (the framework table's
+# `tests`; tests/test_noxfile.py checks that each exists)
+SPECIFIC = {}
+for _fw in registry.FRAMEWORKS.values():
+    if _fw.tests:
+        SPECIFIC.setdefault(_fw.tests, []).append(_fw.name)
+collect_ignore = [name for name, fws in SPECIFIC.items() if not set(fws) & set(SELECTED)]

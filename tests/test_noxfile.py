@@ -1,7 +1,10 @@
 """The noxfile's bench job: the default core set, skipped frameworks cost nothing, a report
 after each framework and on interruption. Sessions run with `nox --no-venv` (the current
 environment, nothing installed) in a scratch copy of the repository, so that the test's
-results/latest is its own."""
+results/latest is its own.
+
+And the framework table (bench/frameworks.py), the one source: what must agree with it
+and cannot be derived from it (pyproject.toml's extras, test files that exist) is checked."""
 
 import json
 import os
@@ -12,16 +15,22 @@ import time
 
 import pytest
 
-nox = pytest.importorskip("nox")
+from bench import frameworks, registry
+from bench.records import RECORDS, read_records
 
-from bench import registry  # noqa: E402
-from bench.records import RECORDS, read_records  # noqa: E402
+try:
+    import nox  # noqa: F401 -- the sessions below run it
+except ImportError:
+    nox = None
+needs_nox = pytest.mark.skipif(nox is None, reason="nox is not installed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def noxfile():
+    if nox is None:
+        pytest.skip("nox is not installed")
     saved = dict(os.environ)     # importing it sets PYENV_VERSION for nox's own process
     try:
         import noxfile as module
@@ -43,6 +52,8 @@ def test_frameworks_are_chosen_from_posargs_and_the_rest_goes_to_the_runner(noxf
 
 def _scratch(tmp_path):
     """noxfile.py beside links to bench/ and impls/: ROOT is the scratch directory."""
+    if nox is None:
+        pytest.skip("nox is not installed")
     for name in ("bench", "impls"):
         os.symlink(os.path.join(ROOT, name), str(tmp_path / name))
     with open(os.path.join(ROOT, "noxfile.py")) as src, open(str(tmp_path / "noxfile.py"), "w") as dst:
@@ -110,3 +121,52 @@ def test_bench_refuses_bad_choices_before_any_session(tmp_path, args, what):
     log = res.stdout + res.stderr
     assert res.returncode != 0 and "Session bench aborted" in log and what in log
     assert "bench_framework" not in log and not (tmp_path / "results").exists()
+
+
+def test_a_framework_session_refuses_a_test_file_that_is_missing(tmp_path):
+    cmd, env = _scratch(tmp_path)      # the scratch copy has tests/test_equivalence.py alone
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_equivalence.py").write_text("def test_nothing():\n    pass\n")
+    res = subprocess.run(cmd + ["-s", "test_framework(framework='paddle')"], cwd=str(tmp_path),
+                         capture_output=True, text=True, env=env, timeout=120)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and "tests/test_paddle_specific.py" in log, log[-2000:]
+    assert "passed" not in log
+
+
+def test_the_test_files_the_framework_table_names_exist_and_cover_every_specific_file():
+    named = {fw.tests for fw in frameworks.ENTRIES if fw.tests}
+    here = os.path.join(ROOT, "tests")
+    assert sorted(n for n in named if not os.path.exists(os.path.join(here, n))) == []
+    specific = {n for n in os.listdir(here) if n.startswith("test_") and n.endswith("_specific.py")}
+    assert specific == named
+
+
+def test_pyproject_extras_pin_what_the_framework_table_pins():
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    extras = project["optional-dependencies"]
+    by_name = {fw.name: fw for fw in frameworks.ENTRIES}
+    pinned = [name for name in extras if name in by_name]
+    assert pinned == ["torch", "jax", "tensorflow"]     # the core set's frameworks with pins
+    for name in pinned:
+        assert extras[name] == list(frameworks.pins([name])), name
+    assert extras["report"] == list(frameworks.REPORT)
+    assert extras["cluster"] == list(frameworks.RAY)
+    assert ["numpy"] + extras["threads"] == list(frameworks.CORE)
+    assert [d.split(">=")[0] for d in project["dependencies"]] == ["numpy"]
+
+
+def test_the_framework_table_is_the_registry_and_the_presets_core_set():
+    from bench.cluster import RAY_PIN
+    from bench.config import DEFAULT_FRAMEWORKS
+    from bench.coverage import SEED_FRAMEWORKS
+    assert [fw.name for fw in frameworks.ENTRIES] == [
+        n for n in registry.FRAMEWORKS if n not in {f.name for f in registry.TEST_ONLY}]
+    assert tuple(DEFAULT_FRAMEWORKS) == frameworks.CORE_SET
+    assert (RAY_PIN,) == frameworks.RAY
+    # every entry but the reference has its row in the coverage table, its recipe from the table
+    rows = [fw for fws, _, _ in SEED_FRAMEWORKS.values() for fw in fws]
+    assert sorted(rows) == sorted(n for n in registry.FRAMEWORKS if n not in ("numpy", "numpy-slowed"))
+    assert all(recipe == "" for fws, _, recipe in SEED_FRAMEWORKS.values() if fws)
