@@ -100,90 +100,18 @@ def _caffe_env(session, env):
                 PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], site]))
 
 
-# CNTK 2.7 publishes wheels for CPython <= 3.6 only, so it runs in a Python 3.6 worker
-# process (impls/cntk_impl) beside the 3.11 host venv; the worker venv and the MPI
-# libraries live in .deps/cntk. CNTK links libmpi.so.12 / libmpi_cxx.so.1 (Open MPI 1.x
-# sonames); Debian 12's libopenmpi3 ships the .so.40 libraries, which serve CNTK (it only
-# starts MPI for distributed training) through two symlinks. The .debs come from the
-# Debian mirror through a private apt configuration, state and cache (the system's apt
-# sources and state are neither used nor changed) and are unpacked with dpkg-deb -x,
-# never installed.
-CNTK_DEPS = os.path.join(ROOT, ".deps", "cntk")
-CNTK_WORKER_PINS = ["cntk==2.7.post2", "numpy==1.19.5", "scipy==1.5.4"]
-# what libmpi.so.40 links that a Debian 12 base lacks (ldd); MPI's plugins never load
-CNTK_DEBS = ["libopenmpi3", "libhwloc15", "libevent-pthreads-2.1-7"]
-CNTK_APT_SOURCES = """\
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-
-
-def _stamp_is(path, text):
-    if not os.path.exists(path):
-        return False
-    with open(path) as fh:
-        return fh.read() == text
-
-
 def _cntk_env(session, env):
-    """The CNTK worker: Open MPI from Debian .debs, a Python 3.6 venv with CNTK (each set up
-    once; a stamp file records what was set up). Adds BENCH_CNTK_PYTHON and LD_LIBRARY_PATH."""
-    libdir = os.path.join(CNTK_DEPS, "root", "usr", "lib", "x86_64-linux-gnu")
-    shim = os.path.join(CNTK_DEPS, "lib")
-    stamp = os.path.join(CNTK_DEPS, "debs.done")
-    if not _stamp_is(stamp, " ".join(CNTK_DEBS)):
-        apt = os.path.join(CNTK_DEPS, "apt")
-        debs = os.path.join(apt, "debs")
-        for sub in ("state/lists/partial", "cache/archives/partial", "sources.list.d", "debs"):
-            os.makedirs(os.path.join(apt, sub), exist_ok=True)
-        with open(os.path.join(apt, "sources.list.d", "debian.sources"), "w") as fh:
-            fh.write(CNTK_APT_SOURCES)
-        for name in ("sources.list", "status"):
-            open(os.path.join(apt, name), "w").close()
-        opts = []
-        for key, value in (("Dir::State", "state"), ("Dir::State::status", "status"),
-                           ("Dir::Cache", "cache"), ("Dir::Etc::sourcelist", "sources.list"),
-                           ("Dir::Etc::sourceparts", "sources.list.d")):
-            opts += ["-o", "%s=%s" % (key, os.path.join(apt, value))]
-        opts += ["-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=1"]
-        session.run("apt-get", *opts, "update", external=True)
-        for old in os.listdir(debs):
-            os.unlink(os.path.join(debs, old))
-        with session.chdir(debs):
-            session.run("apt-get", *opts, "download", *CNTK_DEBS, external=True)
-        for deb in sorted(os.listdir(debs)):
-            session.run("dpkg-deb", "-x", os.path.join(debs, deb), os.path.join(CNTK_DEPS, "root"),
-                        external=True)
-        os.makedirs(shim, exist_ok=True)
-        for link, target in (("libmpi.so.12", "libmpi.so.40"), ("libmpi_cxx.so.1", "libmpi_cxx.so.40")):
-            path = os.path.join(shim, link)
-            if os.path.lexists(path):
-                os.unlink(path)
-            os.symlink(os.path.join(libdir, target), path)
-        with open(stamp, "w") as fh:
-            fh.write(" ".join(CNTK_DEBS))
-    venv = os.path.join(CNTK_DEPS, "py36")
-    python = os.path.join(venv, "bin", "python")
-    stamp = os.path.join(CNTK_DEPS, "py36.done")
-    if not _stamp_is(stamp, " ".join(CNTK_WORKER_PINS)):
-        if not os.path.exists(python):
-            session.run("python3.6", "-m", "venv", venv, external=True)
-        session.run(python, "-m", "pip", "install", "--disable-pip-version-check", *CNTK_WORKER_PINS,
-                    external=True)
-        with open(stamp, "w") as fh:
-            fh.write(" ".join(CNTK_WORKER_PINS))
-    paths = [shim, libdir] + ([os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH")
-                              else [])
-    return dict(env, BENCH_CNTK_PYTHON=python, LD_LIBRARY_PATH=os.pathsep.join(paths))
+    """The CNTK worker's venv and Open MPI from Debian .debs, set up in .deps/cntk by
+    impls/cntk_impl/fetch_deps.sh (each part once: it skips what its stamps say is done).
+    Adds BENCH_CNTK_PYTHON and LD_LIBRARY_PATH."""
+    deps = os.path.join(ROOT, ".deps", "cntk")
+    session.run("bash", os.path.join(ROOT, "impls", "cntk_impl", "fetch_deps.sh"), deps,
+                "python" + TABLE.CNTK_WORKER_PYTHON, *TABLE.CNTK_WORKER_PINS, external=True)
+    paths = [os.path.join(deps, "lib"), os.path.join(deps, "root", "usr", "lib", "x86_64-linux-gnu")]
+    if os.environ.get("LD_LIBRARY_PATH"):
+        paths.append(os.environ["LD_LIBRARY_PATH"])
+    return dict(env, BENCH_CNTK_PYTHON=os.path.join(deps, "py36", "bin", "python"),
+                LD_LIBRARY_PATH=os.pathsep.join(paths))
 
 
 # framework -> function(session, env) -> env: libraries that come from outside pip
