@@ -35,6 +35,7 @@ the local executor and ``nox -s tests`` never import it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -189,36 +190,47 @@ def run_cell_on_node(config: Dict, node_pythons: Dict[str, str], fault: Optional
         rec = dict(base_record(cfg), status="failed", reason=(
             "node %s runs bench at commit %s, the head at %s: give every node the same "
             "checkout" % (node, commit, head_commit)))
-        rec["executor"] = executor
-        return rec
+    else:
+        rec = _cell_on_node(cfg, python, source, node, fault)
+    rec["executor"] = executor
+    return rec
+
+
+def _cell_on_node(cfg: CellConfig, python: str, source: str, node: str, fault: Optional[str]
+                  ) -> Dict:
+    """The cell's record from the framework's interpreter here, or why there is none."""
+    from . import runner
     probe = _probe(python, cfg.framework)
     if not probe.get("ok"):
-        rec = dict(base_record(cfg), status="unavailable",
-                   reason="not available on node %s (%s, %s): %s" % (
-                       node, python, source, probe.get("detail", "")))
-        rec["executor"] = executor
-        return rec
-    # The head's test-fault knob, not the node's, decides (as the runner's own env does locally).
+        return dict(base_record(cfg), status="unavailable",
+                    reason="not available on node %s (%s, %s): %s" % (
+                        node, python, source, probe.get("detail", "")))
+    try:
+        with _head_fault(fault), tempfile.TemporaryDirectory(prefix="bench-cell-") as folder:
+            return runner.run_in_subprocess(cfg, probe.get("detail"), python=python,
+                                            result_dir=folder)
+    except OSError as exc:   # this node's disk, not the cell: fail the cell, not the run
+        return dict(base_record(cfg), framework_version=probe.get("detail"), status="crashed",
+                    reason="node %s could not keep the cell's result (%s): %s"
+                    % (node, exc.filename or "", exc.strerror or exc))
+
+
+@contextlib.contextmanager
+def _head_fault(fault: Optional[str]) -> Iterator[None]:
+    """The head's test-fault knob, not the node's, decides (as the runner's own env does
+    locally); the node's own setting is back afterwards."""
     saved = os.environ.get(TEST_FAULT_ENV)
     try:
         if fault:
             os.environ[TEST_FAULT_ENV] = fault
         else:
             os.environ.pop(TEST_FAULT_ENV, None)
-        with tempfile.TemporaryDirectory(prefix="bench-cell-") as folder:
-            rec = runner.run_in_subprocess(cfg, probe.get("detail"), python=python,
-                                           result_dir=folder)
-    except OSError as exc:   # this node's disk, not the cell: fail the cell, not the run
-        rec = dict(base_record(cfg), framework_version=probe.get("detail"), status="crashed",
-                   reason="node %s could not keep the cell's result (%s): %s"
-                   % (node, exc.filename or "", exc.strerror or exc))
+        yield
     finally:
         if saved is None:
             os.environ.pop(TEST_FAULT_ENV, None)
         else:
             os.environ[TEST_FAULT_ENV] = saved
-    rec["executor"] = executor
-    return rec
 
 
 # --- on the head ---------------------------------------------------------------------
@@ -325,97 +337,136 @@ class RayExecutor:
     def records(self, todo: Sequence[CellConfig], probes: Dict[str, Dict], out_dir: str, progress
                 ) -> Iterator[Tuple[CellConfig, Dict, float]]:
         """(cell, record, seconds) for every cell of ``todo``, in the order they finish."""
-        import ray
-        from ray.experimental import internal_kv
         from .runner import ROOT
         head_commit = git_commit(ROOT)
         fault = os.environ.get(TEST_FAULT_ENV) or None
-        task = ray.remote(run_cell_on_node)
-        token = uuid.uuid4().hex[:12]
         t0 = time.time()
 
         remote: List[CellConfig] = []
         for cfg in todo:
-            probe = probes.get(cfg.framework) or {}
-            version = probe.get("detail") if probe.get("ok") else None
-            static = registry.not_applicable(cfg.framework, cfg.model, cfg.strategy, cfg.device)
-            if static:
-                yield cfg, dict(base_record(cfg), framework_version=version,
-                                status="not-applicable", reason=static), 0.0
-            elif not can_place(requirement(cfg, self.labelled), self.nodes):
-                rec = dict(base_record(cfg), framework_version=version, status="unavailable",
-                           reason=why_not_placeable(cfg, self.nodes, self.labelled))
-                if cfg.device == "gpu" and not can_place({"GPU": 1.0}, self.nodes):
-                    rec["unavailable_scope"] = "device"
-                yield cfg, rec, 0.0
-            else:
+            rec = self._kept_on_head(cfg, probes)
+            if rec is None:
                 remote.append(cfg)
+            else:
+                yield cfg, rec, 0.0
 
         pending: Dict = {}
         try:
-            for cfg in remote:
-                key = "cell-attempt:%s:%s" % (token, cfg.key())
-                ref = task.options(
-                    num_cpus=0, num_gpus=1 if cfg.device == "gpu" else 0,
-                    resources=slot_resources(cfg, self.labelled), max_retries=1,
-                    retry_exceptions=False, name="bench-cell " + cfg.label(),
-                ).remote(cfg.to_dict(), self.node_pythons, fault, head_commit, key)
-                pending[ref] = (cfg, key, time.time())
-            nodes_checked, stuck_since = time.time(), None
-            while pending:
-                progress.start("%d cells waiting or running on the Ray cluster" % len(pending))
-                try:
-                    done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-                except Exception as exc:   # the head lost its cluster (GCS gone, ...)
-                    raise EnvironmentProblem(_lost_cluster(exc)) from None
-                for ref in done:
-                    cfg, key, started = pending.pop(ref)
-                    try:
-                        rec = ray.get(ref)
-                    except ray.exceptions.TaskCancelledError:
-                        raise EnvironmentProblem("a cell's Ray task was cancelled from outside this "
-                                                 "run (%s); rerun with --resume" % cfg.label()) from None
-                    except ray.exceptions.RayError as exc:
-                        rec = failure_record(cfg, exc)
-                    except Exception as exc:
-                        raise EnvironmentProblem(_lost_cluster(exc)) from None
-                    if rec.get("cell_id") != cfg.key():   # never a record under another identity
-                        rec = dict(base_record(cfg), status="failed", executor=rec.get("executor"),
-                                   reason="the node returned a record for cell %s, not %s: its bench "
-                                          "differs from the head's" % (rec.get("cell_id"), cfg.key()))
-                    try:
-                        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
-                    except Exception:
-                        pass
-                    # the cell's own time on its node where it has one, not its time in the queue
-                    yield cfg, rec, rec.get("cell_wall_s") or time.time() - started
-                if time.time() - nodes_checked >= CHECK_NODES_S and pending:
-                    nodes_checked = time.time()
-                    try:
-                        nodes = self._alive()
-                    except Exception as exc:
-                        raise EnvironmentProblem(_lost_cluster(exc)) from None
-                    blocked = [c for c, _, _ in pending.values()
-                               if not can_place(requirement(c, self.labelled), nodes)]
-                    if not blocked:
-                        stuck_since = None
-                    elif stuck_since is None:
-                        stuck_since = time.time()
-                    elif time.time() - stuck_since > NO_NODE_GRACE_S:
-                        raise EnvironmentProblem(
-                            "%s for %d of the %d cells still to run, for %d s: the run stops; "
-                            "finished cells are recorded, rerun with --resume when the cluster "
-                            "has such nodes" % (why_not_placeable(blocked[0], nodes, self.labelled),
-                                                len(blocked), len(pending), NO_NODE_GRACE_S))
+            self._submit(remote, pending, fault, head_commit)
+            yield from self._returns(pending, progress)
         finally:
             # Ctrl-C, SIGTERM, a write the head could not make: nothing keeps running for us.
             # force=True kills each task's worker, and its cell dies with it (PDEATHSIG).
-            for ref in list(pending):
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:
-                    pass
+            _cancel(pending)
         progress.start("all cells of the run returned in %.0f s" % (time.time() - t0))
+
+    def _kept_on_head(self, cfg: CellConfig, probes: Dict[str, Dict]) -> Optional[Dict]:
+        """The record of a cell that times nothing (not applicable, or no live node can run
+        it); None for a cell that goes to the cluster."""
+        probe = probes.get(cfg.framework) or {}
+        version = probe.get("detail") if probe.get("ok") else None
+        static = registry.not_applicable(cfg.framework, cfg.model, cfg.strategy, cfg.device)
+        if static:
+            return dict(base_record(cfg), framework_version=version,
+                        status="not-applicable", reason=static)
+        if can_place(requirement(cfg, self.labelled), self.nodes):
+            return None
+        rec = dict(base_record(cfg), framework_version=version, status="unavailable",
+                   reason=why_not_placeable(cfg, self.nodes, self.labelled))
+        if cfg.device == "gpu" and not can_place({"GPU": 1.0}, self.nodes):
+            rec["unavailable_scope"] = "device"
+        return rec
+
+    def _submit(self, cells: Sequence[CellConfig], pending: Dict, fault: Optional[str],
+                head_commit: Optional[str]) -> None:
+        """One Ray task per cell, each into ``pending`` as it is submitted (so that a failure
+        half-way still cancels those already out): ref -> (cell, attempt key, submitted)."""
+        import ray
+        task = ray.remote(run_cell_on_node)
+        token = uuid.uuid4().hex[:12]
+        for cfg in cells:
+            key = "cell-attempt:%s:%s" % (token, cfg.key())
+            ref = task.options(
+                num_cpus=0, num_gpus=1 if cfg.device == "gpu" else 0,
+                resources=slot_resources(cfg, self.labelled), max_retries=1,
+                retry_exceptions=False, name="bench-cell " + cfg.label(),
+            ).remote(cfg.to_dict(), self.node_pythons, fault, head_commit, key)
+            pending[ref] = (cfg, key, time.time())
+
+    def _returns(self, pending: Dict, progress) -> Iterator[Tuple[CellConfig, Dict, float]]:
+        """The pending tasks' records as they finish, watching that live nodes can still run
+        the rest."""
+        import ray
+        nodes_checked, stuck_since = time.time(), None
+        while pending:
+            progress.start("%d cells waiting or running on the Ray cluster" % len(pending))
+            try:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            except Exception as exc:   # the head lost its cluster (GCS gone, ...)
+                raise EnvironmentProblem(_lost_cluster(exc)) from None
+            for ref in done:
+                cfg, key, started = pending.pop(ref)
+                rec = _task_record(ref, cfg, key)
+                # the cell's own time on its node where it has one, not its time in the queue
+                yield cfg, rec, rec.get("cell_wall_s") or time.time() - started
+            if time.time() - nodes_checked >= CHECK_NODES_S and pending:
+                nodes_checked = time.time()
+                stuck_since = self._check_nodes(pending, stuck_since)
+
+    def _check_nodes(self, pending: Dict, stuck_since: Optional[float]) -> Optional[float]:
+        """Since when no live node could run some pending cell (None: every one can); stops
+        the run (EnvironmentProblem) past ``NO_NODE_GRACE_S``."""
+        try:
+            nodes = self._alive()
+        except Exception as exc:
+            raise EnvironmentProblem(_lost_cluster(exc)) from None
+        blocked = [c for c, _, _ in pending.values()
+                   if not can_place(requirement(c, self.labelled), nodes)]
+        if not blocked:
+            return None
+        if stuck_since is None:
+            return time.time()
+        if time.time() - stuck_since > NO_NODE_GRACE_S:
+            raise EnvironmentProblem(
+                "%s for %d of the %d cells still to run, for %d s: the run stops; "
+                "finished cells are recorded, rerun with --resume when the cluster "
+                "has such nodes" % (why_not_placeable(blocked[0], nodes, self.labelled),
+                                    len(blocked), len(pending), NO_NODE_GRACE_S))
+        return stuck_since
+
+
+def _task_record(ref, cfg: CellConfig, key: str) -> Dict:
+    """The record a finished task returned, or the record of its failure; its attempt marker
+    is removed."""
+    import ray
+    from ray.experimental import internal_kv
+    try:
+        rec = ray.get(ref)
+    except ray.exceptions.TaskCancelledError:
+        raise EnvironmentProblem("a cell's Ray task was cancelled from outside this "
+                                 "run (%s); rerun with --resume" % cfg.label()) from None
+    except ray.exceptions.RayError as exc:
+        rec = failure_record(cfg, exc)
+    except Exception as exc:
+        raise EnvironmentProblem(_lost_cluster(exc)) from None
+    if rec.get("cell_id") != cfg.key():   # never a record under another identity
+        rec = dict(base_record(cfg), status="failed", executor=rec.get("executor"),
+                   reason="the node returned a record for cell %s, not %s: its bench "
+                          "differs from the head's" % (rec.get("cell_id"), cfg.key()))
+    try:
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+    except Exception:
+        pass
+    return rec
+
+
+def _cancel(pending: Dict) -> None:
+    import ray
+    for ref in list(pending):
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:
+            pass
 
 
 def parse_node_pythons(items: Sequence[str]) -> Dict[str, str]:

@@ -8,10 +8,11 @@ returns the grid of cells a run measures.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .interface import STRATEGIES
 from .params import MODELS, family
@@ -57,6 +58,11 @@ class CellConfig:
     spectral_radius: float = 0.9  # readout only
 
     def __post_init__(self):
+        self._check_axes()
+        self._check_training()
+
+    def _check_axes(self) -> None:
+        """The strategy belongs to the model's family, the device is known, sizes are >= 1."""
         fam = family(self.model)
         if self.strategy not in STRATEGIES[fam]:
             raise ValueError("strategy %r is not a %s strategy (%s)"
@@ -66,6 +72,9 @@ class CellConfig:
         for name in ("batch_size", "threads", "pool_batches", "repeats", "hidden", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1" % name)
+
+    def _check_training(self) -> None:
+        """The train mode and its budget, the sample length, the radius, the weight decay."""
         if self.train_mode not in ("full", "readout"):
             raise ValueError("train_mode is 'full' or 'readout', not %r" % (self.train_mode,))
         if self.train_mode == "readout" and self.epochs:
@@ -126,6 +135,19 @@ class Block:
     seeds: Optional[Tuple[int, ...]] = None           # None: the base cell's seed
     overrides: Tuple[Tuple[str, object], ...] = ()
 
+    def cells(self, base: CellConfig, frameworks: Sequence[str]) -> Iterator[CellConfig]:
+        """The block's cells for each framework, the base cell's fields overridden first."""
+        base = replace(base, **dict(self.overrides))
+        for fw in frameworks:
+            for model in self.models:
+                strategies = [s for s in STRATEGIES[family(model)]
+                              if self.strategies is None or s in self.strategies]
+                for strategy, task, b, seed in itertools.product(
+                        strategies, self.tasks, self.batch_sizes or (base.batch_size,),
+                        self.seeds or (base.seed,)):
+                    yield replace(base, framework=fw, model=model, strategy=strategy,
+                                  task=task, batch_size=b, seed=seed)
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -139,20 +161,10 @@ class Grid:
         out: List[CellConfig] = []
         seen = set()
         for blk in self.blocks:
-            base = replace(self.base, **dict(blk.overrides))
-            for fw in self.frameworks:
-                for model in blk.models:
-                    for strategy in STRATEGIES[family(model)]:
-                        if blk.strategies is not None and strategy not in blk.strategies:
-                            continue
-                        for task in blk.tasks:
-                            for b in blk.batch_sizes or (base.batch_size,):
-                                for seed in blk.seeds or (base.seed,):
-                                    cell = replace(base, framework=fw, model=model, strategy=strategy,
-                                                   task=task, batch_size=b, seed=seed)
-                                    if cell.key() not in seen:
-                                        seen.add(cell.key())
-                                        out.append(cell)
+            for cell in blk.cells(self.base, self.frameworks):
+                if cell.key() not in seen:
+                    seen.add(cell.key())
+                    out.append(cell)
         return out
 
 

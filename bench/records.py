@@ -97,31 +97,47 @@ def _warn(text: str) -> None:
 
 def parse_line(raw: bytes) -> Tuple[Optional[Dict], Optional[str], str]:
     """(record, None, "") for a good line; (None, what is wrong, kind) otherwise."""
+    rec, what = _json_object(raw)
+    if rec is None:
+        return None, what, "corrupt"
+    what, kind = _field_problem(rec)
+    if what:
+        return None, what, kind
+    return rec, None, ""
+
+
+def _json_object(raw: bytes) -> Tuple[Optional[Dict], Optional[str]]:
+    """(the line as a JSON object, None), or (None, why it is not one)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, "bytes that are not UTF-8 (0x%02x at byte %d)" % (
-            raw[exc.start], exc.start + 1), "corrupt"
+            raw[exc.start], exc.start + 1)
     try:
         rec = json.loads(text)
     except ValueError as exc:
         where = " at column %d" % exc.colno if hasattr(exc, "colno") else ""
-        return None, "not JSON: %s%s" % (getattr(exc, "msg", str(exc)), where), "corrupt"
+        return None, "not JSON: %s%s" % (getattr(exc, "msg", str(exc)), where)
     if not isinstance(rec, dict):
-        return None, "not a JSON object (a %s)" % type(rec).__name__, "corrupt"
+        return None, "not a JSON object (a %s)" % type(rec).__name__
+    return rec, None
+
+
+def _field_problem(rec: Dict) -> Tuple[Optional[str], str]:
+    """(what keeps a JSON object from being a record, its kind); (None, "") when nothing."""
     missing = [f for f in REQUIRED_FIELDS if f not in rec]
     if missing:
-        return None, "missing required field%s %s" % ("s" if len(missing) > 1 else "",
-                                                      ", ".join(missing)), "corrupt"
+        return "missing required field%s %s" % ("s" if len(missing) > 1 else "",
+                                                ", ".join(missing)), "corrupt"
     version = rec["schema_version"]
     if isinstance(version, bool) or version not in KNOWN_SCHEMAS:
-        return None, ("schema_version %r is not one this bench reads (%s): written by another "
-                      "version of bench" % (version, ", ".join(map(str, KNOWN_SCHEMAS)))), "schema"
+        return ("schema_version %r is not one this bench reads (%s): written by another "
+                "version of bench" % (version, ", ".join(map(str, KNOWN_SCHEMAS)))), "schema"
     if rec["status"] not in STATUSES:
-        return None, "unknown status %r" % (rec["status"],), "corrupt"
+        return "unknown status %r" % (rec["status"],), "corrupt"
     if not isinstance(rec["cell_id"], str) or not rec["cell_id"]:
-        return None, "cell_id is not a non-empty string", "corrupt"
-    return rec, None, ""
+        return "cell_id is not a non-empty string", "corrupt"
+    return None, ""
 
 
 def scan(path: str) -> Tuple[List[Dict], List[Problem]]:

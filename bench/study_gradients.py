@@ -45,7 +45,8 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -196,7 +197,6 @@ def adam_train(cfg: ModelConfig, params: Dict[str, np.ndarray], examples: Sequen
     make = make_seq_batch if cfg.family == "rnn" else make_tree_batch
     losses: List[float] = []
     epoch = 0
-    b1, b2, eps = ADAM["beta1"], ADAM["beta2"], ADAM["eps"]
     while len(losses) < steps:
         groups = batch_examples(examples, batch_size, seed=seed * 1000 + epoch)
         if not groups:
@@ -206,15 +206,22 @@ def adam_train(cfg: ModelConfig, params: Dict[str, np.ndarray], examples: Sequen
                 break
             loss, grads = reference.loss_and_grads(cfg, p, make(group), np.float64)
             t = len(losses) + 1
-            for k, g in grads.items():
-                m[k] = b1 * m[k] + (1 - b1) * g
-                v2[k] = b2 * v2[k] + (1 - b2) * g * g
-                p[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+            _adam_step(p, m, v2, grads, t, lr)
             losses.append(loss)
             if progress and (t % 50 == 0 or t == steps):
                 progress("  %s: step %d/%d, loss %.3f" % (cfg.model, t, steps, loss))
         epoch += 1
     return p, losses
+
+
+def _adam_step(p: Dict[str, np.ndarray], m: Dict[str, np.ndarray], v2: Dict[str, np.ndarray],
+               grads: Dict[str, np.ndarray], t: int, lr: float) -> None:
+    """Adam step ``t`` (from 1) in place: moments ``m`` and ``v2``, then the parameters."""
+    b1, b2, eps = ADAM["beta1"], ADAM["beta2"], ADAM["eps"]
+    for k, g in grads.items():
+        m[k] = b1 * m[k] + (1 - b1) * g
+        v2[k] = b2 * v2[k] + (1 - b2) * g * g
+        p[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
 
 
 # --- the study ------------------------------------------------------------------
@@ -265,7 +272,6 @@ def run(models: Sequence[str] = MODELS, leaves: Sequence[int] = DEFAULT_LEAVES,
         family(m)
     if any(n < 2 for n in leaves):
         raise ValueError("synthetic inputs need at least 2 leaves")
-    say = progress or (lambda text: None)
     ds = dataset or load_sst(5)
     dev = ds.splits["dev"][:sst_examples] if sst_examples else ds.splits["dev"]
     stream = np.array([t for e in ds.train for t in e.tokens], np.int64)
@@ -273,49 +279,83 @@ def run(models: Sequence[str] = MODELS, leaves: Sequence[int] = DEFAULT_LEAVES,
     synth = {n: synthetic_examples(stream, n, probe_examples, ds.num_classes, rng) for n in leaves}
     base = {"hidden": hidden, "embed_dim": embed_dim, "seed": seed, "train_steps": train_steps,
             "lr": lr}
-    rows: List[Dict] = []
     meta = {"study": "gradients", "models": list(models), "leaves": list(leaves),
             "hidden": hidden, "embed_dim": embed_dim, "seed": seed, "train_steps": train_steps,
             "lr": lr, "batch_size": batch_size, "optimizer": "adam", "adam": dict(ADAM),
             "train_task": ds.name, "probe_sst": "%s dev, %d sentences" % (ds.name, len(dev)),
             "probe_synth_examples": probe_examples, "training": {}}
+    study = _Study(ds, dev, list(leaves), synth, batch_size, base, meta,
+                   progress or (lambda text: None))
     for model in models:
-        cfg = ModelConfig(model, vocab_size=len(ds.vocab), embed_dim=embed_dim, hidden=hidden,
-                          num_classes=ds.num_classes, loss_mode="root", optimizer="adam", lr=lr)
-        fam = cfg.family
-        params = {k: v.astype(np.float64) for k, v in init_params(cfg, seed).items()}
-        facts = meta["training"].setdefault(model, {})
+        study.model(model)
+    return study.rows, meta
+
+
+@dataclass
+class _Study:
+    """What every model's probes share: the data, the hyperparameters, the rows so far."""
+    ds: Dataset
+    dev: List[Example]                # the SST dev sentences probed
+    leaves: List[int]                 # synthetic lengths probed, in order
+    synth: Dict[int, List]            # leaves -> synthetic (token ids, label)
+    batch_size: int
+    base: Dict                        # the hyperparameters every row carries
+    meta: Dict
+    say: Callable[[str], None]
+    rows: List[Dict] = field(default_factory=list)
+
+    def model(self, model: str) -> None:
+        """One model probed at initialisation, then after its training budget."""
+        b = self.base
+        cfg = ModelConfig(model, vocab_size=len(self.ds.vocab), embed_dim=b["embed_dim"],
+                          hidden=b["hidden"], num_classes=self.ds.num_classes, loss_mode="root",
+                          optimizer="adam", lr=b["lr"])
+        params = {k: v.astype(np.float64) for k, v in init_params(cfg, b["seed"]).items()}
+        facts = self.meta["training"].setdefault(model, {})
         for phase in ("init", "trained"):
             if phase == "trained":
-                say("%s: training %d Adam steps on %s (float64 reference)" % (model, train_steps,
-                                                                              ds.name))
-                t0 = time.perf_counter()
-                params, losses = adam_train(cfg, params, ds.train, train_steps, lr, batch_size,
-                                            seed, progress=say)
-                facts.update({
-                    "steps": len(losses), "seconds": round(time.perf_counter() - t0, 1),
-                    "first_loss": losses[0] if losses else None,
-                    "last50_loss": float(np.mean(losses[-50:])) if losses else None})
-            t0 = time.perf_counter()
-            dev_batches = _batches(cfg, dev, batch_size)
-            # what the budget changed: dev accuracy, and the recurrent blocks' spectral radii
-            facts["dev_accuracy_" + phase] = dev_accuracy(cfg, params, dev_batches)
-            facts["recurrent_radius_" + phase] = recurrent_radii(cfg, params)
-            shape = "sequence" if fam == "rnn" else "parse"
-            _probe(cfg, params, dev_batches,
-                   dict(base, model=model, task=ds.name, shape=shape, leaves=None, phase=phase),
-                   rows)
-            for n in leaves:
-                for sh in (("sequence",) if fam == "rnn" else SHAPES):
-                    exs = shaped(synth[n], "left" if sh == "sequence" else sh)
-                    per = max(1, min(batch_size, 4096 // n))   # bounded batch for long inputs
-                    _probe(cfg, params, _batches(cfg, exs, per),
-                           dict(base, model=model, task="synth", shape=sh, leaves=n, phase=phase),
-                           rows)
-            if model == "elman":
-                _probe_mapped(cfg, params, synth, batch_size, phase, base, rows, meta, say)
-            say("%s %s: probed in %.1f s" % (model, phase, time.perf_counter() - t0))
-    return rows, meta
+                params = self.train(cfg, params, facts)
+            self.probe(cfg, params, phase, facts)
+
+    def train(self, cfg: ModelConfig, params: Dict[str, np.ndarray], facts: Dict
+              ) -> Dict[str, np.ndarray]:
+        b = self.base
+        self.say("%s: training %d Adam steps on %s (float64 reference)" % (
+            cfg.model, b["train_steps"], self.ds.name))
+        t0 = time.perf_counter()
+        params, losses = adam_train(cfg, params, self.ds.train, b["train_steps"], b["lr"],
+                                    self.batch_size, b["seed"], progress=self.say)
+        facts.update({
+            "steps": len(losses), "seconds": round(time.perf_counter() - t0, 1),
+            "first_loss": losses[0] if losses else None,
+            "last50_loss": float(np.mean(losses[-50:])) if losses else None})
+        return params
+
+    def probe(self, cfg: ModelConfig, params: Dict[str, np.ndarray], phase: str, facts: Dict
+              ) -> None:
+        """The gradient rows of one phase: SST dev parses, then every synthetic length and
+        shape (and, for Elman, the left-branching RvNN with its weights)."""
+        model, fam, base = cfg.model, cfg.family, self.base
+        t0 = time.perf_counter()
+        dev_batches = _batches(cfg, self.dev, self.batch_size)
+        # what the budget changed: dev accuracy, and the recurrent blocks' spectral radii
+        facts["dev_accuracy_" + phase] = dev_accuracy(cfg, params, dev_batches)
+        facts["recurrent_radius_" + phase] = recurrent_radii(cfg, params)
+        shape = "sequence" if fam == "rnn" else "parse"
+        _probe(cfg, params, dev_batches,
+               dict(base, model=model, task=self.ds.name, shape=shape, leaves=None, phase=phase),
+               self.rows)
+        for n in self.leaves:
+            for sh in (("sequence",) if fam == "rnn" else SHAPES):
+                exs = shaped(self.synth[n], "left" if sh == "sequence" else sh)
+                per = max(1, min(self.batch_size, 4096 // n))   # bounded batch for long inputs
+                _probe(cfg, params, _batches(cfg, exs, per),
+                       dict(base, model=model, task="synth", shape=sh, leaves=n, phase=phase),
+                       self.rows)
+        if model == "elman":
+            _probe_mapped(cfg, params, self.synth, self.batch_size, phase, base, self.rows,
+                          self.meta, self.say)
+        self.say("%s %s: probed in %.1f s" % (model, phase, time.perf_counter() - t0))
 
 
 MAPPED = "left-elman"   # the shape name of the left-branching RvNN that carries Elman's weights

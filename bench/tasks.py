@@ -269,35 +269,57 @@ def _read_sst_cache(path: str, key: Dict) -> Dataset:
     num_classes = key["num_classes"]
     vocab = meta["vocab"]
     counts = meta["splits"]
+    _check_cache_meta(vocab, counts)
+    _check_cache_arrays(labels, tokens, sizes, counts)
+    _check_cache_values(labels, tokens, num_classes, len(vocab))
+    trees = _rebuild_trees(labels.tolist(), tokens.tolist(), sizes.tolist())
+    if any(t.label < 0 for t in trees):
+        raise ValueError("an unlabelled root")
+    examples = _cached_examples(trees, tokens[tokens >= 0].tolist())
+    splits, start = {}, 0
+    for split, count in zip(_SST_SPLITS, counts):
+        splits[split] = examples[start:start + count]
+        start += count
+    return Dataset(meta["name"], num_classes, Vocab(vocab), splits)
+
+
+def _check_cache_meta(vocab, counts) -> None:
+    """The vocabulary (UNK first, distinct strings) and one positive count per split."""
     if not (isinstance(vocab, list) and vocab and vocab[0] == UNK
             and all(isinstance(t, str) for t in vocab) and len(set(vocab)) == len(vocab)):
         raise ValueError("bad vocabulary")
     if not (isinstance(counts, list) and len(counts) == len(_SST_SPLITS)
             and all(isinstance(c, int) and c > 0 for c in counts)):
         raise ValueError("bad split counts")
+
+
+def _check_cache_arrays(labels: np.ndarray, tokens: np.ndarray, sizes: np.ndarray,
+                        counts: List[int]) -> None:
+    """Array types and shapes, and one size per example adding up to the nodes."""
     if (labels.dtype != np.int8 or tokens.dtype != np.int32 or sizes.dtype != np.int32
             or labels.ndim != 1 or tokens.shape != labels.shape or sizes.ndim != 1):
         raise ValueError("bad array types")
     if len(sizes) != sum(counts) or int(sizes.min()) < 1 or int(sizes.sum()) != len(labels):
         raise ValueError("bad tree sizes")
+
+
+def _check_cache_values(labels: np.ndarray, tokens: np.ndarray, num_classes: int,
+                        vocab_size: int) -> None:
+    """Labels and token ids in range."""
     low = -1 if num_classes == 2 else 0   # binary SST leaves neutral phrases unlabelled
     if len(labels) and (int(labels.min()) < low or int(labels.max()) >= num_classes
-                        or int(tokens.min()) < -1 or int(tokens.max()) >= len(vocab)):
+                        or int(tokens.min()) < -1 or int(tokens.max()) >= vocab_size):
         raise ValueError("label or token out of range")
-    trees = _rebuild_trees(labels.tolist(), tokens.tolist(), sizes.tolist())
-    if any(t.label < 0 for t in trees):
-        raise ValueError("an unlabelled root")
-    leaf_ids = tokens[tokens >= 0].tolist()
+
+
+def _cached_examples(trees: List[Tree], leaf_ids: List[int]) -> List[Example]:
+    """One example per tree, its tokens the next of the leaves' ids (in postorder)."""
     examples, at = [], 0
     for tree in trees:
         n = (tree.size + 1) // 2   # a binary tree of n leaves has 2n - 1 nodes
         examples.append(Example(tuple(leaf_ids[at:at + n]), tree, tree.label))
         at += n
-    splits, start = {}, 0
-    for split, count in zip(_SST_SPLITS, counts):
-        splits[split] = examples[start:start + count]
-        start += count
-    return Dataset(meta["name"], num_classes, Vocab(vocab), splits)
+    return examples
 
 
 def _rebuild_trees(labels: List[int], tokens: List[int], sizes: List[int]) -> List[Tree]:

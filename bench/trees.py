@@ -149,78 +149,96 @@ def parse_tree(text: str, source: str = "<string>", line: int = 1,
 
     ``labels``: the range every node label must fall in (None: any integer).
     """
-    text = text.rstrip("\r\n")
-    tokens = [(m.group(), m.start() + 1) for m in _TOKEN.finditer(text)]
-    end_col = len(text) + 1
-    pos = 0
+    return _TreeParser(text, source, line, labels).parse()
 
-    def peek():
-        return tokens[pos] if pos < len(tokens) else ("end of line", end_col)
 
-    def fail(expected):
-        tok, col = peek()
+class _TreeParser:
+    """One line's tokens, with a cursor, read into one tree."""
+
+    def __init__(self, text: str, source: str, line: int, labels: Optional[range]):
+        text = text.rstrip("\r\n")
+        self.tokens = [(m.group(), m.start() + 1) for m in _TOKEN.finditer(text)]
+        self.end_col = len(text) + 1
+        self.pos = 0
+        self.source, self.line, self.labels = source, line, labels
+
+    def peek(self) -> Tuple[str, int]:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else ("end of line", self.end_col)
+
+    def fail(self, expected: str):
+        tok, col = self.peek()
         found = tok if tok == "end of line" else repr(tok)
-        raise ParseError(source, line, col, expected, found)
+        raise ParseError(self.source, self.line, col, expected, found)
 
-    def expect(what):
-        nonlocal pos
-        tok, _ = peek()
+    def expect(self, what: str) -> None:
+        tok, _ = self.peek()
         if tok != what:
-            fail(repr(what))
-        pos += 1
+            self.fail(repr(what))
+        self.pos += 1
 
-    def read_label() -> int:
-        nonlocal pos
-        tok, _ = peek()
+    def read_label(self) -> int:
+        tok, _ = self.peek()
         if tok in ("(", ")", "end of line"):
-            fail("a node label")
+            self.fail("a node label")
         if not _LABEL.fullmatch(tok):
-            fail("an integer node label (ASCII digits)")
+            self.fail("an integer node label (ASCII digits)")
         value = int(tok)
-        if labels is not None and value not in labels:
-            fail("a node label in %d..%d" % (labels[0], labels[-1]))
-        pos += 1
+        if self.labels is not None and value not in self.labels:
+            self.fail("a node label in %d..%d" % (self.labels[0], self.labels[-1]))
+        self.pos += 1
         return value
 
-    # Iterative parse: an explicit stack of open nodes, so 1000-deep chains parse.
-    expect("(")
-    stack: List[Tuple[int, list]] = [(read_label(), [])]
-    result = None
-    while stack:
-        tok, _ = peek()
-        label, children = stack[-1]
-        if tok == "(":
-            if children and isinstance(children[0], str):
-                fail("')' (a leaf holds one token)")
-            if len(children) == 2:
-                fail("')' (a binary node has two children)")
-            pos += 1
-            stack.append((read_label(), []))
-        elif tok == ")":
-            if not children:
-                fail("a token or '('")
-            if len(children) == 1 and isinstance(children[0], Tree):
-                fail("'(' (a binary node has two children)")
-            pos += 1
-            stack.pop()
-            if isinstance(children[0], str):
-                node = Tree(label, token=children[0])
+    def parse(self) -> Tree:
+        # Iterative parse: an explicit stack of open nodes, so 1000-deep chains parse.
+        self.expect("(")
+        stack: List[Tuple[int, list]] = [(self.read_label(), [])]
+        result = None
+        while stack:
+            tok, _ = self.peek()
+            label, children = stack[-1]
+            if tok == "(":
+                self.open_child(children)
+                stack.append((self.read_label(), []))
+            elif tok == ")":
+                node = self.close(label, children)
+                stack.pop()
+                if stack:
+                    stack[-1][1].append(node)
+                else:
+                    result = node
+            elif tok == "end of line":
+                self.fail("')'")
             else:
-                node = Tree(label, left=children[0], right=children[1])
-            if stack:
-                stack[-1][1].append(node)
-            else:
-                result = node
-        elif tok == "end of line":
-            fail("')'")
-        else:
-            if children:
-                fail("'(' or ')'" if isinstance(children[0], Tree) and len(children) < 2 else "')'")
-            pos += 1
-            children.append(tok)
-    if pos != len(tokens):
-        fail("end of line")
-    return result
+                self.leaf_token(tok, children)
+        if self.pos != len(self.tokens):
+            self.fail("end of line")
+        return result
+
+    def open_child(self, children: list) -> None:
+        """A '(' inside a node: its next child begins."""
+        if children and isinstance(children[0], str):
+            self.fail("')' (a leaf holds one token)")
+        if len(children) == 2:
+            self.fail("')' (a binary node has two children)")
+        self.pos += 1
+
+    def close(self, label: int, children: list) -> Tree:
+        """A ')': the node is complete, a leaf (one token) or a binary node (two trees)."""
+        if not children:
+            self.fail("a token or '('")
+        if len(children) == 1 and isinstance(children[0], Tree):
+            self.fail("'(' (a binary node has two children)")
+        self.pos += 1
+        if isinstance(children[0], str):
+            return Tree(label, token=children[0])
+        return Tree(label, left=children[0], right=children[1])
+
+    def leaf_token(self, tok: str, children: list) -> None:
+        """A word inside a node: the leaf's token, which must be the node's only child."""
+        if children:
+            self.fail("'(' or ')'" if isinstance(children[0], Tree) and len(children) < 2 else "')'")
+        self.pos += 1
+        children.append(tok)
 
 
 def read_trees(path, source: Optional[str] = None, labels: Optional[range] = None) -> List[Tree]:

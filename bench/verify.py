@@ -294,22 +294,29 @@ def gate(impl, cfg: ModelConfig, params: Dict[str, np.ndarray],
     elif other_note:
         out["other_loss_mode"] = other_note
     if trains:  # last: the step moves the parameters every check above starts from
-        name, batch = batches[0]
-        step = check_step(impl, cfg, params, batch, ref_grads=first_grads)
-        out["param_max_abs"], out["step_compared"] = step["param_max_abs"], step["step_compared"]
-        out["problems"] += ["%s: %s" % (name, p) for p in step["problems"]]
-        out["batches"][0]["checks"].append("%s step" % cfg.optimizer
-                                           + (" (weight decay %g)" % cfg.weight_decay
-                                              if cfg.weight_decay else ""))
-        if cfg.weight_decay != DECAY_PROBE:
-            decay = check_decay_step(impl, cfg, params, batch, ref_grads=first_grads)
-            if decay.get("not_applicable"):
-                out["weight_decay"] = "not checked: %s" % decay["not_applicable"]
-            else:
-                out["param_max_abs"] = max(out["param_max_abs"], decay["param_max_abs"])
-                out["problems"] += ["%s (weight decay %g): %s" % (name, DECAY_PROBE, p)
-                                    for p in decay["problems"]]
-                out["batches"][0]["checks"].append("%s step (weight decay %g)"
-                                                   % (cfg.optimizer, DECAY_PROBE))
+        _gate_steps(out, impl, cfg, params, batches[0], first_grads)
     out["ok"] = not out["problems"]
     return out
+
+
+def _gate_steps(out: Dict, impl, cfg: ModelConfig, params: Dict[str, np.ndarray],
+                first: Tuple[str, object], first_grads: Optional[Dict[str, np.ndarray]]) -> None:
+    """The gate's step checks on its first batch, into ``out``: ``check_step`` at the cell's
+    weight decay and, unless that is ``DECAY_PROBE``, ``check_decay_step``."""
+    name, batch = first
+    step = check_step(impl, cfg, params, batch, ref_grads=first_grads)
+    out["param_max_abs"], out["step_compared"] = step["param_max_abs"], step["step_compared"]
+    out["problems"] += ["%s: %s" % (name, p) for p in step["problems"]]
+    out["batches"][0]["checks"].append("%s step" % cfg.optimizer
+                                       + (" (weight decay %g)" % cfg.weight_decay
+                                          if cfg.weight_decay else ""))
+    if cfg.weight_decay != DECAY_PROBE:
+        decay = check_decay_step(impl, cfg, params, batch, ref_grads=first_grads)
+        if decay.get("not_applicable"):
+            out["weight_decay"] = "not checked: %s" % decay["not_applicable"]
+        else:
+            out["param_max_abs"] = max(out["param_max_abs"], decay["param_max_abs"])
+            out["problems"] += ["%s (weight decay %g): %s" % (name, DECAY_PROBE, p)
+                                for p in decay["problems"]]
+            out["batches"][0]["checks"].append("%s step (weight decay %g)"
+                                               % (cfg.optimizer, DECAY_PROBE))

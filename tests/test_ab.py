@@ -361,10 +361,10 @@ def _busy_cell(rng, slowdown, wait_new=None):
 
 def test_a_busy_machine_is_judged_on_cpu_rates_and_says_so():
     rng = np.random.default_rng(2)
-    (row,) = ab._verdicts(_busy_cell(rng, 0.05), Threshold.parse("5%"))
+    (row,) = ab.verdicts(_busy_cell(rng, 0.05), Threshold.parse("5%"))
     assert row["verdict"] == REGRESSION + " (busy: on-CPU rates)" and "warning" not in row
-    (row,) = ab._verdicts(_busy_cell(rng, 0.0), Threshold.parse("5%"))
+    (row,) = ab.verdicts(_busy_cell(rng, 0.0), Threshold.parse("5%"))
     assert not row["verdict"].startswith(REGRESSION)
     # one side waiting far more than the other: the on-CPU rate may hide why; said so
-    (row,) = ab._verdicts(_busy_cell(rng, 0.0, wait_new=0.9), Threshold.parse("5%"))
+    (row,) = ab.verdicts(_busy_cell(rng, 0.0, wait_new=0.9), Threshold.parse("5%"))
     assert "waited for a CPU differently" in row["warning"]
