@@ -45,6 +45,7 @@ import time
 import uuid
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from . import frameworks
 from . import registry
 from .cell import TEST_FAULT_ENV, base_record
 from .config import CellConfig, UsageError
@@ -54,7 +55,7 @@ from .records import EnvironmentProblem
 SLOT = "bench_slot"
 LABEL_PREFIX = "fw_"
 LABEL_AMOUNT = 0.01       # a label is a placement constraint, never what limits concurrency
-RAY_PIN = "ray==2.60.0"   # the version the cluster tests ran with (pyproject's `cluster` extra)
+RAY_PIN = frameworks.RAY[0]   # the version the cluster tests ran with (pyproject's `cluster` extra)
 POLL_S = 1.0              # the head wakes up at least this often (signals, dead nodes)
 CHECK_NODES_S = 5.0
 NO_NODE_GRACE_S = 120.0   # nodes may be restarting or joining; past this the run stops

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from . import frameworks
 from .interface import STRATEGIES
 from .params import MODELS, family
 
@@ -168,7 +169,7 @@ class Grid:
         return out
 
 
-DEFAULT_FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
+DEFAULT_FRAMEWORKS = frameworks.CORE_SET
 RNN_MODELS = ("elman", "lstm")
 TREE_MODELS = ("rvnn", "treelstm")
 SYNTH_SWEEP = tuple("synth-%s-%d" % (shape, n) for shape in ("balanced", "left")

@@ -12,7 +12,7 @@ parameter names of ``bench/params.py``). ``worker_probe`` is the registry's
 import probe: it raises ImportError with the reason when ``BENCH_CNTK_PYTHON``
 is unset or not runnable, or CNTK does not import there. CNTK needs
 ``libmpi.so.12`` / ``libmpi_cxx.so.1`` on ``LD_LIBRARY_PATH`` (Debian's
-``libopenmpi3`` plus two symlinks; the noxfile's ``cntk`` setup fetches them).
+``libopenmpi3`` plus two symlinks; ``fetch_deps.sh`` beside this file fetches them, run by the noxfile).
 
 Protocol (framing in ``wire.py``)
 ---------------------------------
