@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -425,9 +425,3 @@ def hash_batches(batches: Sequence) -> str:
             h.update(str(arr.shape).encode())
             h.update(arr.astype(np.int64).tobytes())
     return h.hexdigest()[:16]
-
-
-def iterate_forever(batches: Sequence) -> Iterator:
-    while True:
-        for b in batches:
-            yield b

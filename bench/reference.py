@@ -132,10 +132,6 @@ def logits(cfg: ModelConfig, params, batch, dtype=np.float64) -> np.ndarray:
     return rows @ p["W_o"] + p["b_o"]
 
 
-def predict(cfg: ModelConfig, params, batch, dtype=np.float32) -> np.ndarray:
-    return np.argmax(logits(cfg, params, batch, dtype), axis=-1)
-
-
 def _softmax_xent(z: np.ndarray, labels: np.ndarray):
     """Mean cross-entropy over rows with label >= 0, and d loss / d z."""
     keep = labels >= 0
@@ -211,7 +207,6 @@ def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
 
 def _rnn_backward(cfg, p, batch, steps, dh, g, trace=None):
     """``trace`` (a list of len T, optional) receives d loss / d h_t at each live step."""
-    H = cfg.hidden
     dc = np.zeros_like(dh)
     for t in reversed(range(len(steps))):
         if trace is not None:
@@ -240,7 +235,6 @@ def _rnn_backward(cfg, p, batch, steps, dh, g, trace=None):
         g["b"] += dz.sum(axis=0)
         np.add.at(g["E"], batch.tokens[:, t], dz @ p["W_x"].T)
         dh = dh + dz @ p["W_h"].T
-    del H
 
 
 def _tree_backward(cfg, p, batch, state, dh, g):

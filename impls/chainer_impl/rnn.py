@@ -128,7 +128,7 @@ class RNN(ChainerImplementation):
     # --- work ---
     def prepare(self, batch):
         send = self._device.send
-        B, T = batch.tokens.shape
+        B = batch.tokens.shape[0]
         lengths = batch.lengths.astype(np.int64)
         ready = dict(B=B, labels=send(batch.labels.astype(np.int32)),
                      count=int((batch.labels >= 0).sum()))

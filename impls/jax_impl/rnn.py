@@ -167,7 +167,7 @@ class RNN(JaxImplementation):
         """Inference: a ``lax.while_loop`` over chunks of CHUNK steps that stops after the
         longest example, on one padded length (count_bucket) for every batch."""
         tokens, lengths = prep["tokens"], prep["lengths"]
-        B, Tp = tokens.shape
+        B = tokens.shape[0]
         H = self.cfg.hidden
         tokens_tm = tokens.T                                              # [Tp, B]
         zeros = jnp.zeros((B, H), jnp.float32)

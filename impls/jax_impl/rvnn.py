@@ -63,11 +63,6 @@ LEAF_CHUNKS_PER_WIDTH = 4
 GPU_WIDTH_FACTOR = 4
 
 
-def _bucket(n: int) -> int:
-    """Next power of two >= n (0 for 0)."""
-    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
-
-
 # --- the node functions ---
 
 def leaf_gates(model, z):
