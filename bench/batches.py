@@ -343,6 +343,13 @@ def step_bucket(n: int) -> int:
     return max(8, -(-int(n) // 8) * 8)
 
 
+def padded_array(values, size: int, fill, dtype=np.int32) -> np.ndarray:
+    """``values`` then ``fill`` up to ``size`` entries (a static shape's padded tail)."""
+    out = np.full(int(size), fill, dtype)
+    out[:len(values)] = values
+    return out
+
+
 def make_seq_batch(examples: Sequence[Example]) -> SeqBatch:
     lengths = np.array([len(e.tokens) for e in examples], np.int32)
     if (lengths < 1).any():

@@ -20,6 +20,7 @@ import numpy as np
 from .batches import SeqBatch, TreeBatch
 from .interface import ADAGRAD, ADAM
 from .params import ModelConfig
+from .targets import class_points, labelled_count
 
 
 def sigmoid(x):
@@ -100,15 +101,6 @@ def _tree_forward(cfg: ModelConfig, p, batch: TreeBatch, offsets=None):
     return (h, c, cache), h
 
 
-def _class_points(cfg: ModelConfig, batch) -> Tuple[np.ndarray, np.ndarray]:
-    """Indices into the hidden states that are classified, and their labels."""
-    if isinstance(batch, SeqBatch):
-        return np.arange(batch.size), batch.labels
-    if cfg.loss_mode == "root":
-        return batch.root, batch.label[batch.root]
-    return np.arange(batch.num_nodes), batch.label
-
-
 def _check_batch(cfg: ModelConfig, batch) -> None:
     want = SeqBatch if cfg.family == "rnn" else TreeBatch
     if not isinstance(batch, want):
@@ -125,17 +117,22 @@ def _forward(cfg, params, batch, dtype, offsets=None):
     return p, state, hidden
 
 
+def hidden_states(cfg: ModelConfig, params, batch, dtype=np.float64) -> np.ndarray:
+    """The hidden state of every row a loss can classify: [B, H] for an RNN (each
+    example's state after its last real token), [N, H] for trees (every node)."""
+    return _forward(cfg, params, batch, dtype)[2]
+
+
 def logits(cfg: ModelConfig, params, batch, dtype=np.float64) -> np.ndarray:
     """Logits [B, C] at each example's classification point (last token / root)."""
     p, _, hidden = _forward(cfg, params, batch, dtype)
-    rows = hidden if isinstance(batch, SeqBatch) else hidden[batch.root]
-    return rows @ p["W_o"] + p["b_o"]
+    return hidden[class_points(batch).index] @ p["W_o"] + p["b_o"]
 
 
 def _softmax_xent(z: np.ndarray, labels: np.ndarray):
     """Mean cross-entropy over rows with label >= 0, and d loss / d z."""
     keep = labels >= 0
-    count = max(1, int(keep.sum()))
+    count = labelled_count(labels)
     z = z - z.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     rows = np.nonzero(keep)[0]
@@ -146,11 +143,16 @@ def _softmax_xent(z: np.ndarray, labels: np.ndarray):
     return loss, dz / count
 
 
+def _classified(cfg: ModelConfig, p, batch, hidden):
+    """(loss, d loss / d logits, the rows classified) over ``cfg.loss_mode``'s points."""
+    points = class_points(batch, cfg.loss_mode)
+    value, dz = _softmax_xent(hidden[points.index] @ p["W_o"] + p["b_o"], points.labels)
+    return value, dz, points.index
+
+
 def loss(cfg: ModelConfig, params, batch, dtype=np.float64) -> float:
     p, _, hidden = _forward(cfg, params, batch, dtype)
-    idx, labels = _class_points(cfg, batch)
-    value, _ = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
-    return float(value)
+    return float(_classified(cfg, p, batch, hidden)[0])
 
 
 def loss_with_offsets(cfg: ModelConfig, params, batch, offsets, dtype=np.float64) -> float:
@@ -158,9 +160,7 @@ def loss_with_offsets(cfg: ModelConfig, params, batch, offsets, dtype=np.float64
     [B, T, H], live steps only; trees: [N, H]). Its derivative in the offsets at zero
     is d loss / d h, which ``hidden_grads`` computes: the finite-difference probe of it."""
     p, _, hidden = _forward(cfg, params, batch, dtype, np.asarray(offsets, dtype))
-    idx, labels = _class_points(cfg, batch)
-    value, _ = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
-    return float(value)
+    return float(_classified(cfg, p, batch, hidden)[0])
 
 
 def hidden_grads(cfg: ModelConfig, params, batch, dtype=np.float64
@@ -173,8 +173,7 @@ def hidden_grads(cfg: ModelConfig, params, batch, dtype=np.float64
     in ``loss_and_grads``.
     """
     p, state, hidden = _forward(cfg, params, batch, dtype)
-    idx, labels = _class_points(cfg, batch)
-    value, dz = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    value, dz, idx = _classified(cfg, p, batch, hidden)
     dh = np.zeros_like(hidden)
     np.add.at(dh, idx, dz @ p["W_o"].T)
     g = {k: np.zeros_like(v) for k, v in p.items()}
@@ -192,8 +191,7 @@ def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
     """Loss and the gradient of every canonical parameter (same names and shapes)."""
     p, state, hidden = _forward(cfg, params, batch, dtype)
     g = {k: np.zeros_like(v) for k, v in p.items()}
-    idx, labels = _class_points(cfg, batch)
-    value, dz = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    value, dz, idx = _classified(cfg, p, batch, hidden)
     g["W_o"] = hidden[idx].T @ dz
     g["b_o"] = dz.sum(axis=0)
     dh = np.zeros_like(hidden)

@@ -137,7 +137,7 @@ def test_feature_configuration_returns_the_classified_hidden_state(model):
     feats = readout.feature_params(params)
     batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(_examples([3, 8, 1]))
     got = reference.logits(fcfg, feats, batch)
-    _, _, hidden = reference._forward(cfg, params, batch, np.float64)
+    hidden = reference.hidden_states(cfg, params, batch, np.float64)
     want = hidden if cfg.family == "rnn" else hidden[batch.root]
     assert fcfg.num_classes == cfg.hidden and got.shape == (3, cfg.hidden)
     np.testing.assert_allclose(got, want, atol=1e-12)

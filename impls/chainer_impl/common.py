@@ -97,13 +97,13 @@ def make_optimizer(cfg):
 def masked_xent(logits, labels: np.ndarray, count: int):
     """Mean softmax cross-entropy over rows with label >= 0.
 
-    logits Variable[R, C], labels int32[R] (device array), count = number of
-    labelled rows (a host int, so no device round trip) -> Variable[].
-    Chainer's ``normalize`` would divide on the device and gives 0/0 on the GPU
-    when no row is labelled; dividing by max(1, count) here never does.
+    logits Variable[R, C], labels int32[R] (device array), count =
+    ``bench.targets.labelled_count(labels)`` (a host int, so no device round trip)
+    -> Variable[]. Chainer's ``normalize`` would divide on the device and gives 0/0
+    on the GPU when no row is labelled; the count is never 0.
     """
     per_row = F.softmax_cross_entropy(logits, labels, ignore_label=-1, reduce="no")
-    return F.sum(per_row) * np.float32(1.0 / max(1, count))
+    return F.sum(per_row) * np.float32(1.0 / count)
 
 
 class ChainerImplementation(Implementation):

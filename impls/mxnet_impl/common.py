@@ -33,6 +33,7 @@ import mxnet as mx
 from mxnet import autograd, gluon, nd
 
 from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.targets import labelled_count
 
 from . import NOT_APPLICABLE
 
@@ -87,7 +88,8 @@ def make_optimizer(cfg):
 
 
 class Labels:
-    """Classification targets on the device: safe int labels (-1 -> 0), a 0/1 mask, 1/max(1, count).
+    """Classification targets on the device: safe int labels (-1 -> 0), a 0/1 mask and
+    1 / ``bench.targets.labelled_count``.
 
     All float32 NDArrays of shape [R] (``scale`` is [1]) so a hybridized graph can take them.
     """
@@ -96,8 +98,7 @@ class Labels:
         keep = labels >= 0
         self.safe = nd.array(np.where(keep, labels, 0), ctx=ctx, dtype="float32")
         self.keep = nd.array(keep, ctx=ctx, dtype="float32")
-        self.count = int(keep.sum())
-        self.scale = nd.array([1.0 / max(1, self.count)], ctx=ctx, dtype="float32")
+        self.scale = nd.array([1.0 / labelled_count(labels)], ctx=ctx, dtype="float32")
 
 
 def masked_xent(F, logits, safe, keep, scale):

@@ -30,6 +30,8 @@ with ``grad_req='null'``, so the model has exactly one bias.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 import mxnet as mx
@@ -72,11 +74,6 @@ class _Scan(gluon.HybridBlock):
         hs, _ = F.contrib.foreach(step, xw, init)                        # [T, B, H]
         last = F.SequenceLast(hs, sequence_length=lengths, use_sequence_length=True)
         return F.FullyConnected(last, W_o, b_o, num_hidden=self._C)
-
-
-class _Prepared:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 class RNN(MXNetImplementation):
@@ -151,7 +148,7 @@ class RNN(MXNetImplementation):
     def prepare(self, batch):
         ctx = self.ctx
         B = batch.size
-        return _Prepared(
+        return SimpleNamespace(
             B=B, T=int(batch.tokens.shape[1]),
             tokens=nd.array(batch.tokens.T, ctx=ctx, dtype="int32"),          # [T, B]
             lengths=nd.array(batch.lengths, ctx=ctx, dtype="float32"),        # [B]

@@ -10,7 +10,7 @@ supplies three things:
 * ``prepare(batch)``.
 
 Loss: ``mean_xent(logits [M, C], labels int64[M], weights float32[M])`` with
-``weights = (label >= 0) / max(1, count)`` precomputed in ``prepare``, so
+``weights`` of ``bench.targets.loss_weights`` precomputed in ``prepare``, so
 ignored points cost nothing and the mean divides by the labelled count.
 """
 
@@ -23,6 +23,7 @@ from typing import Dict
 import numpy as np
 
 from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.targets import loss_weights
 
 from . import NOT_APPLICABLE
 
@@ -56,15 +57,6 @@ def setup(device: str, threads: int) -> Dict:
                     OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
                     MKL_NUM_THREADS=os.environ.get("MKL_NUM_THREADS"))
     return dict(_THREADS)
-
-
-def loss_targets(labels: np.ndarray):
-    """(safe labels int64[M], weights float32[M]): label -1 -> class 0 with weight 0."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    count = max(1, int(keep.sum()))
-    safe = np.where(keep, labels, 0).astype(np.int64)
-    return safe, (keep / count).astype(np.float32)
 
 
 def mean_xent(logits, labels, weights):
@@ -249,7 +241,7 @@ class PaddleImplementation(Implementation):
         return paddle.to_tensor(np.ascontiguousarray(array, dtype=dtype))
 
     def _targets(self, labels):
-        safe, weights = loss_targets(labels)
+        safe, weights = loss_weights(labels, np.int64)
         return {"labels": self._tensor(safe, np.int64), "weights": self._tensor(weights, np.float32)}
 
     # --- compiled strategies ---

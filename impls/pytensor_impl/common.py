@@ -15,7 +15,7 @@ Two ways to run a model, chosen by strategy:
   compiled ``apply`` function takes them and updates the parameters.
 
 Loss inputs: ``labels int32[M]`` (label -1 -> class 0) and
-``weights float32[M] = (label >= 0) / max(1, count)``, made in ``prepare``.
+``weights float32[M]`` of ``bench.targets.loss_weights``, made in ``prepare``.
 """
 
 from __future__ import annotations
@@ -133,14 +133,6 @@ def mean_xent(lib, logits, labels, weights):
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - T.log(T.exp(z).sum(axis=1, keepdims=True))
     return -(logp[T.arange(logits.shape[0]), labels] * weights).sum()
-
-
-def loss_targets(labels: np.ndarray):
-    """(labels int32[M] with -1 -> 0, weights float32[M] = keep / max(1, count))."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    count = max(1, int(keep.sum()))
-    return np.where(keep, labels, 0).astype(np.int32), (keep / count).astype(np.float32)
 
 
 class Optimizer:

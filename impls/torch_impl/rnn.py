@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from bench.batches import SeqBatch
+from bench.targets import labelled_count
 
 from .common import (FUSED_FROZEN, TorchImplementation, compile_scope, fused_from_canonical,
                      fused_grads_to_canonical, fused_to_canonical, long_tensor)
@@ -160,7 +161,7 @@ class RNN(TorchImplementation):
         lengths = np.asarray(batch.lengths, np.int64)
         B, T = tokens.shape
         out = PreparedSeq(labels=long_tensor(batch.labels, dev),
-                          count=float(max(1, int((batch.labels >= 0).sum()))))
+                          count=float(labelled_count(batch.labels)))
         # Longest first (stable, so ties keep batch order): fused packs in this
         # order, compiled drops finished examples from the end of the batch.
         order = np.argsort(-lengths, kind="stable")

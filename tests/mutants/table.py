@@ -76,9 +76,9 @@ MUTATIONS = (
         "the compiled Tree-LSTM runs its chunks of node groups last to first"),
     Mutation(
         "torch-all-loss-over-trees", "impls/torch_impl/rvnn.py",
-        "        out = PreparedTrees(labels=long_tensor(labels, dev),\n"
-        "                            count=float(max(1, int((labels >= 0).sum()))),",
-        "        out = PreparedTrees(labels=long_tensor(labels, dev),\n"
+        "        out = PreparedTrees(labels=long_tensor(points.labels, dev),\n"
+        "                            count=float(points.count),",
+        "        out = PreparedTrees(labels=long_tensor(points.labels, dev),\n"
         "                            count=float(batch.size),",
         ("torch/treelstm/levels",), "wrong all-node loss averaging",
         "the all-node loss is divided by the number of trees, not of labelled nodes "
