@@ -72,6 +72,13 @@ class DeviceUnavailable(Unavailable):
     on that device would say the same, so the runner records them without starting one."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message as a reason in a record: its first line (its type's name
+    when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class Implementation:
     """Base class: one model of one family, one strategy, on one device."""
 

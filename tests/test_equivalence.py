@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import reference, registry, verify
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch
 from bench.interface import NotApplicable, Unavailable
 from bench.params import ModelConfig, init_params
 from bench.tasks import Example, load_listops, load_sst
@@ -46,7 +46,7 @@ def _make(fw, model, strategy, cfg):
 
 
 def _batch(cfg, examples):
-    return make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    return make_batch(cfg.family, examples)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from bench import reference
 from bench import study_gradients as sg
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch, make_seq_batch, make_tree_batch
 from bench.params import MODELS, ModelConfig, init_params
 from bench.tasks import Dataset, Example, Vocab
 from bench.trees import Tree, build_tree, parse_tree
@@ -40,7 +40,7 @@ def _cfg(model, **kw):
 
 
 def _batch(cfg, exs):
-    return make_seq_batch(exs) if cfg.family == "rnn" else make_tree_batch(exs)
+    return make_batch(cfg.family, exs)
 
 
 def _p64(cfg, seed=0, embed_std=0.5):

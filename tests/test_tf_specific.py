@@ -15,7 +15,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from bench import reference, verify  # noqa: E402
-from bench.batches import (batch_stream, count_bucket, make_seq_batch, make_tree_batch,  # noqa: E402
+from bench.batches import (batch_stream, count_bucket, make_batch, make_seq_batch, make_tree_batch,  # noqa: E402
                            train_length)
 from bench.interface import ADAGRAD, ADAM, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
@@ -167,7 +167,7 @@ def test_one_optimizer_step_matches_the_keras_formula(sst, optimizer, cls, model
     examples = sst.train[:6]
     tokens = [t for e in examples for t in e.tokens]
     assert len(tokens) > len(set(tokens))  # repeated rows in the embedding gradient
-    batch = make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    batch = make_batch(cfg.family, examples)
     ready = impl.prepare(batch)
     # The implementation's own float32 gradients (checked against the reference
     # elsewhere): Adam divides by |g|, which would amplify float32 rounding.

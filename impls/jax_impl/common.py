@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from bench.batches import padded_rows
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line, refuse_not_applicable
 
 from . import NOT_APPLICABLE
 
@@ -124,15 +124,10 @@ def pick_device(device: str):
     try:
         gpus = jax.devices("gpu")
     except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
-        raise DeviceUnavailable("no GPU device: %s" % _one_line(exc)) from None
+        raise DeviceUnavailable("no GPU device: %s" % one_line(exc)) from None
     if not gpus:
         raise DeviceUnavailable("no GPU device: jax lists none")
     return gpus[0]
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- optimiser ---

@@ -51,7 +51,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line, refuse_not_applicable
 
 from . import NOT_APPLICABLE, NOT_APPLICABLE_BY_ENTRY
 
@@ -98,7 +98,7 @@ def configure_threads(threads: int) -> Dict:
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError as exc:  # only settable before torch's first parallel work
-            notes.append("inter-op pool already started: %s" % _one_line(exc))
+            notes.append("inter-op pool already started: %s" % one_line(exc))
         _THREADS.update(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads(),
                         how="torch.set_num_threads / set_num_interop_threads(1)")
     elif BACKEND == "tensorflow":
@@ -107,7 +107,7 @@ def configure_threads(threads: int) -> Dict:
             tf.config.threading.set_inter_op_parallelism_threads(1)
             how = "tf.config.threading before TF's runtime started (inter-op 1)"
         except RuntimeError as exc:
-            how = "TF's runtime had started; its pools are unchanged (%s)" % _one_line(exc)
+            how = "TF's runtime had started; its pools are unchanged (%s)" % one_line(exc)
         _THREADS.update(intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
                         inter_op=tf.config.threading.get_inter_op_parallelism_threads(), how=how)
     else:
@@ -151,11 +151,6 @@ def keras_device(device: str) -> str:
     if not ok:
         raise DeviceUnavailable("keras-%s sees no GPU" % BACKEND)
     return "gpu" + index
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read(variable):

@@ -49,15 +49,10 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.batches import padded_array
+from bench.batches import bucket, padded_array
 from bench.targets import class_points
 
 from .common import BACKEND, JIT_CELLS, KerasImplementation, Prepared, cell_function, read, row_of
-
-
-def _bucket(n: int) -> int:
-    """Next power of two >= n."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def leaf_state(model, x, W_leaf, b_leaf):
@@ -292,7 +287,7 @@ class RvNN(KerasImplementation):
         if self.strategy == "recursive" and self.model.encoder.jit_nodes:
             # The jitted leaf function sees all leaf embeddings: a power-of-two row count
             # keeps its compiles to a few shapes (the padding rows are never read).
-            tokens = np.concatenate([tokens, np.zeros(_bucket(n_leaves) - n_leaves, np.int32)])
+            tokens = np.concatenate([tokens, np.zeros(bucket(n_leaves) - n_leaves, np.int32)])
         tokens = int32(tokens)
         if self.strategy == "recursive":
             left, right = batch.left.tolist(), batch.right.tolist()
@@ -314,15 +309,15 @@ class RvNN(KerasImplementation):
         padding, ``sink`` = S - 1 written by it), leaves and each height padded to a power of
         two, so the jitted leaf and height functions compile for a few shapes only."""
         o, N = batch.level_offsets, batch.num_nodes
-        zero, sink = _bucket(N), _bucket(N) + 1
+        zero, sink = bucket(N), bucket(N) + 1
         n_leaves = int(o[1])
         int32 = self._int32
-        tokens = int32(padded_array(batch.token[:n_leaves], _bucket(n_leaves), 0))
-        leaf_node = int32(padded_array(np.arange(n_leaves), _bucket(n_leaves), sink))
+        tokens = int32(padded_array(batch.token[:n_leaves], bucket(n_leaves), 0))
+        leaf_node = int32(padded_array(np.arange(n_leaves), bucket(n_leaves), sink))
         heights = []
         for k in range(1, batch.num_levels):
             nodes = np.arange(o[k], o[k + 1])
-            width = _bucket(len(nodes))
+            width = bucket(len(nodes))
             pairs = np.stack([padded_array(batch.left[nodes], width, zero),
                               padded_array(batch.right[nodes], width, zero)], -1).ravel()
             heights.append((int32(padded_array(nodes, width, sink)), int32(pairs)))

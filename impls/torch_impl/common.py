@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import (ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line,
+                             refuse_not_applicable)
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -73,7 +74,7 @@ def apply_threads(threads: int) -> Dict:
         out["interop_set"] = True
     except RuntimeError as exc:
         out["interop_set"] = False
-        out["interop_error"] = str(exc).splitlines()[0]
+        out["interop_error"] = one_line(exc)
     out["intra_op_threads"] = torch.get_num_threads()
     out["interop_threads"] = torch.get_num_interop_threads()
     return out
