@@ -125,7 +125,7 @@ class RNN(ChainerImplementation):
         last int32[B]: row of each sequence's last real step in the [T*B, H] stack
         of loop states, labels int32[B], count int.
         """
-        send = self._device.send
+        send = self.dev.send
         B = batch.tokens.shape[0]
         lengths = batch.lengths.astype(np.int64)
         ready = dict(B=B, labels=send(batch.labels.astype(np.int32)),

@@ -68,7 +68,7 @@ class RvNN(ChainerImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        send = self._device.send
+        send = self.dev.send
         # rows to classify: host ints for recursive, a device index for levels
         if self.strategy == "recursive":
             rows = lambda idx: [int(n) for n in idx]  # noqa: E731

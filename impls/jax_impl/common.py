@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from bench.batches import padded_rows
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line
 
 from . import NOT_APPLICABLE
 
@@ -56,42 +56,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(threads: int) -> Dict:
-    """Size XLA's CPU thread pool to ``threads`` if JAX's backend has not started yet.
-
-    Returns what the process actually runs with: ``requested``, ``applied``
-    (the pool size XLA was started with, as far as it can be known),
-    ``matched`` and ``how``. The first call in a process decides; later calls
-    with another count report a mismatch instead of pretending.
-    """
-    with _LOCK:
-        if not _THREADS:
-            started = _backend_started()
-            if started is False:
-                before = os.environ.get("PJRT_NPROC")
-                os.environ["PJRT_NPROC"] = str(int(threads))
-                jax.devices()  # start the backend now so the pool size is pinned and known
-                how = "PJRT_NPROC=%d set before XLA's backend started" % threads
-                if before not in (None, str(threads)):
-                    how += " (replacing PJRT_NPROC=%s from the environment)" % before
-                _THREADS.update(applied=int(threads), how=how)
-            else:
-                env = os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")
-                try:
-                    applied, how = int(env), "backend already started; PJRT_NPROC/NPROC=%s" % env
-                except (TypeError, ValueError):
-                    applied = _cpu_count()
-                    how = "backend already started without PJRT_NPROC: XLA's default, one per core"
-                if started is None:
-                    how += " (could not tell whether the backend had started)"
-                _THREADS.update(applied=applied, how=how)
-            _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-        out = dict(_THREADS)
-    out["requested"] = int(threads)
-    out["matched"] = out["applied"] == int(threads)
-    return out
-
-
 def _count_compiles(event, duration, **kwargs):
     """JAX reports every XLA compilation (and every persistent-cache load) with this event."""
     if event == "/jax/core/compile/backend_compile_duration":
@@ -115,19 +79,6 @@ def _install_compile_listener():
         jax.monitoring.register_event_duration_secs_listener(_count_compiles)
         jax.monitoring.register_event_listener(_count_cache_hits)
         _COMPILES["installed"] = True
-
-
-def pick_device(device: str):
-    """The jax device for 'cpu' or 'gpu'; Unavailable when JAX has no GPU backend."""
-    if device == "cpu":
-        return jax.devices("cpu")[0]
-    try:
-        gpus = jax.devices("gpu")
-    except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
-        raise DeviceUnavailable("no GPU device: %s" % one_line(exc)) from None
-    if not gpus:
-        raise DeviceUnavailable("no GPU device: jax lists none")
-    return gpus[0]
 
 
 # --- optimiser ---
@@ -190,6 +141,7 @@ def _inputs(prepared, phase):
 
 class JaxImplementation(Implementation):
     framework = "jax"
+    not_applicable = NOT_APPLICABLE   # refused before JAX starts (bench.interface)
     jit_strategies: tuple = ()  # strategies whose whole step runs under one jax.jit
     weight_decay_refusal = None  # optax.add_decayed_weights before the update (make_optimizer)
 
@@ -199,13 +151,10 @@ class JaxImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        self._refuse()
-        self._thread_info = configure_threads(threads)
         _install_compile_listener()
         # TF32 would otherwise be JAX's default for float32 matmuls on recent GPUs;
         # the suite compares float32 with float32.
         jax.config.update("jax_default_matmul_precision", "highest")
-        self.dev = pick_device(device)
         self.opt = make_optimizer(cfg)
         self._built_decay = cfg.weight_decay   # the decay self.opt and the jitted steps have
         self._probe = None        # (optimiser, jitted update) of set_weight_decay's other decay
@@ -234,11 +183,54 @@ class JaxImplementation(Implementation):
         """Padded example count of a batch of ``n`` (bench.batches.padded_rows)."""
         return padded_rows(n, self.batch_size)
 
-    # -- subclass hooks --
-    def _refuse(self):
-        """Raise NotApplicable for what this class cannot express (before JAX starts)."""
-        refuse_not_applicable(NOT_APPLICABLE, self.cfg.model, self.strategy, self.device)
+    def apply_threads(self, threads):
+        """Size XLA's CPU thread pool to ``threads`` if JAX's backend has not started yet.
 
+        Returns what the process actually runs with: ``requested``, ``applied``
+        (the pool size XLA was started with, as far as it can be known),
+        ``matched`` and ``how``. The first call in a process decides; later calls
+        with another count report a mismatch instead of pretending.
+        """
+        with _LOCK:
+            if not _THREADS:
+                started = _backend_started()
+                if started is False:
+                    before = os.environ.get("PJRT_NPROC")
+                    os.environ["PJRT_NPROC"] = str(int(threads))
+                    jax.devices()  # start the backend now so the pool size is pinned and known
+                    how = "PJRT_NPROC=%d set before XLA's backend started" % threads
+                    if before not in (None, str(threads)):
+                        how += " (replacing PJRT_NPROC=%s from the environment)" % before
+                    _THREADS.update(applied=int(threads), how=how)
+                else:
+                    env = os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")
+                    try:
+                        applied, how = int(env), "backend already started; PJRT_NPROC/NPROC=%s" % env
+                    except (TypeError, ValueError):
+                        applied = _cpu_count()
+                        how = "backend already started without PJRT_NPROC: XLA's default, one per core"
+                    if started is None:
+                        how += " (could not tell whether the backend had started)"
+                    _THREADS.update(applied=applied, how=how)
+                _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+            out = dict(_THREADS)
+        out["requested"] = int(threads)
+        out["matched"] = out["applied"] == int(threads)
+        return out
+
+    def pick_device(self, device):
+        """The jax device for 'cpu' or 'gpu'; Unavailable when JAX has no GPU backend."""
+        if device == "cpu":
+            return jax.devices("cpu")[0]
+        try:
+            gpus = jax.devices("gpu")
+        except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
+            raise DeviceUnavailable("no GPU device: %s" % one_line(exc)) from None
+        if not gpus:
+            raise DeviceUnavailable("no GPU device: jax lists none")
+        return gpus[0]
+
+    # -- subclass hooks --
     def _loss(self, params, prepared):
         raise NotImplementedError
 
@@ -396,7 +388,7 @@ class JaxImplementation(Implementation):
             "device_kind": getattr(self.dev, "device_kind", str(self.dev)),
             "x64": bool(jax.config.jax_enable_x64),
             "matmul_precision": jax.config.jax_default_matmul_precision,
-            "threads": self._thread_info,
+            "threads": self.thread_info,
             "traces": dict(self.traces),
             "traces_total": int(sum(self.traces.values())),
             "xla_compiles_in_process": _COMPILES["count"],

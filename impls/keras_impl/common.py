@@ -51,7 +51,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line
 
 from . import NOT_APPLICABLE, NOT_APPLICABLE_BY_ENTRY
 
@@ -83,74 +83,6 @@ def _jax_backend_started() -> Optional[bool]:
         return bool(xla_bridge.backends_are_initialized())
     except Exception:  # an internal that moved
         return None
-
-
-def configure_threads(threads: int) -> Dict:
-    """Apply the backend's own thread knobs (first call in a process decides); report them."""
-    threads = int(threads)
-    if _THREADS:
-        out = dict(_THREADS)
-        out["requested"] = threads
-        return out
-    notes = []
-    if BACKEND == "torch":
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError as exc:  # only settable before torch's first parallel work
-            notes.append("inter-op pool already started: %s" % one_line(exc))
-        _THREADS.update(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads(),
-                        how="torch.set_num_threads / set_num_interop_threads(1)")
-    elif BACKEND == "tensorflow":
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-            how = "tf.config.threading before TF's runtime started (inter-op 1)"
-        except RuntimeError as exc:
-            how = "TF's runtime had started; its pools are unchanged (%s)" % one_line(exc)
-        _THREADS.update(intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
-                        inter_op=tf.config.threading.get_inter_op_parallelism_threads(), how=how)
-    else:
-        started = _jax_backend_started()
-        if started is False:
-            # XLA's CPU client sizes its pool from PJRT_NPROC when the backend starts.
-            os.environ["PJRT_NPROC"] = str(threads)
-            jax.devices()
-            _THREADS.update(intra_op=threads, how="PJRT_NPROC=%d before XLA's backend started"
-                            % threads)
-        else:
-            env = os.environ.get("PJRT_NPROC")
-            _THREADS.update(intra_op=int(env) if env and env.isdigit() else None,
-                            how="XLA's backend had started (PJRT_NPROC=%s)" % env)
-        _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    _THREADS["notes"] = notes
-    out = dict(_THREADS)
-    out["requested"] = threads
-    return out
-
-
-def keras_device(device: str) -> str:
-    """The Keras device name for 'cpu' / 'gpu'; Unavailable when the backend sees no GPU.
-
-    Torch gets no device index: Keras creates a torch variable as
-    ``Parameter(...).to(device)``, and ``.to("cpu:0")`` of a CPU tensor is a copy, which would
-    leave the variable a non-leaf tensor that never receives a gradient.
-    """
-    index = "" if BACKEND == "torch" else ":0"
-    if device == "cpu":
-        return "cpu" + index
-    if BACKEND == "torch":
-        ok = torch.cuda.is_available()
-    elif BACKEND == "tensorflow":
-        ok = bool(tf.config.list_physical_devices("GPU"))
-    else:
-        try:
-            ok = bool(jax.devices("gpu"))
-        except RuntimeError:
-            ok = False
-    if not ok:
-        raise DeviceUnavailable("keras-%s sees no GPU" % BACKEND)
-    return "gpu" + index
 
 
 def read(variable):
@@ -271,6 +203,8 @@ class Prepared:
 
 class KerasImplementation(Implementation):
     framework = FRAMEWORK
+    # the package's table is every backend's; the registry adds the entry's own
+    not_applicable = {**NOT_APPLICABLE, **NOT_APPLICABLE_BY_ENTRY.get("keras-" + BACKEND, {})}
     modes: Dict[str, str] = {}
     # coupled L2 added to the gradients before ``optimizer.apply`` (each engine's
     # ``decayed``), never Keras' own ``weight_decay=``, which is decoupled (AdamW-like)
@@ -278,11 +212,7 @@ class KerasImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        table = {**NOT_APPLICABLE, **NOT_APPLICABLE_BY_ENTRY.get("keras-" + BACKEND, {})}
-        refuse_not_applicable(table, cfg.model, strategy, device)
         self.mode = self.modes[strategy]
-        self._thread_info = configure_threads(threads)
-        self._device = keras_device(device)
         self.traces: Counter = Counter()
         self._last = None
         self._loaded = False
@@ -302,6 +232,72 @@ class KerasImplementation(Implementation):
                         "tensorflow": _TFEngine}[BACKEND](self)
         self._built_decay = cfg.weight_decay   # the decay the engine's train step applies
         self._probe_decay = None               # set_weight_decay's other decay
+
+    def apply_threads(self, threads):
+        """Apply the backend's own thread knobs (first call in a process decides); report them."""
+        threads = int(threads)
+        if _THREADS:
+            out = dict(_THREADS)
+            out["requested"] = threads
+            return out
+        notes = []
+        if BACKEND == "torch":
+            torch.set_num_threads(threads)
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError as exc:  # only settable before torch's first parallel work
+                notes.append("inter-op pool already started: %s" % one_line(exc))
+            _THREADS.update(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads(),
+                            how="torch.set_num_threads / set_num_interop_threads(1)")
+        elif BACKEND == "tensorflow":
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+                how = "tf.config.threading before TF's runtime started (inter-op 1)"
+            except RuntimeError as exc:
+                how = "TF's runtime had started; its pools are unchanged (%s)" % one_line(exc)
+            _THREADS.update(intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
+                            inter_op=tf.config.threading.get_inter_op_parallelism_threads(), how=how)
+        else:
+            started = _jax_backend_started()
+            if started is False:
+                # XLA's CPU client sizes its pool from PJRT_NPROC when the backend starts.
+                os.environ["PJRT_NPROC"] = str(threads)
+                jax.devices()
+                _THREADS.update(intra_op=threads, how="PJRT_NPROC=%d before XLA's backend started"
+                                % threads)
+            else:
+                env = os.environ.get("PJRT_NPROC")
+                _THREADS.update(intra_op=int(env) if env and env.isdigit() else None,
+                                how="XLA's backend had started (PJRT_NPROC=%s)" % env)
+            _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        _THREADS["notes"] = notes
+        out = dict(_THREADS)
+        out["requested"] = threads
+        return out
+
+    def pick_device(self, device):
+        """The Keras device name for 'cpu' / 'gpu'; Unavailable when the backend sees no GPU.
+
+        Torch gets no device index: Keras creates a torch variable as
+        ``Parameter(...).to(device)``, and ``.to("cpu:0")`` of a CPU tensor is a copy, which would
+        leave the variable a non-leaf tensor that never receives a gradient.
+        """
+        index = "" if BACKEND == "torch" else ":0"
+        if device == "cpu":
+            return "cpu" + index
+        if BACKEND == "torch":
+            ok = torch.cuda.is_available()
+        elif BACKEND == "tensorflow":
+            ok = bool(tf.config.list_physical_devices("GPU"))
+        else:
+            try:
+                ok = bool(jax.devices("gpu"))
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise DeviceUnavailable("keras-%s sees no GPU" % BACKEND)
+        return "gpu" + index
 
     def set_weight_decay(self, weight_decay):
         """The engine's (compiled) train step keeps the decay it was built with; at another
@@ -324,7 +320,7 @@ class KerasImplementation(Implementation):
 
     # -- helpers --
     def _scope(self):
-        return keras.device(self._device)
+        return keras.device(self.dev)
 
     def _tensor(self, value, dtype=None):
         """A NumPy array as a backend tensor on this implementation's device."""
@@ -433,8 +429,8 @@ class KerasImplementation(Implementation):
             "backend": BACKEND,
             "keras": keras.__version__,
             "backend_version": _backend_version(),
-            "device": self._device,
-            "threads": dict(self._thread_info),
+            "device": self.dev,
+            "threads": dict(self.thread_info),
             "mode": self.mode,
             "executor": executor,
             "optimizer": type(self.optimizer).__name__,

@@ -32,30 +32,10 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation
 from bench.targets import labelled_count
 
 from . import NOT_APPLICABLE
-
-
-def setup_threads(threads: int) -> Dict:
-    """Set MXNet's OpenMP pool to ``threads`` (valid at any time) and report the engine's setting."""
-    applied = None
-    if hasattr(mx.base._LIB, "MXSetNumOMPThreads"):
-        mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(int(threads))))
-        applied = int(threads)
-    return {"omp_threads": applied,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "engine_worker_threads": os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1 (default)"),
-            "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice (default)")}
-
-
-def get_context(device: str):
-    if device == "gpu":
-        if mx.context.num_gpus() == 0:
-            raise DeviceUnavailable("MXNet sees no GPU (a CPU build of mxnet, or no CUDA device)")
-        return mx.gpu(0)
-    return mx.cpu()
 
 
 class _AdaGrad(mx.optimizer.AdaGrad):
@@ -109,6 +89,7 @@ def masked_xent(F, logits, safe, keep, scale):
 
 class MXNetImplementation(Implementation):
     framework = "mxnet"
+    not_applicable = NOT_APPLICABLE
     # Coupled L2 added to each trained parameter's gradient before ``Trainer.step``, the
     # optimisers keeping wd=0: MXNet's own ``wd`` is coupled for SGD and Adam but not for
     # AdaGrad (1.9: ``history += g^2; w += (g / sqrt(history + eps) + wd * w) * -lr``).
@@ -116,20 +97,36 @@ class MXNetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        self.ctx = get_context(device)
-        self._threads = setup_threads(threads)
         self._params: "OrderedDict[str, gluon.Parameter]" = OrderedDict()
         frozen = set(self._build())
         for name, p in self._params.items():
             if name in frozen:
                 p.grad_req = "null"
             if p._data is None:
-                p.initialize(init=mx.init.Zero(), ctx=self.ctx)
+                p.initialize(init=mx.init.Zero(), ctx=self.dev)
         self._trainable = [p for name, p in self._params.items() if name not in frozen]
         self._trainer = None
 
-    # --- hooks ---
+    # --- framework hooks (bench.interface); self.dev is the mx.Context ---
+    def apply_threads(self, threads):
+        """Set MXNet's OpenMP pool to ``threads`` (valid at any time) and report the engine's setting."""
+        applied = None
+        if hasattr(mx.base._LIB, "MXSetNumOMPThreads"):
+            mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(int(threads))))
+            applied = int(threads)
+        return {"omp_threads": applied,
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                "engine_worker_threads": os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1 (default)"),
+                "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice (default)")}
+
+    def pick_device(self, device):
+        if device == "gpu":
+            if mx.context.num_gpus() == 0:
+                raise DeviceUnavailable("MXNet sees no GPU (a CPU build of mxnet, or no CUDA device)")
+            return mx.gpu(0)
+        return mx.cpu()
+
+    # --- model hooks ---
     def _build(self):
         raise NotImplementedError
 
@@ -153,14 +150,14 @@ class MXNetImplementation(Implementation):
 
     def _w(self, name):
         """A native parameter's current NDArray (recorded by autograd when its grad is attached)."""
-        return self._params[name].data(self.ctx)
+        return self._params[name].data(self.dev)
 
     def _set(self, name, value):
         p = self._params[name]
         value = np.ascontiguousarray(value, np.float32)
         if tuple(p.shape) != value.shape:
             raise ValueError("native parameter %s is %s, got %s" % (name, p.shape, value.shape))
-        p.set_data(nd.array(value, ctx=self.ctx, dtype="float32"))
+        p.set_data(nd.array(value, ctx=self.dev, dtype="float32"))
 
     def load_params(self, params):
         self._load_native(self._checked(params))
@@ -168,7 +165,7 @@ class MXNetImplementation(Implementation):
         self._trainer = gluon.Trainer(self._trainable, make_optimizer(self.cfg), kvstore=None)
 
     def export_params(self):
-        return self._canonical(lambda name: self._params[name].data(self.ctx).asnumpy())
+        return self._canonical(lambda name: self._params[name].data(self.dev).asnumpy())
 
     # --- work ---
     def _loss(self, prepared):
@@ -182,7 +179,7 @@ class MXNetImplementation(Implementation):
         with autograd.record():
             loss = self._loss(prepared)
         loss.backward()
-        grads = self._canonical(lambda name: self._params[name].grad(self.ctx).asnumpy())
+        grads = self._canonical(lambda name: self._params[name].grad(self.dev).asnumpy())
         return float(loss.asscalar()), {k: np.asarray(v, np.float32) for k, v in grads.items()}
 
     def train_step(self, prepared):
@@ -192,8 +189,8 @@ class MXNetImplementation(Implementation):
         wd = self.cfg.weight_decay
         if wd:
             for p in self._trainable:
-                g = p.grad(self.ctx)
-                g += wd * p.data(self.ctx)
+                g = p.grad(self.dev)
+                g += wd * p.data(self.dev)
         self._trainer.step(1)  # the loss is already a mean: no 1/batch rescaling
         return loss
 
@@ -206,12 +203,12 @@ class MXNetImplementation(Implementation):
         return np.asarray(value)
 
     def info(self):
-        return {"threads": self._threads, "context": str(self.ctx)}
+        return {"threads": self.thread_info, "context": str(self.dev)}
 
     def gemm_ops(self, n):
         rng = np.random.default_rng(0)
-        a = nd.array(rng.standard_normal((n, n)), ctx=self.ctx, dtype="float32")
-        b = nd.array(rng.standard_normal((n, n)), ctx=self.ctx, dtype="float32")
+        a = nd.array(rng.standard_normal((n, n)), ctx=self.dev, dtype="float32")
+        b = nd.array(rng.standard_normal((n, n)), ctx=self.dev, dtype="float32")
         return (lambda: nd.dot(a, b)), (lambda out: out.wait_to_read())
 
 def linear_weight(value: np.ndarray) -> np.ndarray:

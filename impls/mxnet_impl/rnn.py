@@ -90,7 +90,7 @@ class RNN(MXNetImplementation):
             else:
                 self._layer = gluon.rnn.RNN(H, num_layers=1, activation="tanh", layout="TNC",
                                             input_size=D)
-            self._layer.initialize(init=mx.init.Zero(), ctx=self.ctx)
+            self._layer.initialize(init=mx.init.Zero(), ctx=self.dev)
             for kind in ("i2h_weight", "h2h_weight", "i2h_bias", "h2h_bias"):
                 self._params[kind] = getattr(self._layer, "l0_" + kind)
         else:
@@ -146,7 +146,7 @@ class RNN(MXNetImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        ctx = self.ctx
+        ctx = self.dev
         B = batch.size
         return SimpleNamespace(
             B=B, T=int(batch.tokens.shape[1]),

@@ -132,7 +132,7 @@ class RvNN(MXNetImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        ctx = self.ctx
+        ctx = self.dev
 
         def arr(x):
             return nd.array(np.asarray(x), ctx=ctx, dtype="int32")

@@ -141,7 +141,7 @@ class RNN(TFImplementation):
         """
         tokens, lengths, labels = batch.tokens, batch.lengths, batch.labels
         B, T = tokens.shape
-        with tf.device(self._device):
+        with tf.device(self.dev):
             put = lambda a: tf.identity(tf.constant(a))  # noqa: E731 (identity moves it to the device)
             if self.strategy == "fused":
                 return {"tokens": put(tokens), "lengths": put(lengths), "labels": put(labels)}

@@ -114,7 +114,7 @@ class RvNN(TFImplementation):
         ``buffer_rows`` int32[] (padded nodes + zero + sink).
         """
         mode = self.cfg.loss_mode
-        with tf.device(self._device):
+        with tf.device(self.dev):
             put = lambda a: tf.identity(tf.constant(a))  # noqa: E731 (identity moves it to the device)
             if self.strategy == "recursive":
                 return {"leaf_token": [put(np.array([t], np.int32)) if t >= 0 else None
