@@ -73,6 +73,18 @@ class DeviceUnavailable(Unavailable):
     on that device would say the same, so the runner records them without starting one."""
 
 
+def counted(counts, name: str, fn):
+    """``fn``, adding 1 to ``counts[name]`` (a Counter) each time its Python body runs: under
+    a tracing compiler (``jax.jit``, ``tf.function``) that is each (re)trace, which an
+    implementation's ``info()`` reports. The wrapper is named ``name`` (so are the programs
+    a compiler builds from it)."""
+    def wrapper(*args, **kwargs):
+        counts[name] += 1
+        return fn(*args, **kwargs)
+    wrapper.__name__ = name
+    return wrapper
+
+
 def one_line(exc: BaseException) -> str:
     """An exception's message as a reason in a record: its first line (its type's name
     when the message is empty)."""

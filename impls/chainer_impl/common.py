@@ -121,23 +121,7 @@ class ChainerImplementation(Implementation):
             return chainer.get_device("@cupy:0")
         return chainer.get_device("@numpy")
 
-    # --- model hooks ---
-    def _build(self):
-        raise NotImplementedError
-
-    def _load_native(self, params: Dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
-
-    def _canonical(self, read) -> Dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def _forward(self, prepared):
-        raise NotImplementedError
-
-    def _logits(self, prepared):
-        raise NotImplementedError
-
-    # --- parameters ---
+    # --- parameters (the subclass's model hooks: see the module doc) ---
     def _native(self) -> Dict[str, chainer.Parameter]:
         return dict(self.model.namedparams())
 

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from bench.batches import padded_rows
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, counted, one_line
 
 from . import NOT_APPLICABLE
 
@@ -237,14 +237,6 @@ class JaxImplementation(Implementation):
     def _logits(self, params, prepared):
         raise NotImplementedError
 
-    def _traced(self, name, fn):
-        """fn, counting in self.traces[name] each time JAX traces it."""
-        def wrapper(*args, **kwargs):
-            self.traces[name] += 1
-            return fn(*args, **kwargs)
-        wrapper.__name__ = name
-        return wrapper
-
     def _build_jits(self):
         opt = self.opt
 
@@ -260,13 +252,13 @@ class JaxImplementation(Implementation):
                 params, opt_state = apply(params, opt_state, grads)
                 return value, params, opt_state
 
-            self._value_and_grad = jax.jit(self._traced("value_and_grad",
+            self._value_and_grad = jax.jit(counted(self.traces, "value_and_grad",
                                                         jax.value_and_grad(loss)))
-            self._train = jax.jit(self._traced("train_step", step), donate_argnums=(0, 1))
-            self._logits_call = jax.jit(self._traced("logits", self._logits))
+            self._train = jax.jit(counted(self.traces, "train_step", step), donate_argnums=(0, 1))
+            self._logits_call = jax.jit(counted(self.traces, "logits", self._logits))
         else:
             self._value_and_grad = jax.value_and_grad(self._loss)
-            update = jax.jit(self._traced("optimizer_update", apply), donate_argnums=(0, 1))
+            update = jax.jit(counted(self.traces, "optimizer_update", apply), donate_argnums=(0, 1))
             vg = self._value_and_grad
 
             def step(params, opt_state, prepared):
@@ -313,7 +305,7 @@ class JaxImplementation(Implementation):
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        self._probe = (opt, jax.jit(self._traced("optimizer_update_probe", apply)))
+        self._probe = (opt, jax.jit(counted(self.traces, "optimizer_update_probe", apply)))
         self._probe_state = None
 
     def _probe_step(self, prepared):

@@ -54,6 +54,7 @@ import optax
 from jax import lax
 
 from bench.batches import TreeBatch, count_bucket, node_rows, node_width, padded_array
+from bench.interface import counted
 from bench.targets import class_points
 
 from .common import JaxImplementation, classify, softmax_xent
@@ -294,9 +295,9 @@ class RvNN(JaxImplementation):
             def node(W, b, left, right):
                 return node_state(model, W, b, left, right)
 
-            self._embed = jax.jit(self._traced("embed", embed))
-            self._leaf = jax.jit(self._traced("leaf", leaf))
-            self._node = jax.jit(self._traced("node", node))
+            self._embed = jax.jit(counted(self.traces, "embed", embed))
+            self._leaf = jax.jit(counted(self.traces, "leaf", leaf))
+            self._node = jax.jit(counted(self.traces, "node", node))
 
             def readout(W_o, b_o, h, points):
                 return classify(W_o, b_o, h[points])
@@ -304,8 +305,8 @@ class RvNN(JaxImplementation):
             def loss_head(W_o, b_o, h, points, labels):
                 return softmax_xent(classify(W_o, b_o, h[points]), labels)
 
-            self._readout = jax.jit(self._traced("readout", readout))
-            self._loss_head = jax.jit(self._traced("loss_head", loss_head))
+            self._readout = jax.jit(counted(self.traces, "readout", readout))
+            self._loss_head = jax.jit(counted(self.traces, "loss_head", loss_head))
         elif strategy == "levels":
             self._build_levels()
         else:
@@ -497,7 +498,7 @@ class RvNN(JaxImplementation):
             zero = {k: jnp.zeros_like(v) for k, v in acc.items()}
             return loss, grads, optax.apply_updates(params, updates), opt_state, zero, cts
 
-        jit = lambda name, f, **kw: jax.jit(self._traced(name, f), **kw)  # noqa: E731
+        jit = lambda name, f, **kw: jax.jit(counted(self.traces, name, f), **kw)  # noqa: E731
         self._l_leaves = jit("leaves_forward", leaves_forward, donate_argnums=(3,))
         self._l_level = jit("level_forward", level_forward, donate_argnums=(2,))
         self._l_readout = jit("readout", readout)

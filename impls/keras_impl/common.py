@@ -51,7 +51,8 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line
+from bench.interface import DeviceUnavailable, Implementation, counted, one_line
+from impls.keras_optimizers import keras_optimizer
 
 from . import NOT_APPLICABLE, NOT_APPLICABLE_BY_ENTRY
 
@@ -147,25 +148,6 @@ def row_of(x, i):
 
 # --- optimiser and loss ---
 
-def make_optimizer(cfg):
-    """The Keras optimiser for cfg.optimizer with the suite's shared hyper-parameters.
-
-    Keras' formulas (keras/src/optimizers): Adam adds epsilon to sqrt(v) *before* the bias
-    correction of the step size (``lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``);
-    Adagrad adds it *inside* the square root (``g / sqrt(acc + eps)``).
-    """
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=0.0)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],
-                                     beta_2=ADAM["beta2"], epsilon=ADAM["eps"])
-    if cfg.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate=cfg.lr,
-                                        initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                                        epsilon=ADAGRAD["eps"])
-    raise ValueError("unknown optimizer %r" % cfg.optimizer)
-
-
 def decayed(grads, values, wd):
     """Coupled L2: ``g + wd * theta`` for each gradient and parameter value (the gradients
     themselves at 0), before the optimiser's update (bench.reference.optimizer_steps)."""
@@ -224,7 +206,7 @@ class KerasImplementation(Implementation):
             if sorted(slot[id(v)] for v in self._params.values()) != list(range(len(self._vars))):
                 raise AssertionError("canonical parameters and the model's variables differ")
             self._slot = OrderedDict((name, slot[id(v)]) for name, v in self._params.items())
-            self.optimizer = make_optimizer(cfg)
+            self.optimizer = keras_optimizer(cfg.optimizer, cfg.lr)
             self.optimizer.build(self._vars)
             # load_params restores these, so compiled steps keep capturing the same variables.
             self._opt_initial = [np.array(to_numpy(v)) for v in self.optimizer.variables]
@@ -330,14 +312,6 @@ class KerasImplementation(Implementation):
     def _need_params(self):
         if not self._loaded:
             raise RuntimeError("load_params first")
-
-    def _counted(self, name, fn):
-        """fn, counting in self.traces[name] each time its Python body runs (= traces when compiled)."""
-        def traced(*args, **kwargs):
-            self.traces[name] += 1
-            return fn(*args, **kwargs)
-        traced.__name__ = name
-        return traced
 
     def _forward(self, inputs, static):
         return self.model(inputs, static=static)
@@ -529,12 +503,12 @@ class _JaxEngine:
         if impl.mode == "eager":
             self._logits = logits_fn
             self._grads = grad_fn
-            self._apply = jax.jit(impl._counted("apply", apply_fn), donate_argnums=(0, 1))
+            self._apply = jax.jit(counted(impl.traces, "apply", apply_fn), donate_argnums=(0, 1))
             self._train = None
         else:
-            self._logits = jax.jit(impl._counted("logits", logits_fn), static_argnums=(3,))
-            self._grads = jax.jit(impl._counted("grads", grad_fn), static_argnums=(3,))
-            self._train = jax.jit(impl._counted("train", train_fn), static_argnums=(4,),
+            self._logits = jax.jit(counted(impl.traces, "logits", logits_fn), static_argnums=(3,))
+            self._grads = jax.jit(counted(impl.traces, "grads", grad_fn), static_argnums=(3,))
+            self._train = jax.jit(counted(impl.traces, "train", train_fn), static_argnums=(4,),
                                   donate_argnums=(0, 2))
 
     def load(self):
@@ -574,7 +548,7 @@ class _JaxEngine:
             def apply_fn(tv, ov, grads):
                 return opt.stateless_apply(ov, decayed(grads, tv, wd), tv)
 
-            self._probe_apply[wd] = jax.jit(self.impl._counted("apply_probe", apply_fn))
+            self._probe_apply[wd] = jax.jit(counted(self.impl.traces, "apply_probe", apply_fn))
         self.tv, self.ov = self._probe_apply[wd](self.tv, self.ov, grads)
 
     def sync(self, last):
@@ -621,7 +595,7 @@ class _TFEngine:
 
         if impl.mode == "eager":
             self._logits, self._grads = logits_fn, grads_fn
-            self._apply = tf.function(impl._counted("apply", apply_fn), reduce_retracing=True,
+            self._apply = tf.function(counted(impl.traces, "apply", apply_fn), reduce_retracing=True,
                                       autograph=False)
             self._train = None
         else:
@@ -629,9 +603,9 @@ class _TFEngine:
             # the plain graph is traced once for relaxed (None) shapes.
             compile_args = dict(jit_compile=impl.mode == "xla",
                                 reduce_retracing=impl.mode == "graph", autograph=False)
-            self._logits = tf.function(impl._counted("logits", logits_fn), **compile_args)
-            self._grads = tf.function(impl._counted("grads", grads_fn), **compile_args)
-            self._train = tf.function(impl._counted("train", train_fn), **compile_args)
+            self._logits = tf.function(counted(impl.traces, "logits", logits_fn), **compile_args)
+            self._grads = tf.function(counted(impl.traces, "grads", grads_fn), **compile_args)
+            self._train = tf.function(counted(impl.traces, "train", train_fn), **compile_args)
 
     def load(self):
         pass

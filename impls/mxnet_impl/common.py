@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import OrderedDict
-from typing import Dict
 
 import numpy as np
 
@@ -126,23 +125,7 @@ class MXNetImplementation(Implementation):
             return mx.gpu(0)
         return mx.cpu()
 
-    # --- model hooks ---
-    def _build(self):
-        raise NotImplementedError
-
-    def _load_native(self, params):
-        raise NotImplementedError
-
-    def _canonical(self, read) -> Dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def _forward(self, prepared):
-        raise NotImplementedError
-
-    def _logits(self, prepared):
-        raise NotImplementedError
-
-    # --- parameters ---
+    # --- parameters (the subclass's model hooks: see the module doc) ---
     def _new_param(self, name, shape):
         p = gluon.Parameter(name, shape=tuple(shape), dtype="float32", init=mx.init.Zero())
         self._params[name] = p

@@ -70,7 +70,8 @@ if "keras" not in sys.modules:
 tf = _import_tensorflow()
 import keras  # noqa: E402
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation  # noqa: E402
+from bench.interface import DeviceUnavailable, Implementation  # noqa: E402
+from impls.keras_optimizers import keras_optimizer  # noqa: E402
 
 
 def _quiet() -> None:
@@ -88,28 +89,6 @@ _quiet()
 
 def device_name(device: str) -> str:
     return "/GPU:0" if device == "gpu" else "/CPU:0"
-
-
-def make_optimizer(cfg):
-    """The stock Keras optimiser named by cfg with the suite's shared hyper-parameters.
-
-    Keras' own formulas: Adam adds epsilon to sqrt(v) before the step size's
-    bias correction (``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``),
-    Adagrad inside the root (``g / sqrt(acc + eps)``). PyTorch and optax put
-    epsilon after the root of the corrected v / of acc: for Adagrad (acc >=
-    0.1) the difference is ~1e-8; for Adam it shows on entries whose |g| is
-    near eps / sqrt(1 - b2^t), i.e. small embedding gradients.
-    """
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=0.0, nesterov=False)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],
-                                     beta_2=ADAM["beta2"], epsilon=ADAM["eps"])
-    if cfg.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate=cfg.lr,
-                                        initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                                        epsilon=ADAGRAD["eps"])
-    raise ValueError("unknown optimizer %r" % cfg.optimizer)
 
 
 def masked_xent(logits, labels):
@@ -264,7 +243,7 @@ class TFImplementation(Implementation):
             if self._vars is None:
                 self._vars = self._make_variables(params)
                 self._var_list = list(self._vars.values())
-                self._opt = make_optimizer(self.cfg)
+                self._opt = keras_optimizer(self.cfg.optimizer, self.cfg.lr)
                 # Built eagerly so tf.function never creates variables, and so the
                 # freshly built state can be restored on the next load.
                 self._opt.build(self._var_list)
@@ -278,7 +257,7 @@ class TFImplementation(Implementation):
                     var.assign(value)
             if self.cfg.weight_decay != self._built_decay:
                 # a fresh optimiser for the probe (set_weight_decay), built eagerly
-                self._probe_opt = make_optimizer(self.cfg)
+                self._probe_opt = keras_optimizer(self.cfg.optimizer, self.cfg.lr)
                 self._probe_opt.build(self._var_list)
 
     def export_params(self):

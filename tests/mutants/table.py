@@ -211,8 +211,8 @@ MUTATIONS = (
         "(a root-loss cell: only the gate's second loss mode sees it)"),
     Mutation(
         "tf-adam-doubled-lr", "impls/tf_impl/common.py",
-        '        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],',
-        '        return keras.optimizers.Adam(learning_rate=2 * cfg.lr, beta_1=ADAM["beta1"],',
+        "                self._opt = keras_optimizer(self.cfg.optimizer, self.cfg.lr)",
+        "                self._opt = keras_optimizer(self.cfg.optimizer, 2 * self.cfg.lr)",
         ("tensorflow/rvnn/compiled",), "scaled learning rate",
         "Keras' Adam runs with twice the configured learning rate"),
     Mutation(
