@@ -13,7 +13,7 @@ trees' roots; in ``all`` mode every labelled tree node.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -333,38 +333,51 @@ def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, step
     mask is taken on the decayed gradient, the one the update sees.
     """
     p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
-    alt = ({k: v.copy() for k, v in p.items()} if cfg.optimizer == "adam" and len(adam_eps) > 1
-           else None)
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v2 = {k: np.zeros_like(v) for k, v in p.items()}
-    acc = {k: np.full_like(v, ADAGRAD["initial_accumulator"]) for k, v in p.items()}
+    adam = cfg.optimizer == "adam"
+    conventions = adam_eps if adam else adam_eps[:1]
+    # the other Adam conventions' trajectories share the moments and the decayed gradient
+    # of p (not their own: they differ by at most ``agree`` where they are compared)
+    others = [{k: v.copy() for k, v in p.items()} for _ in conventions[1:]]
+    state = _optimizer_state(p)
     masks = {k: np.ones(v.shape, bool) for k, v in p.items()}
     for t in range(1, steps + 1):
         grads = first_grads if t == 1 and first_grads is not None else loss_and_grads(cfg, p, batch)[1]
         for k, g in grads.items():
             g = decayed(np.asarray(g, np.float64), p[k], cfg.weight_decay)
-            if cfg.optimizer == "adam":
-                m[k] = ADAM["beta1"] * m[k] + (1 - ADAM["beta1"]) * g
-                v2[k] = ADAM["beta2"] * v2[k] + (1 - ADAM["beta2"]) * g * g
-                m_hat = m[k] / (1 - ADAM["beta1"] ** t)
-                root = np.sqrt(v2[k] / (1 - ADAM["beta2"] ** t))
-                eps = {"corrected": ADAM["eps"],
-                       "raw": ADAM["eps"] / np.sqrt(1 - ADAM["beta2"] ** t)}
-                p[k] = p[k] - cfg.lr * m_hat / (root + eps[adam_eps[0]])
-                if alt is not None:
-                    # shares the moments and the decayed gradient (of p, not alt: the
-                    # trajectories differ by at most ``agree`` where they are compared)
-                    alt[k] = alt[k] - cfg.lr * m_hat / (root + eps[adam_eps[1]])
+            for trajectory, move in zip([p] + others, _moves(cfg, state, k, g, t, conventions)):
+                trajectory[k] = trajectory[k] - move
+            if adam:
                 masks[k] &= (np.abs(g) > 1e-3 * np.abs(g).max()) | (g == 0)
-            elif cfg.optimizer == "adagrad":
-                acc[k] = acc[k] + g * g
-                p[k] = p[k] - cfg.lr * g / (np.sqrt(acc[k]) + ADAGRAD["eps"])
-            else:
-                p[k] = p[k] - cfg.lr * g
-    if alt is not None:
+    for other in others:
         for k in masks:
-            masks[k] &= np.abs(p[k] - alt[k]) <= agree
+            masks[k] &= np.abs(p[k] - other[k]) <= agree
     return p, masks
+
+
+def _optimizer_state(p: Dict[str, np.ndarray]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Fresh moments (Adam) and accumulators (Adagrad) for parameters ``p``."""
+    return {"m": {k: np.zeros_like(v) for k, v in p.items()},
+            "v": {k: np.zeros_like(v) for k, v in p.items()},
+            "acc": {k: np.full_like(v, ADAGRAD["initial_accumulator"]) for k, v in p.items()}}
+
+
+def _moves(cfg: ModelConfig, state, k: str, g: np.ndarray, t: int,
+           adam_eps: Tuple[str, ...]) -> List[np.ndarray]:
+    """What step ``t`` subtracts from parameter ``k`` given its (decayed) gradient ``g``,
+    updating ``state``: one move, or with Adam one per ``adam_eps`` convention."""
+    if cfg.optimizer == "adam":
+        m, v = state["m"], state["v"]
+        m[k] = ADAM["beta1"] * m[k] + (1 - ADAM["beta1"]) * g
+        v[k] = ADAM["beta2"] * v[k] + (1 - ADAM["beta2"]) * g * g
+        m_hat = m[k] / (1 - ADAM["beta1"] ** t)
+        root = np.sqrt(v[k] / (1 - ADAM["beta2"] ** t))
+        eps = {"corrected": ADAM["eps"], "raw": ADAM["eps"] / np.sqrt(1 - ADAM["beta2"] ** t)}
+        return [cfg.lr * m_hat / (root + eps[c]) for c in adam_eps]
+    if cfg.optimizer == "adagrad":
+        acc = state["acc"]
+        acc[k] = acc[k] + g * g
+        return [cfg.lr * g / (np.sqrt(acc[k]) + ADAGRAD["eps"])]
+    return [cfg.lr * g]
 
 
 def elman_as_rvnn(params: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], int]:

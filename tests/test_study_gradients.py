@@ -86,7 +86,7 @@ def _torch_hidden_grads(torch, cfg, params, batch):
         states = []
         for t in range(T):
             x = p["E"][torch.as_tensor(batch.tokens[:, t], dtype=torch.long)]
-            h_new, c_new = trnn._STEPS[cfg.model](x @ p["W_x"] + p["b"], h, c, p["W_h"])
+            h_new, c_new = trnn.STEPS[cfg.model](x @ p["W_x"] + p["b"], h, c, p["W_h"])
             h_new.retain_grad()
             states.append(h_new)
             live = torch.as_tensor(t < batch.lengths)[:, None]

@@ -111,7 +111,7 @@ def test_keras_lstm_gate_layout_matches_the_canonical_one():
         cell = keras.layers.LSTMCell(H)
         cell.build((None, D))
         for attr, value in (("kernel", W_x), ("recurrent_kernel", W_h), ("bias", b)):
-            getattr(cell, attr).assign(tf_rnn._permute_blocks(value, order).astype(np.float32))
+            getattr(cell, attr).assign(tf_rnn.permute_blocks(value, order).astype(np.float32))
         _, (h_new, c_new) = cell(tf.constant(x, tf.float32),
                                    [tf.constant(h, tf.float32), tf.constant(c, tf.float32)])
         return h_new.numpy(), c_new.numpy()
