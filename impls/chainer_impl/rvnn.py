@@ -71,12 +71,12 @@ class RvNN(ChainerImplementation):
         send = self.dev.send
         # rows to classify: host ints for recursive, a device index for levels
         if self.strategy == "recursive":
-            rows = lambda idx: [int(n) for n in idx]  # noqa: E731
+            index = lambda idx: [int(n) for n in idx]  # noqa: E731
         else:
-            rows = lambda idx: send(idx.astype(np.int32))  # noqa: E731
+            index = lambda idx: send(idx.astype(np.int32))  # noqa: E731
         points = class_points(batch, self.cfg.loss_mode)
-        ready = dict(N=batch.num_nodes, root=rows(batch.root),
-                     points=None if points.every_row else rows(points.rows),
+        ready = dict(N=batch.num_nodes, root=index(batch.root),
+                     points=None if points.every_row else index(points.rows),
                      labels=send(points.labels.astype(np.int32)), count=points.count)
         o = batch.level_offsets
         ready["leaf_token"] = send(batch.token[:o[1]].astype(np.int32))
@@ -108,8 +108,8 @@ class RvNN(ChainerImplementation):
         c = F.sigmoid(i) * F.tanh(u) + F.sigmoid(f_l) * c_l + F.sigmoid(f_r) * c_r
         return F.sigmoid(o) * F.tanh(c), c
 
-    def _states_recursive(self, r, rows):
-        """Hidden states at ``rows`` (every node for None): Variable[R, H]."""
+    def _states_recursive(self, r, at):
+        """Hidden states at rows ``at`` (every node for None): Variable[R, H]."""
         h = [None] * r.N
         c = [None] * r.N
         # One lookup for all leaves: EmbedID's backward builds a dense [V, D]
@@ -122,9 +122,9 @@ class RvNN(ChainerImplementation):
                 h[n], c[n] = self._leaf(rows[n])                        # leaves are nodes 0..Lf-1
             else:
                 h[n], c[n] = self._internal(F.concat((h[left], h[right]), axis=1), c[left], c[right])
-        return F.concat(h if rows is None else [h[i] for i in rows], axis=0)
+        return F.concat(h if at is None else [h[i] for i in at], axis=0)
 
-    def _states_levels(self, r, rows):
+    def _states_levels(self, r, at):
         H = self.cfg.hidden
         buf_h, buf_c = self._leaf(F.embed_id(r.leaf_token, self.model.E))
         for pairs in r.pairs:
@@ -136,12 +136,12 @@ class RvNN(ChainerImplementation):
             buf_h = F.concat((buf_h, h), axis=0)
             if self._tree:
                 buf_c = F.concat((buf_c, c), axis=0)
-        return buf_h if rows is None else F.get_item(buf_h, rows)
+        return buf_h if at is None else F.get_item(buf_h, at)
 
-    def _states(self, r, rows):
+    def _states(self, r, at):
         if self.strategy == "recursive":
-            return self._states_recursive(r, rows)
-        return self._states_levels(r, rows)
+            return self._states_recursive(r, at)
+        return self._states_levels(r, at)
 
     def _forward(self, r):
         m = self.model

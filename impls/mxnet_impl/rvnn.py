@@ -37,7 +37,6 @@ import numpy as np
 from mxnet import gluon, nd
 
 from bench.params import schema
-
 from bench.targets import class_points
 
 from .common import Labels, MXNetImplementation, linear_weight, split_list
@@ -155,10 +154,10 @@ class RvNN(MXNetImplementation):
                          every_row=points.every_row, y=Labels(points.labels, ctx))
             return SimpleNamespace(**ready)
         # rows to classify: host ints for recursive, a device index for levels
-        rows = (lambda idx: [int(n) for n in idx]) if self.strategy == "recursive" else arr
+        index = (lambda idx: [int(n) for n in idx]) if self.strategy == "recursive" else arr
         points = class_points(batch, self.cfg.loss_mode)
         o = batch.level_offsets
-        ready.update(root=rows(batch.root), points=None if points.every_row else rows(points.rows),
+        ready.update(root=index(batch.root), points=None if points.every_row else index(points.rows),
                      y=Labels(points.labels, ctx),
                      leaf_token=arr(batch.token[:o[1]]), leaves=int(o[1]))
         if self.strategy == "recursive":
@@ -173,8 +172,8 @@ class RvNN(MXNetImplementation):
     def _weights(self):
         return [self._w(name) for name in _WEIGHTS[self.cfg.model]]
 
-    def _states(self, r, rows):
-        """Hidden states at ``rows`` (every node for None): [R, H]."""
+    def _states(self, r, at):
+        """Hidden states at rows ``at`` (every node for None): [R, H]."""
         E, W_leaf, b_leaf, W, b = self._weights()[:5]
         H, tree = self.cfg.hidden, self._tree
         if self.strategy == "recursive":
@@ -190,7 +189,7 @@ class RvNN(MXNetImplementation):
                 else:
                     h[n], c[n] = _internal(nd, tree, nd.concat(h[left], h[right], dim=1),
                                            c[left], c[right], W, b, H)
-            return nd.concat(*(h if rows is None else [h[i] for i in rows]), dim=0)
+            return nd.concat(*(h if at is None else [h[i] for i in at]), dim=0)
         buf_h, buf_c = _leaf(nd, tree, nd.take(E, r.leaf_token), W_leaf, b_leaf, H)
         for pairs in r.pairs:
             hlr = nd.reshape(nd.take(buf_h, pairs), (-1, 2 * H))
@@ -201,7 +200,7 @@ class RvNN(MXNetImplementation):
             buf_h = nd.concat(buf_h, h, dim=0)
             if tree:
                 buf_c = nd.concat(buf_c, c, dim=0)
-        return buf_h if rows is None else nd.take(buf_h, rows)
+        return buf_h if at is None else nd.take(buf_h, at)
 
     def _compiled(self, r):
         block = self._blocks.get(r.key)
