@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -244,7 +244,7 @@ class TreeBatch:
         """
         internal = self.num_nodes - int(self.level_offsets[1])
         heights = max(1, self.num_levels - 1)
-        return max(8, _bucket(-(-internal // heights)))
+        return max(8, bucket(-(-internal // heights)))
 
     def padded_packed(self, bucketed: bool = True) -> PaddedTrees:
         """The static form on packed groups (see the module doc), width from
@@ -256,7 +256,7 @@ class TreeBatch:
         n_leaves = int(self.level_offsets[1])
         if not bucketed:
             return self._static_form(groups, self.num_nodes, n_leaves, max(1, len(groups)), width)
-        return self._static_form(groups, _bucket(self.num_nodes), _bucket(n_leaves),
+        return self._static_form(groups, bucket(self.num_nodes), bucket(n_leaves),
                                  step_bucket(len(groups)), width)
 
     def padded_bucketed(self) -> PaddedTrees:
@@ -267,14 +267,19 @@ class TreeBatch:
         """
         o = self.level_offsets
         widths = np.diff(o)[1:]
-        return self.padded(num_nodes=_bucket(self.num_nodes), num_leaves=_bucket(int(o[1])),
-                           num_levels=_bucket(self.num_levels - 1),
-                           width=_bucket(int(widths.max()) if widths.size else 1))
+        return self.padded(num_nodes=bucket(self.num_nodes), num_leaves=bucket(int(o[1])),
+                           num_levels=bucket(self.num_levels - 1),
+                           width=bucket(int(widths.max()) if widths.size else 1))
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
     """Next power of two >= max(n, 1)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def round_up(n: int, k: int) -> int:
+    """Next multiple of ``k`` >= max(n, 1) (so at least ``k``)."""
+    return max(1, -(-int(n) // k)) * k
 
 
 # --- shape classes for strategies that compile once per shape (JAX, TensorFlow's XLA) ---
@@ -307,25 +312,25 @@ def padded_rows(n: int, batch_size: Optional[int] = None) -> int:
         return 1
     if batch_size and n <= batch_size:
         return int(batch_size)
-    return _bucket(n)
+    return bucket(n)
 
 
 def count_bucket(n: int) -> int:
     """Padded sequence length, step count or chunk count: a power of two >= max(n, MIN_COUNT)."""
-    return _bucket(max(int(n), MIN_COUNT))
+    return bucket(max(int(n), MIN_COUNT))
 
 
 def train_length(t: int) -> int:
     """Padded sequence length of a training step whose loop cannot skip padded steps (a scan
     with a static trip count, differentiable): a power of two >= max(t, 16). SST needs 16,
     32 and 64; padding averages ~1.4x the batches' longest sequence."""
-    return _bucket(max(int(t), 16))
+    return bucket(max(int(t), 16))
 
 
 def node_rows(num_nodes: int, rows: int) -> int:
     """Rows of a node buffer for ``num_nodes`` real nodes and ``rows`` padded examples,
     one of them a spare (a power of two >= num_nodes + 1 and >= NODES_PER_EXAMPLE * rows)."""
-    return _bucket(max(int(num_nodes) + 1, NODES_PER_EXAMPLE * int(rows)))
+    return bucket(max(int(num_nodes) + 1, NODES_PER_EXAMPLE * int(rows)))
 
 
 def node_width(rows: int) -> int:
@@ -335,12 +340,19 @@ def node_width(rows: int) -> int:
     25 per height: a width near the example count keeps padded slots few
     (about 1.5x the real nodes) with about as many steps as heights.
     """
-    return max(8, _bucket(rows))
+    return max(8, bucket(rows))
 
 
 def step_bucket(n: int) -> int:
     """Padded number of packed steps: the next multiple of 8, at least 8."""
-    return max(8, -(-int(n) // 8) * 8)
+    return round_up(n, 8)
+
+
+def padded_array(values, size: int, fill, dtype=np.int32) -> np.ndarray:
+    """``values`` then ``fill`` up to ``size`` entries (a static shape's padded tail)."""
+    out = np.full(int(size), fill, dtype)
+    out[:len(values)] = values
+    return out
 
 
 def make_seq_batch(examples: Sequence[Example]) -> SeqBatch:
@@ -381,6 +393,13 @@ def make_tree_batch(examples: Sequence[Example]) -> TreeBatch:
     return TreeBatch(token, left, right, tree, height, label, root, offsets)
 
 
+def make_batch(family: str, examples: Sequence[Example]):
+    """The batch of one family: 'rnn' -> SeqBatch, 'rvnn' -> TreeBatch."""
+    if family not in ("rnn", "rvnn"):
+        raise ValueError("family is 'rnn' or 'rvnn', not %r" % (family,))
+    return make_seq_batch(examples) if family == "rnn" else make_tree_batch(examples)
+
+
 def batch_examples(examples: Sequence[Example], batch_size: int, seed: int,
                    shuffle: bool = True, bucket: bool = False,
                    drop_last: bool = False) -> List[List[Example]]:
@@ -410,9 +429,8 @@ def batch_examples(examples: Sequence[Example], batch_size: int, seed: int,
 
 def batch_stream(examples: Sequence[Example], family: str, batch_size: int, seed: int,
                  **kwargs) -> List:
-    """Ready batches of one family ('rnn' -> SeqBatch, 'rvnn' -> TreeBatch)."""
-    make = {"rnn": make_seq_batch, "rvnn": make_tree_batch}[family]
-    return [make(group) for group in batch_examples(examples, batch_size, seed, **kwargs)]
+    """Ready batches of one family (``make_batch``)."""
+    return [make_batch(family, group) for group in batch_examples(examples, batch_size, seed, **kwargs)]
 
 
 def hash_batches(batches: Sequence) -> str:
@@ -425,9 +443,3 @@ def hash_batches(batches: Sequence) -> str:
             h.update(str(arr.shape).encode())
             h.update(arr.astype(np.int64).tobytes())
     return h.hexdigest()[:16]
-
-
-def iterate_forever(batches: Sequence) -> Iterator:
-    while True:
-        for b in batches:
-            yield b

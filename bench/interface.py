@@ -8,6 +8,7 @@ Each ``impls/<fw>_impl/rnn.py`` defines ``class RNN(Implementation)`` (models
 Life of an implementation in a benchmark cell::
 
     impl = RNN(cfg, strategy="fused", device="cpu", threads=2)  # may raise NotApplicable / Unavailable
+                                         # (calls the hooks apply_threads, then pick_device)
     impl.load_params(canonical)          # names and shapes of bench.params.schema
     ready = impl.prepare(batch)          # outside timing: host -> device, padding, bucketing
     impl.logits(ready)                   # [B, C], a framework array (use to_numpy)
@@ -72,11 +73,33 @@ class DeviceUnavailable(Unavailable):
     on that device would say the same, so the runner records them without starting one."""
 
 
+def counted(counts, name: str, fn):
+    """``fn``, adding 1 to ``counts[name]`` (a Counter) each time its Python body runs: under
+    a tracing compiler (``jax.jit``, ``tf.function``) that is each (re)trace, which an
+    implementation's ``info()`` reports. The wrapper is named ``name`` (so are the programs
+    a compiler builds from it)."""
+    def wrapper(*args, **kwargs):
+        counts[name] += 1
+        return fn(*args, **kwargs)
+    wrapper.__name__ = name
+    return wrapper
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as a reason in a record: its first line (its type's name
+    when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class Implementation:
     """Base class: one model of one family, one strategy, on one device."""
 
     framework = "?"
     family = "?"
+    # The framework's NOT_APPLICABLE table (its package's, which the registry reads without
+    # importing the framework): construction refuses the (model, strategy[, device]) it names.
+    not_applicable: Dict = {}
     # Declared, never inferred: False only for an inference-only implementation
     # (the NumPy reference). Such a cell times inference alone and its gate skips
     # the optimiser step; for every other implementation a NotImplementedError
@@ -107,6 +130,23 @@ class Implementation:
         self.device = device
         self.threads = threads
         self._refuse_weight_decay(getattr(cfg, "weight_decay", 0.0))
+        refuse_not_applicable(self.not_applicable, cfg.model, strategy, device)
+        # Threads first: a framework may size its pools when its runtime starts, and
+        # choosing a device can start it (XLA's CPU client does).
+        self.thread_info = self.apply_threads(threads)
+        self.dev = self.pick_device(device)
+
+    # --- framework hooks, each called once by __init__ ---
+    def apply_threads(self, threads: int) -> Dict:
+        """Size the framework's thread pools to ``threads``; returns what holds afterwards,
+        kept as ``self.thread_info`` for ``info()``. Default: nothing to size."""
+        return {}
+
+    def pick_device(self, device: str):
+        """The framework's handle for ``device`` ("cpu" or "gpu"), kept as ``self.dev``;
+        raises DeviceUnavailable where the framework cannot use it here. Default: the
+        name itself (a framework that places its work elsewhere)."""
+        return device
 
     def _refuse_weight_decay(self, weight_decay: float) -> None:
         if weight_decay and self.trains and self.weight_decay_refusal:

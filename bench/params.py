@@ -130,6 +130,3 @@ def load_params(path: str) -> Dict[str, np.ndarray]:
     with np.load(path) as data:
         return OrderedDict((k, data[k].copy()) for k in data.files)
 
-
-def count_params(params: Dict[str, np.ndarray]) -> int:
-    return int(sum(np.size(v) for v in params.values()))

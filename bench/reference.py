@@ -13,13 +13,14 @@ trees' roots; in ``all`` mode every labelled tree node.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .batches import SeqBatch, TreeBatch
 from .interface import ADAGRAD, ADAM
 from .params import ModelConfig
+from .targets import class_points, labelled_count
 
 
 def sigmoid(x):
@@ -100,15 +101,6 @@ def _tree_forward(cfg: ModelConfig, p, batch: TreeBatch, offsets=None):
     return (h, c, cache), h
 
 
-def _class_points(cfg: ModelConfig, batch) -> Tuple[np.ndarray, np.ndarray]:
-    """Indices into the hidden states that are classified, and their labels."""
-    if isinstance(batch, SeqBatch):
-        return np.arange(batch.size), batch.labels
-    if cfg.loss_mode == "root":
-        return batch.root, batch.label[batch.root]
-    return np.arange(batch.num_nodes), batch.label
-
-
 def _check_batch(cfg: ModelConfig, batch) -> None:
     want = SeqBatch if cfg.family == "rnn" else TreeBatch
     if not isinstance(batch, want):
@@ -125,21 +117,22 @@ def _forward(cfg, params, batch, dtype, offsets=None):
     return p, state, hidden
 
 
+def hidden_states(cfg: ModelConfig, params, batch, dtype=np.float64) -> np.ndarray:
+    """The hidden state of every row a loss can classify: [B, H] for an RNN (each
+    example's state after its last real token), [N, H] for trees (every node)."""
+    return _forward(cfg, params, batch, dtype)[2]
+
+
 def logits(cfg: ModelConfig, params, batch, dtype=np.float64) -> np.ndarray:
     """Logits [B, C] at each example's classification point (last token / root)."""
     p, _, hidden = _forward(cfg, params, batch, dtype)
-    rows = hidden if isinstance(batch, SeqBatch) else hidden[batch.root]
-    return rows @ p["W_o"] + p["b_o"]
-
-
-def predict(cfg: ModelConfig, params, batch, dtype=np.float32) -> np.ndarray:
-    return np.argmax(logits(cfg, params, batch, dtype), axis=-1)
+    return hidden[class_points(batch).index] @ p["W_o"] + p["b_o"]
 
 
 def _softmax_xent(z: np.ndarray, labels: np.ndarray):
     """Mean cross-entropy over rows with label >= 0, and d loss / d z."""
     keep = labels >= 0
-    count = max(1, int(keep.sum()))
+    count = labelled_count(labels)
     z = z - z.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     rows = np.nonzero(keep)[0]
@@ -150,11 +143,16 @@ def _softmax_xent(z: np.ndarray, labels: np.ndarray):
     return loss, dz / count
 
 
+def _classified(cfg: ModelConfig, p, batch, hidden):
+    """(loss, d loss / d logits, the rows classified) over ``cfg.loss_mode``'s points."""
+    points = class_points(batch, cfg.loss_mode)
+    value, dz = _softmax_xent(hidden[points.index] @ p["W_o"] + p["b_o"], points.labels)
+    return value, dz, points.index
+
+
 def loss(cfg: ModelConfig, params, batch, dtype=np.float64) -> float:
     p, _, hidden = _forward(cfg, params, batch, dtype)
-    idx, labels = _class_points(cfg, batch)
-    value, _ = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
-    return float(value)
+    return float(_classified(cfg, p, batch, hidden)[0])
 
 
 def loss_with_offsets(cfg: ModelConfig, params, batch, offsets, dtype=np.float64) -> float:
@@ -162,9 +160,7 @@ def loss_with_offsets(cfg: ModelConfig, params, batch, offsets, dtype=np.float64
     [B, T, H], live steps only; trees: [N, H]). Its derivative in the offsets at zero
     is d loss / d h, which ``hidden_grads`` computes: the finite-difference probe of it."""
     p, _, hidden = _forward(cfg, params, batch, dtype, np.asarray(offsets, dtype))
-    idx, labels = _class_points(cfg, batch)
-    value, _ = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
-    return float(value)
+    return float(_classified(cfg, p, batch, hidden)[0])
 
 
 def hidden_grads(cfg: ModelConfig, params, batch, dtype=np.float64
@@ -177,8 +173,7 @@ def hidden_grads(cfg: ModelConfig, params, batch, dtype=np.float64
     in ``loss_and_grads``.
     """
     p, state, hidden = _forward(cfg, params, batch, dtype)
-    idx, labels = _class_points(cfg, batch)
-    value, dz = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    value, dz, idx = _classified(cfg, p, batch, hidden)
     dh = np.zeros_like(hidden)
     np.add.at(dh, idx, dz @ p["W_o"].T)
     g = {k: np.zeros_like(v) for k, v in p.items()}
@@ -196,8 +191,7 @@ def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
     """Loss and the gradient of every canonical parameter (same names and shapes)."""
     p, state, hidden = _forward(cfg, params, batch, dtype)
     g = {k: np.zeros_like(v) for k, v in p.items()}
-    idx, labels = _class_points(cfg, batch)
-    value, dz = _softmax_xent(hidden[idx] @ p["W_o"] + p["b_o"], labels)
+    value, dz, idx = _classified(cfg, p, batch, hidden)
     g["W_o"] = hidden[idx].T @ dz
     g["b_o"] = dz.sum(axis=0)
     dh = np.zeros_like(hidden)
@@ -211,7 +205,6 @@ def loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64
 
 def _rnn_backward(cfg, p, batch, steps, dh, g, trace=None):
     """``trace`` (a list of len T, optional) receives d loss / d h_t at each live step."""
-    H = cfg.hidden
     dc = np.zeros_like(dh)
     for t in reversed(range(len(steps))):
         if trace is not None:
@@ -240,7 +233,6 @@ def _rnn_backward(cfg, p, batch, steps, dh, g, trace=None):
         g["b"] += dz.sum(axis=0)
         np.add.at(g["E"], batch.tokens[:, t], dz @ p["W_x"].T)
         dh = dh + dz @ p["W_h"].T
-    del H
 
 
 def _tree_backward(cfg, p, batch, state, dh, g):
@@ -341,38 +333,51 @@ def optimizer_steps(cfg: ModelConfig, params: Dict[str, np.ndarray], batch, step
     mask is taken on the decayed gradient, the one the update sees.
     """
     p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
-    alt = ({k: v.copy() for k, v in p.items()} if cfg.optimizer == "adam" and len(adam_eps) > 1
-           else None)
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v2 = {k: np.zeros_like(v) for k, v in p.items()}
-    acc = {k: np.full_like(v, ADAGRAD["initial_accumulator"]) for k, v in p.items()}
+    adam = cfg.optimizer == "adam"
+    conventions = adam_eps if adam else adam_eps[:1]
+    # the other Adam conventions' trajectories share the moments and the decayed gradient
+    # of p (not their own: they differ by at most ``agree`` where they are compared)
+    others = [{k: v.copy() for k, v in p.items()} for _ in conventions[1:]]
+    state = _optimizer_state(p)
     masks = {k: np.ones(v.shape, bool) for k, v in p.items()}
     for t in range(1, steps + 1):
         grads = first_grads if t == 1 and first_grads is not None else loss_and_grads(cfg, p, batch)[1]
         for k, g in grads.items():
             g = decayed(np.asarray(g, np.float64), p[k], cfg.weight_decay)
-            if cfg.optimizer == "adam":
-                m[k] = ADAM["beta1"] * m[k] + (1 - ADAM["beta1"]) * g
-                v2[k] = ADAM["beta2"] * v2[k] + (1 - ADAM["beta2"]) * g * g
-                m_hat = m[k] / (1 - ADAM["beta1"] ** t)
-                root = np.sqrt(v2[k] / (1 - ADAM["beta2"] ** t))
-                eps = {"corrected": ADAM["eps"],
-                       "raw": ADAM["eps"] / np.sqrt(1 - ADAM["beta2"] ** t)}
-                p[k] = p[k] - cfg.lr * m_hat / (root + eps[adam_eps[0]])
-                if alt is not None:
-                    # shares the moments and the decayed gradient (of p, not alt: the
-                    # trajectories differ by at most ``agree`` where they are compared)
-                    alt[k] = alt[k] - cfg.lr * m_hat / (root + eps[adam_eps[1]])
+            for trajectory, move in zip([p] + others, _moves(cfg, state, k, g, t, conventions)):
+                trajectory[k] = trajectory[k] - move
+            if adam:
                 masks[k] &= (np.abs(g) > 1e-3 * np.abs(g).max()) | (g == 0)
-            elif cfg.optimizer == "adagrad":
-                acc[k] = acc[k] + g * g
-                p[k] = p[k] - cfg.lr * g / (np.sqrt(acc[k]) + ADAGRAD["eps"])
-            else:
-                p[k] = p[k] - cfg.lr * g
-    if alt is not None:
+    for other in others:
         for k in masks:
-            masks[k] &= np.abs(p[k] - alt[k]) <= agree
+            masks[k] &= np.abs(p[k] - other[k]) <= agree
     return p, masks
+
+
+def _optimizer_state(p: Dict[str, np.ndarray]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Fresh moments (Adam) and accumulators (Adagrad) for parameters ``p``."""
+    return {"m": {k: np.zeros_like(v) for k, v in p.items()},
+            "v": {k: np.zeros_like(v) for k, v in p.items()},
+            "acc": {k: np.full_like(v, ADAGRAD["initial_accumulator"]) for k, v in p.items()}}
+
+
+def _moves(cfg: ModelConfig, state, k: str, g: np.ndarray, t: int,
+           adam_eps: Tuple[str, ...]) -> List[np.ndarray]:
+    """What step ``t`` subtracts from parameter ``k`` given its (decayed) gradient ``g``,
+    updating ``state``: one move, or with Adam one per ``adam_eps`` convention."""
+    if cfg.optimizer == "adam":
+        m, v = state["m"], state["v"]
+        m[k] = ADAM["beta1"] * m[k] + (1 - ADAM["beta1"]) * g
+        v[k] = ADAM["beta2"] * v[k] + (1 - ADAM["beta2"]) * g * g
+        m_hat = m[k] / (1 - ADAM["beta1"] ** t)
+        root = np.sqrt(v[k] / (1 - ADAM["beta2"] ** t))
+        eps = {"corrected": ADAM["eps"], "raw": ADAM["eps"] / np.sqrt(1 - ADAM["beta2"] ** t)}
+        return [cfg.lr * m_hat / (root + eps[c]) for c in adam_eps]
+    if cfg.optimizer == "adagrad":
+        acc = state["acc"]
+        acc[k] = acc[k] + g * g
+        return [cfg.lr * g / (np.sqrt(acc[k]) + ADAGRAD["eps"])]
+    return [cfg.lr * g]
 
 
 def elman_as_rvnn(params: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], int]:

@@ -3,6 +3,7 @@ import pytest
 
 from bench.batches import (batch_examples, batch_stream, hash_batches, make_seq_batch,
                            make_tree_batch)
+from bench.targets import class_points, labelled_count, loss_weights
 from bench.tasks import Example, load_listops
 from bench.trees import Tree, build_tree, parse_tree
 
@@ -26,6 +27,36 @@ def test_worked_example_from_the_docstring():
     assert [n for n, _, _ in b.postorder()] == [0, 1, 5, 2, 3, 6, 4, 7]
     assert b.postorder()[2] == (5, 0, 1) and b.postorder()[0] == (0, -1, -1)
     assert [c.tolist() for c in b.level_children()] == [[[0, 1], [2, 3]], [[6, 4]]]
+
+
+def test_class_points_of_each_loss_mode():
+    # the worked example with labels: root 5 unlabelled, root 7 labelled 3, node 6 labelled 2
+    tree_a = parse_tree("(-1 (0 1) (0 2))").map_tokens(int)
+    tree_b = parse_tree("(3 (2 (0 3) (0 4)) (0 5))").map_tokens(int)
+    b = make_tree_batch([Example((1, 2), tree_a, -1), Example((3, 4, 5), tree_b, 3)])
+    assert b.label.tolist() == [0, 0, 0, 0, 0, -1, 2, 3]
+    root = class_points(b, "root")
+    assert root.rows.tolist() == [5, 7] and root.labels.tolist() == [-1, 3]
+    assert root.count == 1 and root.on_rows(8).tolist() == [-1] * 7 + [3]
+    every = class_points(b, "all")
+    assert every.every_row and every.index.tolist() == list(range(8))
+    assert every.labels.tolist() == b.label.tolist() and every.count == 7
+    padded = b.padded(num_nodes=10)
+    assert class_points(padded, "all").labels.tolist() == b.label.tolist() + [-1] * 4
+    assert class_points(padded, "root").rows.tolist() == [5, 7]
+    seq = make_seq_batch([Example((1, 2), tree_a, 4), Example((3,), tree_a, -1)])
+    assert class_points(seq, "root").index.tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        class_points(b, "leaves")
+
+
+def test_loss_weights_make_the_mean_over_labelled_rows():
+    labels, weights = loss_weights(np.array([2, -1, 0, -1]), np.int64)
+    assert labels.dtype == np.int64 and labels.tolist() == [2, 0, 0, 0]
+    assert weights.dtype == np.float32 and weights.tolist() == [0.5, 0.0, 0.5, 0.0]
+    # no label at all: weights 0 and a count of 1, so the loss is 0 rather than 0 / 0
+    assert loss_weights(np.array([-1, -1]))[1].tolist() == [0.0, 0.0]
+    assert labelled_count(np.array([-1, -1])) == 1
 
 
 @pytest.fixture(scope="module")

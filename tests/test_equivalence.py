@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import reference, registry, verify
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch
 from bench.interface import NotApplicable, Unavailable
 from bench.params import ModelConfig, init_params
 from bench.tasks import Example, load_listops, load_sst
@@ -46,7 +46,7 @@ def _make(fw, model, strategy, cfg):
 
 
 def _batch(cfg, examples):
-    return make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    return make_batch(cfg.family, examples)
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +218,34 @@ def test_degenerate_inputs(fw, model, strategy):
         got = impl.to_numpy(impl.logits(impl.prepare(batch)))
         assert got.shape == (len(examples), 3)
         assert verify.max_abs(got, reference.logits(cfg, params, batch)) <= TOL["logits_abs"]
+
+
+# -- the construction every implementation shares (bench.interface) --
+
+def test_construction_refuses_the_table_then_calls_threads_then_device():
+    from bench.interface import Implementation
+
+    calls = []
+
+    class Probe(Implementation):
+        family = "rnn"
+        not_applicable = {("lstm", "fused"): "no fused LSTM here"}
+
+        def apply_threads(self, threads):
+            calls.append(("threads", threads))
+            return {"applied": threads}
+
+        def pick_device(self, device):
+            calls.append(("device", device))
+            return "handle of " + device
+
+    cfg = ModelConfig("elman", vocab_size=10)
+    impl = Probe(cfg, "fused", device="cpu", threads=3)
+    assert calls == [("threads", 3), ("device", "cpu")]
+    assert impl.thread_info == {"applied": 3} and impl.dev == "handle of cpu"
+    calls.clear()
+    with pytest.raises(NotApplicable, match="no fused LSTM"):
+        Probe(replace(cfg, model="lstm"), "fused")
+    assert calls == []      # refused before any framework state changes
+    plain = type("Plain", (Implementation,), {"family": "rnn"})(cfg, "loop", device="gpu")
+    assert plain.thread_info == {} and plain.dev == "gpu"   # the default hooks do nothing

@@ -26,7 +26,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
 from bench import reference  # noqa: E402
-from bench.batches import batch_stream, make_seq_batch, make_tree_batch  # noqa: E402
+from bench.batches import batch_stream, make_batch, make_seq_batch, make_tree_batch  # noqa: E402
 from bench.interface import NotApplicable, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import load_listops, load_sst  # noqa: E402
@@ -58,23 +58,25 @@ def test_programs_per_shape_class_not_per_batch(model, strategy, sst):
     impl = (RNN if cfg.family == "rnn" else RvNN)(cfg, strategy, threads=2)
     impl.batch_size = 25
     impl.load_params(init_params(cfg, seed=0))
-    make = make_seq_batch if cfg.family == "rnn" else make_tree_batch
     # length-bucketed batches run from the shortest sentences to the longest
     first = batch_stream(sst.train, cfg.family, 25, seed=0, bucket=True)[:12]
-    first += [make(sst.train[:7])] + [make([e]) for e in sst.splits["dev"][:4]]
+    first += [make_batch(cfg.family, sst.train[:7])]
+    first += [make_batch(cfg.family, [e]) for e in sst.splits["dev"][:4]]
     for b in first:
         ready = impl.prepare(b)
         if b.size > 1:
             impl.train_step(ready)
         impl.logits(ready)
-    impl.loss_and_grads(impl.prepare(make(sst.train[7:15])))
+    impl.loss_and_grads(impl.prepare(make_batch(cfg.family, sst.train[7:15])))
     impl.sync()
     counts = impl.compile_counts()
     train_bound, infer_bound = BOUNDS[model, strategy]
     assert 1 <= counts["train"] <= train_bound and 1 <= counts["infer"] <= infer_bound, counts
     # other batches (unbucketed, as accuracy training draws them; other lengths) add none
-    for b in batch_stream(sst.train, cfg.family, 25, seed=1)[:4] + [make(sst.splits["test"][-10:])] + \
-            [make([e]) for e in sst.splits["dev"][4:10]]:
+    others = batch_stream(sst.train, cfg.family, 25, seed=1)[:4]
+    others += [make_batch(cfg.family, sst.splits["test"][-10:])]
+    others += [make_batch(cfg.family, [e]) for e in sst.splits["dev"][4:10]]
+    for b in others:
         ready = impl.prepare(b)
         if b.size > 1:
             impl.train_step(ready)
@@ -272,7 +274,7 @@ def test_gpu_matches_the_reference(model, strategy, sst):
     impl = (RNN if cfg.family == "rnn" else RvNN)(cfg, strategy, device="gpu", threads=2)
     params = init_params(cfg, seed=7)
     impl.load_params(params)
-    batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(sst.train[:8])
+    batch = make_batch(cfg.family, sst.train[:8])
     result = verify.check(impl, cfg, params, batch)
     assert result["ok"], result
     ready = impl.prepare(batch)

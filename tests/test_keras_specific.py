@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import reference, registry
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch, make_seq_batch
 from bench.interface import NotApplicable
 from bench.params import ModelConfig, init_params
 from bench.tasks import load_listops
@@ -48,8 +48,7 @@ def _setup(listops, model, strategy, optimizer, lr=0.01):
                       num_classes=10, optimizer=optimizer, lr=lr)
     impl = registry.load(FRAMEWORK, model)(cfg, strategy, device="cpu", threads=2)
     params = init_params(cfg, seed=3)
-    make = make_seq_batch if cfg.family == "rnn" else make_tree_batch
-    batch = make(listops.train[:6])
+    batch = make_batch(cfg.family, listops.train[:6])
     return cfg, impl, params, batch
 
 

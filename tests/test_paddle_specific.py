@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import reference
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch, make_seq_batch
 from bench.params import ModelConfig, init_params
 from bench.tasks import load_listops
 from tests.optimizer_oracle import check_train_steps
@@ -31,7 +31,7 @@ def test_optimizer_steps_match_the_formulas(listops, optimizer, model, strategy)
                       num_classes=10, optimizer=optimizer, lr=0.01)
     params = init_params(cfg, seed=3)
     cls = RNN if cfg.family == "rnn" else RvNN
-    batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(listops.train[:4])
+    batch = make_batch(cfg.family, listops.train[:4])
     check_train_steps(cls(cfg, strategy, "cpu", 1), cfg, params, batch, 2)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench import readout, reference, registry
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch
 from bench.cell import base_record, run_cell
 from bench.config import CellConfig, preset
 from bench.params import MODELS, ModelConfig, init_params
@@ -135,9 +135,9 @@ def test_feature_configuration_returns_the_classified_hidden_state(model):
     params = readout.reservoir_params(cfg, init_params(cfg, 0), 0.9)
     fcfg = readout.feature_config(cfg)
     feats = readout.feature_params(params)
-    batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(_examples([3, 8, 1]))
+    batch = make_batch(cfg.family, _examples([3, 8, 1]))
     got = reference.logits(fcfg, feats, batch)
-    _, _, hidden = reference._forward(cfg, params, batch, np.float64)
+    hidden = reference.hidden_states(cfg, params, batch, np.float64)
     want = hidden if cfg.family == "rnn" else hidden[batch.root]
     assert fcfg.num_classes == cfg.hidden and got.shape == (3, cfg.hidden)
     np.testing.assert_allclose(got, want, atol=1e-12)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bench import reference
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch, make_seq_batch, make_tree_batch
 from bench.params import ModelConfig, init_params
 from bench.tasks import Example, load_listops
 from bench.trees import build_tree
@@ -21,7 +21,7 @@ def _cfg(model, mode="root", **kw):
 
 
 def _batch(cfg, exs):
-    return make_seq_batch(exs) if cfg.family == "rnn" else make_tree_batch(exs)
+    return make_batch(cfg.family, exs)
 
 
 CASES = [("elman", "root"), ("lstm", "root"), ("rvnn", "root"), ("rvnn", "all"),

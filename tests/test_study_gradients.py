@@ -12,7 +12,7 @@ import pytest
 
 from bench import reference
 from bench import study_gradients as sg
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch, make_seq_batch, make_tree_batch
 from bench.params import MODELS, ModelConfig, init_params
 from bench.tasks import Dataset, Example, Vocab
 from bench.trees import Tree, build_tree, parse_tree
@@ -40,7 +40,7 @@ def _cfg(model, **kw):
 
 
 def _batch(cfg, exs):
-    return make_seq_batch(exs) if cfg.family == "rnn" else make_tree_batch(exs)
+    return make_batch(cfg.family, exs)
 
 
 def _p64(cfg, seed=0, embed_std=0.5):
@@ -86,7 +86,7 @@ def _torch_hidden_grads(torch, cfg, params, batch):
         states = []
         for t in range(T):
             x = p["E"][torch.as_tensor(batch.tokens[:, t], dtype=torch.long)]
-            h_new, c_new = trnn._STEPS[cfg.model](x @ p["W_x"] + p["b"], h, c, p["W_h"])
+            h_new, c_new = trnn.STEPS[cfg.model](x @ p["W_x"] + p["b"], h, c, p["W_h"])
             h_new.retain_grad()
             states.append(h_new)
             live = torch.as_tensor(t < batch.lengths)[:, None]

@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch, make_tree_batch
 from bench.params import ModelConfig, init_params
 from bench.tasks import load_listops
 from tests.optimizer_oracle import check_train_steps
@@ -35,7 +35,7 @@ def test_optimizer_steps_match_the_formulas(listops, backend, optimizer, model, 
     cfg = ModelConfig(model, vocab_size=len(listops.vocab), embed_dim=6, hidden=5,
                       num_classes=10, optimizer=optimizer, lr=0.01)
     params = init_params(cfg, seed=3)
-    batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(listops.train[:4])
+    batch = make_batch(cfg.family, listops.train[:4])
     # load_params resets the optimiser: the same two steps land in the same place
     check_train_steps(_cls(backend, cfg.family)(cfg, strategy, "cpu", 1), cfg, params, batch, 2,
                       again=True)

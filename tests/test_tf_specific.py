@@ -15,7 +15,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from bench import reference, verify  # noqa: E402
-from bench.batches import (batch_stream, count_bucket, make_seq_batch, make_tree_batch,  # noqa: E402
+from bench.batches import (batch_stream, count_bucket, make_batch, make_seq_batch, make_tree_batch,  # noqa: E402
                            train_length)
 from bench.interface import ADAGRAD, ADAM, Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
@@ -111,8 +111,8 @@ def test_keras_lstm_gate_layout_matches_the_canonical_one():
         cell = keras.layers.LSTMCell(H)
         cell.build((None, D))
         for attr, value in (("kernel", W_x), ("recurrent_kernel", W_h), ("bias", b)):
-            getattr(cell, attr).assign(tf_rnn._permute_blocks(value, order).astype(np.float32))
-        out, (h_new, c_new) = cell(tf.constant(x, tf.float32),
+            getattr(cell, attr).assign(tf_rnn.permute_blocks(value, order).astype(np.float32))
+        _, (h_new, c_new) = cell(tf.constant(x, tf.float32),
                                    [tf.constant(h, tf.float32), tf.constant(c, tf.float32)])
         return h_new.numpy(), c_new.numpy()
 
@@ -167,7 +167,7 @@ def test_one_optimizer_step_matches_the_keras_formula(sst, optimizer, cls, model
     examples = sst.train[:6]
     tokens = [t for e in examples for t in e.tokens]
     assert len(tokens) > len(set(tokens))  # repeated rows in the embedding gradient
-    batch = make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    batch = make_batch(cfg.family, examples)
     ready = impl.prepare(batch)
     # The implementation's own float32 gradients (checked against the reference
     # elsewhere): Adam divides by |g|, which would amplify float32 rounding.

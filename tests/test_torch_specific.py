@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bench import reference, verify  # noqa: E402
-from bench.batches import make_seq_batch, make_tree_batch  # noqa: E402
+from bench.batches import make_batch, make_seq_batch, make_tree_batch  # noqa: E402
 from bench.interface import Unavailable  # noqa: E402
 from bench.params import ModelConfig, init_params  # noqa: E402
 from bench.tasks import Example  # noqa: E402
@@ -78,7 +78,7 @@ def test_optimizer_constants(optimizer, model, strategy):
     impl = cls(cfg, strategy, device="cpu", threads=1)
     params = init_params(cfg, seed=1)
     examples = _examples([4, 6, 3], seed=2)
-    batch = make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    batch = make_batch(cfg.family, examples)
     check_train_steps(impl, cfg, params, batch, 2)
     got = impl.export_params()
     # load_params resets the optimiser: the same two steps land at exactly the same place
@@ -152,7 +152,7 @@ def test_unlabelled_batch_gives_zero_loss(model, strategy):
     impl = cls(cfg, strategy, device="cpu", threads=1)
     impl.load_params(init_params(cfg, seed=0))
     examples = _examples([3, 5], labelled=False)
-    batch = make_seq_batch(examples) if cfg.family == "rnn" else make_tree_batch(examples)
+    batch = make_batch(cfg.family, examples)
     loss, grads = impl.loss_and_grads(impl.prepare(batch))
     assert loss == 0.0
     assert all(np.all(g == 0) for g in grads.values())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench import reference
-from bench.batches import make_seq_batch, make_tree_batch
+from bench.batches import make_batch
 from bench.cell import base_record
 from bench.config import CellConfig, preset
 from bench.interface import ADAGRAD, ADAM
@@ -33,7 +33,7 @@ def _setup(model, data, optimizer, lr, wd):
     cfg = ModelConfig(model, vocab_size=16, embed_dim=5, hidden=4, num_classes=10,
                       optimizer=optimizer, lr=lr, weight_decay=wd)
     p = {k: v.astype(np.float64) for k, v in init_params(cfg, 0, embed_std=0.5).items()}
-    batch = (make_seq_batch if cfg.family == "rnn" else make_tree_batch)(data.train[:3])
+    batch = make_batch(cfg.family, data.train[:3])
     return cfg, p, batch
 
 

@@ -74,23 +74,12 @@ finally:
         del os.environ["OPENBLAS_CORETYPE"]
 
 from bench.environment import limit_blas_threads  # noqa: E402
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable  # noqa: E402
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation  # noqa: E402
 from bench.params import schema  # noqa: E402
 
 from . import NOT_APPLICABLE  # noqa: E402
 
 caffe.set_mode_cpu()
-
-
-# --- threads ---
-
-def apply_threads(threads: int) -> Dict:
-    """Cap the BLAS pools loaded now (Caffe's OpenBLAS and NumPy's); ``info()["blas_pools"]``
-    reports what holds."""
-    limit_blas_threads(int(threads))
-    return {"requested": int(threads),
-            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def openblas_info() -> Dict:
@@ -394,20 +383,30 @@ class Optimizer:
 
 class CaffeImplementation(Implementation):
     framework = "caffe"
+    not_applicable = NOT_APPLICABLE
     weight_decay_refusal = None   # in the NumPy optimiser (Optimizer.step)
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        if device != "cpu":
-            raise DeviceUnavailable("this Caffe is Debian's CPU_ONLY build (libcaffe1); a GPU needs a "
-                              "CUDA build of Caffe")
-        self._threads = apply_threads(threads)
         self.store = ParamStore(cfg, self._store_names())
         self.opt = Optimizer(cfg)
         self.version = 0          # bumped whenever parameters change
         self.nets_built = 0
         self.net_build_s = 0.0
+
+    def apply_threads(self, threads):
+        """Cap the BLAS pools loaded now (Caffe's OpenBLAS and NumPy's); ``info()["blas_pools"]``
+        reports what holds."""
+        limit_blas_threads(int(threads))
+        return {"requested": int(threads),
+                "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+    def pick_device(self, device):
+        if device != "cpu":
+            raise DeviceUnavailable("this Caffe is Debian's CPU_ONLY build (libcaffe1); a GPU "
+                                    "needs a CUDA build of Caffe")
+        return device
 
     def set_weight_decay(self, weight_decay):
         super().set_weight_decay(weight_decay)
@@ -492,7 +491,7 @@ class CaffeImplementation(Implementation):
     # --- measurement helpers ---
     def info(self):
         return {"caffe": getattr(caffe, "__version__", "unknown"), "mode": "cpu",
-                "threads": self._threads, "blas_pools": blas_pools(), "openblas": openblas_info(),
+                "threads": self.thread_info, "blas_pools": blas_pools(), "openblas": openblas_info(),
                 "nets_built": self.nets_built, "net_build_s": round(self.net_build_s, 4),
                 "optimizer": "%s in NumPy on the master blobs (Caffe solvers drive one Net; "
                              "this model is one Net per shape)" % self.cfg.optimizer}

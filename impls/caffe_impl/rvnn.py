@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from bench.batches import TreeBatch
+from bench.targets import class_points
 
 from .common import CaffeImplementation, NetHandle, Proto
 
@@ -218,10 +219,9 @@ class RvNN(CaffeImplementation):
     def prepare(self, batch: TreeBatch) -> PreparedTrees:
         if not isinstance(batch, TreeBatch):
             raise TypeError("the RvNN family needs a TreeBatch, got %s" % type(batch).__name__)
-        root_mode = self.cfg.loss_mode == "root"
-        labels = batch.root_label if root_mode else batch.label
+        points = class_points(batch, self.cfg.loss_mode)
         n_leaves = int(batch.level_offsets[1])
-        out = PreparedTrees(labels=np.asarray(labels, np.float32),
+        out = PreparedTrees(labels=np.asarray(points.labels, np.float32),
                             roots=np.asarray(batch.root, np.float32),
                             leaf_tokens=np.asarray(batch.token[:n_leaves], np.float32),
                             num_levels=batch.num_levels, num_nodes=batch.num_nodes)
@@ -230,7 +230,7 @@ class RvNN(CaffeImplementation):
             return out
         out.order = batch.postorder()
         out.roots = np.asarray(batch.root, np.int64)
-        out.points = out.roots if root_mode else np.arange(batch.num_nodes)
+        out.points = points.index.astype(np.int64)
         return out
 
     # --- levels ---

@@ -26,37 +26,11 @@ import numpy as np
 import chainer
 import chainer.functions as F
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation
 
 from . import NOT_APPLICABLE
 
 _BLAS_LIMIT = {}
-
-
-def setup_threads(threads: int) -> Dict:
-    """Cap NumPy's BLAS pool (Chainer computes with NumPy on the CPU; it has no knob of its own).
-
-    The runner sets OMP_NUM_THREADS and friends before the process starts;
-    threadpoolctl also covers an interactive process where they were not set.
-    """
-    out = {"chainer_threads": "none (NumPy/BLAS does the work)"}
-    try:
-        from threadpoolctl import threadpool_info, threadpool_limits
-    except ImportError:
-        out["blas_threads"] = "threadpoolctl not installed; OMP_NUM_THREADS applies"
-        return out
-    _BLAS_LIMIT["ctl"] = threadpool_limits(limits=int(threads), user_api="blas")
-    out["blas_threads"] = [[i.get("internal_api"), i.get("num_threads")] for i in threadpool_info()]
-    return out
-
-
-def get_device(device: str):
-    if device == "gpu":
-        from chainer.backends import cuda
-        if not cuda.available:
-            raise DeviceUnavailable("Chainer has no GPU here (CuPy is not installed or finds no CUDA device)")
-        return chainer.get_device("@cupy:0")
-    return chainer.get_device("@numpy")
 
 
 class _AdaGradRule(chainer.optimizers.ada_grad.AdaGradRule):
@@ -97,49 +71,57 @@ def make_optimizer(cfg):
 def masked_xent(logits, labels: np.ndarray, count: int):
     """Mean softmax cross-entropy over rows with label >= 0.
 
-    logits Variable[R, C], labels int32[R] (device array), count = number of
-    labelled rows (a host int, so no device round trip) -> Variable[].
-    Chainer's ``normalize`` would divide on the device and gives 0/0 on the GPU
-    when no row is labelled; dividing by max(1, count) here never does.
+    logits Variable[R, C], labels int32[R] (device array), count =
+    ``bench.targets.labelled_count(labels)`` (a host int, so no device round trip)
+    -> Variable[]. Chainer's ``normalize`` would divide on the device and gives 0/0
+    on the GPU when no row is labelled; the count is never 0.
     """
     per_row = F.softmax_cross_entropy(logits, labels, ignore_label=-1, reduce="no")
-    return F.sum(per_row) * np.float32(1.0 / max(1, count))
+    return F.sum(per_row) * np.float32(1.0 / count)
 
 
 class ChainerImplementation(Implementation):
     framework = "chainer"
+    not_applicable = NOT_APPLICABLE
     # chainer.optimizer_hooks.WeightDecay on every trained parameter's update rule: a 'pre'
     # hook, ``g += rate * p`` before the rule's update (coupled L2); built in load_params
     weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        self._device = get_device(device)
-        self._threads = setup_threads(threads)
-        self.xp = self._device.xp
+        self.xp = self.dev.xp
         self.model: Optional[chainer.Chain] = None
         self._frozen = self._build()
-        self.model.to_device(self._device)
+        self.model.to_device(self.dev)
         self._opt = None
 
-    # --- hooks ---
-    def _build(self):
-        raise NotImplementedError
+    # --- framework hooks (bench.interface) ---
+    def apply_threads(self, threads):
+        """Cap NumPy's BLAS pool (Chainer computes with NumPy on the CPU; it has no knob of its own).
 
-    def _load_native(self, params: Dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
+        The runner sets OMP_NUM_THREADS and friends before the process starts;
+        threadpoolctl also covers an interactive process where they were not set.
+        """
+        out = {"chainer_threads": "none (NumPy/BLAS does the work)"}
+        try:
+            from threadpoolctl import threadpool_info, threadpool_limits
+        except ImportError:
+            out["blas_threads"] = "threadpoolctl not installed; OMP_NUM_THREADS applies"
+            return out
+        _BLAS_LIMIT["ctl"] = threadpool_limits(limits=int(threads), user_api="blas")
+        out["blas_threads"] = [[i.get("internal_api"), i.get("num_threads")] for i in threadpool_info()]
+        return out
 
-    def _canonical(self, read) -> Dict[str, np.ndarray]:
-        raise NotImplementedError
+    def pick_device(self, device):
+        if device == "gpu":
+            from chainer.backends import cuda
+            if not cuda.available:
+                raise DeviceUnavailable("Chainer has no GPU here (CuPy is not installed or finds no "
+                                        "CUDA device)")
+            return chainer.get_device("@cupy:0")
+        return chainer.get_device("@numpy")
 
-    def _forward(self, prepared):
-        raise NotImplementedError
-
-    def _logits(self, prepared):
-        raise NotImplementedError
-
-    # --- parameters ---
+    # --- parameters (the subclass's model hooks: see the module doc) ---
     def _native(self) -> Dict[str, chainer.Parameter]:
         return dict(self.model.namedparams())
 
@@ -147,7 +129,7 @@ class ChainerImplementation(Implementation):
         value = np.ascontiguousarray(value, np.float32)
         if tuple(param.shape) != value.shape:
             raise ValueError("native parameter %s is %s, got %s" % (param.name, param.shape, value.shape))
-        param.array[...] = self._device.send(value)
+        param.array[...] = self.dev.send(value)
 
     def load_params(self, params):
         self._load_native(self._checked(params))
@@ -197,7 +179,7 @@ class ChainerImplementation(Implementation):
     def sync(self):
         # NumPy work is done when a call returns; CuPy queues kernels on a stream
         if self.device == "gpu":
-            self._device.device.synchronize()
+            self.dev.device.synchronize()
 
     def to_numpy(self, value):
         if isinstance(value, chainer.Variable):
@@ -205,13 +187,13 @@ class ChainerImplementation(Implementation):
         return _host(value)
 
     def info(self):
-        return {"threads": self._threads, "type_check": bool(chainer.config.type_check),
-                "device": str(self._device)}
+        return {"threads": self.thread_info, "type_check": bool(chainer.config.type_check),
+                "device": str(self.dev)}
 
     def gemm_ops(self, n):
         rng = np.random.default_rng(0)
-        a = self._device.send(rng.standard_normal((n, n)).astype(np.float32))
-        b = self._device.send(rng.standard_normal((n, n)).astype(np.float32))
+        a = self.dev.send(rng.standard_normal((n, n)).astype(np.float32))
+        b = self.dev.send(rng.standard_normal((n, n)).astype(np.float32))
 
         def product():
             with chainer.no_backprop_mode():

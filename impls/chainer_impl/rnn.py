@@ -27,11 +27,15 @@ the model has exactly one bias, as the canonical one does.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 import chainer
 import chainer.functions as F
 import chainer.links as L
+
+from bench.targets import labelled_count
 
 from .common import ChainerImplementation, linear_weight
 
@@ -41,18 +45,6 @@ NSTEP_LSTM_FROM_CANONICAL = (0, 1, 2, 3)
 
 def _zeros(*shape):
     return chainer.Parameter(np.zeros(shape, np.float32))
-
-
-class _Prepared:
-    """Host-built arrays for one SeqBatch (device arrays where the model reads them).
-
-    tokens_tm int32[T, B] (loop), flat int32[sum(lengths)] and offsets (fused),
-    last int32[B]: row of each sequence's last real step in the [T*B, H] stack
-    of loop states, labels int32[B], count int.
-    """
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 class RNN(ChainerImplementation):
@@ -127,11 +119,17 @@ class RNN(ChainerImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        send = self._device.send
-        B, T = batch.tokens.shape
+        """Host-built arrays for one SeqBatch (device arrays where the model reads them).
+
+        tokens_tm int32[T, B] (loop), flat int32[sum(lengths)] and offsets (fused),
+        last int32[B]: row of each sequence's last real step in the [T*B, H] stack
+        of loop states, labels int32[B], count int.
+        """
+        send = self.dev.send
+        B = batch.tokens.shape[0]
         lengths = batch.lengths.astype(np.int64)
         ready = dict(B=B, labels=send(batch.labels.astype(np.int32)),
-                     count=int((batch.labels >= 0).sum()))
+                     count=labelled_count(batch.labels))
         if self.strategy == "loop":
             ready["tokens_tm"] = send(np.ascontiguousarray(batch.tokens.T, np.int32))
             ready["last"] = send(((lengths - 1) * B + np.arange(B)).astype(np.int32))
@@ -139,7 +137,7 @@ class RNN(ChainerImplementation):
             flat = np.concatenate([batch.tokens[i, :lengths[i]] for i in range(B)]).astype(np.int32)
             ready["flat"] = send(flat)
             ready["offsets"] = [int(x) for x in np.cumsum(lengths)[:-1]]
-        return _Prepared(**ready)
+        return SimpleNamespace(**ready)
 
     def _hidden_loop(self, r):
         """h at each sequence's last real token: Variable[B, H]."""

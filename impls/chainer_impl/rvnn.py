@@ -21,19 +21,17 @@ transposed for ``F.linear`` ((out, in)).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 import chainer
 import chainer.functions as F
 
 from bench.params import schema
+from bench.targets import class_points
 
 from .common import ChainerImplementation, linear_weight
-
-
-class _Prepared:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 class RvNN(ChainerImplementation):
@@ -70,12 +68,16 @@ class RvNN(ChainerImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        send = self._device.send
-        all_nodes = self.cfg.loss_mode == "all"
-        labels = batch.label if all_nodes else batch.root_label
-        ready = dict(N=batch.num_nodes, root=send(batch.root.astype(np.int32)),
-                     root_list=[int(r) for r in batch.root],
-                     labels=send(labels.astype(np.int32)), count=int((labels >= 0).sum()))
+        send = self.dev.send
+        # rows to classify: host ints for recursive, a device index for levels
+        if self.strategy == "recursive":
+            index = lambda idx: [int(n) for n in idx]  # noqa: E731
+        else:
+            index = lambda idx: send(idx.astype(np.int32))  # noqa: E731
+        points = class_points(batch, self.cfg.loss_mode)
+        ready = dict(N=batch.num_nodes, root=index(batch.root),
+                     points=None if points.every_row else index(points.rows),
+                     labels=send(points.labels.astype(np.int32)), count=points.count)
         o = batch.level_offsets
         ready["leaf_token"] = send(batch.token[:o[1]].astype(np.int32))
         if self.strategy == "recursive":
@@ -85,7 +87,7 @@ class RvNN(ChainerImplementation):
             ready["pairs"] = [send(np.stack([batch.left[o[h]:o[h + 1]], batch.right[o[h]:o[h + 1]]],
                                             axis=1).reshape(-1).astype(np.int32))
                               for h in range(1, batch.num_levels)]
-        return _Prepared(**ready)
+        return SimpleNamespace(**ready)
 
     def _leaf(self, x):
         """x [R, D] -> (h [R, H], c [R, H] or None)."""
@@ -106,8 +108,8 @@ class RvNN(ChainerImplementation):
         c = F.sigmoid(i) * F.tanh(u) + F.sigmoid(f_l) * c_l + F.sigmoid(f_r) * c_r
         return F.sigmoid(o) * F.tanh(c), c
 
-    def _states_recursive(self, r):
-        """Hidden states of the classified nodes: Variable[R, H] (R = B or N)."""
+    def _states_recursive(self, r, at):
+        """Hidden states at rows ``at`` (every node for None): Variable[R, H]."""
         h = [None] * r.N
         c = [None] * r.N
         # One lookup for all leaves: EmbedID's backward builds a dense [V, D]
@@ -120,11 +122,9 @@ class RvNN(ChainerImplementation):
                 h[n], c[n] = self._leaf(rows[n])                        # leaves are nodes 0..Lf-1
             else:
                 h[n], c[n] = self._internal(F.concat((h[left], h[right]), axis=1), c[left], c[right])
-        if self.cfg.loss_mode == "all":
-            return F.concat(h, axis=0)
-        return F.concat([h[i] for i in r.root_list], axis=0)
+        return F.concat(h if at is None else [h[i] for i in at], axis=0)
 
-    def _states_levels(self, r):
+    def _states_levels(self, r, at):
         H = self.cfg.hidden
         buf_h, buf_c = self._leaf(F.embed_id(r.leaf_token, self.model.E))
         for pairs in r.pairs:
@@ -136,21 +136,17 @@ class RvNN(ChainerImplementation):
             buf_h = F.concat((buf_h, h), axis=0)
             if self._tree:
                 buf_c = F.concat((buf_c, c), axis=0)
-        if self.cfg.loss_mode == "all":
-            return buf_h
-        return F.get_item(buf_h, r.root)
+        return buf_h if at is None else F.get_item(buf_h, at)
 
-    def _states(self, r):
-        return self._states_recursive(r) if self.strategy == "recursive" else self._states_levels(r)
+    def _states(self, r, at):
+        if self.strategy == "recursive":
+            return self._states_recursive(r, at)
+        return self._states_levels(r, at)
 
     def _forward(self, r):
         m = self.model
-        return F.linear(self._states(r), m.W_o, m.b_o), r.labels, r.count
+        return F.linear(self._states(r, r.points), m.W_o, m.b_o), r.labels, r.count
 
     def _logits(self, r):
-        h = self._states(r)
-        if self.cfg.loss_mode == "all":
-            # logits are reported at the roots whatever the training signal
-            h = F.get_item(h, r.root)
         m = self.model
-        return F.linear(h, m.W_o, m.b_o)
+        return F.linear(self._states(r, r.root), m.W_o, m.b_o)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation
 
 from . import NOT_APPLICABLE
 
@@ -111,6 +111,7 @@ def make_trainer(dy, pc, cfg):
 
 class DynetImplementation(Implementation):
     framework = "dynet"
+    not_applicable = NOT_APPLICABLE
     # Coupled L2 as the penalty wd / 2 * ||theta||^2 added to the train step's graph (its
     # gradient is wd * theta on every slot, embedding rows included), so the trainer sees
     # g + wd * theta. DyNet's own ``ParameterCollection.set_weight_decay`` shrinks the
@@ -120,13 +121,8 @@ class DynetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self.autobatch = autobatch_requested()
-        dy = dynet()
-        if device == "gpu" and not getattr(dy, "HAVE_CUDA", False):
-            raise DeviceUnavailable("the dynet 2.1.2 wheel is built without CUDA (dynet.HAVE_CUDA is "
-                              "False); a GPU build needs DyNet compiled from source with CUDA")
-        self.dy = dy
+        self.dy = dy = dynet()
         self.pc = dy.ParameterCollection()
         self.slots: "OrderedDict[str, Tuple]" = OrderedDict()
         V, D, H, C = cfg.vocab_size, cfg.embed_dim, cfg.hidden, cfg.num_classes
@@ -143,6 +139,19 @@ class DynetImplementation(Implementation):
         self._clearer.set_clip_threshold(0.0)
         self.trainer = None
         self.graphs = 0
+
+    # -- framework hooks (bench.interface) --
+    def apply_threads(self, threads):
+        return {"requested": int(threads), "applied": 1,
+                "how": "the dynet 2.1.2 wheel's CPU backend is single-threaded (Eigen "
+                       "without OpenMP or a thread pool; no BLAS linked)"}
+
+    def pick_device(self, device):
+        if device == "gpu" and not getattr(dynet(), "HAVE_CUDA", False):
+            raise DeviceUnavailable("the dynet 2.1.2 wheel is built without CUDA (dynet.HAVE_CUDA "
+                                    "is False); a GPU build needs DyNet compiled from source "
+                                    "with CUDA")
+        return device
 
     # -- subclass hooks --
     def _build_params(self) -> None:
@@ -262,9 +271,7 @@ class DynetImplementation(Implementation):
             "autobatch_how": "dy.renew_cg(autobatching=%s) for every graph (BENCH_DYNET_AUTOBATCH=%s)"
                              % (bool(self.autobatch), os.environ.get("BENCH_DYNET_AUTOBATCH")),
             "configured": dict(_CONFIG),
-            "threads": {"requested": int(self.threads), "applied": 1,
-                        "how": "the dynet 2.1.2 wheel's CPU backend is single-threaded (Eigen "
-                               "without OpenMP or a thread pool; no BLAS linked)"},
+            "threads": self.thread_info,
             "cuda": bool(getattr(dy, "HAVE_CUDA", False)),
             "optimizer": self.cfg.optimizer,
             "gradient_clipping": "disabled",

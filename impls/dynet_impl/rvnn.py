@@ -23,6 +23,7 @@ from typing import List
 import numpy as np
 
 from bench.batches import TreeBatch
+from bench.targets import class_points
 
 from .common import DynetImplementation, gather, group_plan, identity, transpose
 
@@ -51,9 +52,10 @@ class Recursive:
         self.left = [int(i) for i in batch.left]
         self.right = [int(i) for i in batch.right]
         self.roots = [int(r) for r in batch.root]
-        points = batch.root if loss_mode == "root" else np.arange(batch.num_nodes)
-        self.points = [int(n) for n in points if batch.label[n] >= 0]
-        self.labels = [int(batch.label[n]) for n in self.points]
+        points = class_points(batch, loss_mode)
+        keep = points.labels >= 0
+        self.points = [int(n) for n in points.index[keep]]
+        self.labels = [int(y) for y in points.labels[keep]]
 
 
 class Levels:
@@ -71,19 +73,13 @@ class Levels:
                 kids.append(group_plan(targets, batch.height[targets], o))
             self.children.append(tuple(kids))
         self.roots = group_plan(batch.root, batch.height[batch.root], o)
-        if loss_mode == "root":
-            keep = batch.root[batch.label[batch.root] >= 0]
-            self.point_plans = [(group_plan(keep, batch.height[keep], o),
-                                 [int(batch.label[n]) for n in keep])] if keep.size else []
-        else:
-            # every labelled node, one batched loss term per height
-            self.point_plans = []
-            for h in range(batch.num_levels):
-                nodes = np.arange(o[h], o[h + 1])
-                keep = nodes[batch.label[nodes] >= 0]
-                if keep.size:
-                    self.point_plans.append((group_plan(keep, batch.height[keep], o),
-                                             [int(batch.label[n]) for n in keep]))
+        points = class_points(batch, loss_mode)
+        labelled = points.index[points.labels >= 0]
+        # every node classified: one batched loss term per height; else one for all points
+        groups = (np.split(labelled, np.searchsorted(labelled, o[1:-1])) if points.every_row
+                  else [labelled])
+        self.point_plans = [(group_plan(g, batch.height[g], o), [int(batch.label[n]) for n in g])
+                            for g in groups if g.size]
         self.count = sum(len(labels) for _, labels in self.point_plans)
 
 

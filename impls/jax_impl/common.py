@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from bench.batches import padded_rows
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, counted, one_line
 
 from . import NOT_APPLICABLE
 
@@ -56,42 +56,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(threads: int) -> Dict:
-    """Size XLA's CPU thread pool to ``threads`` if JAX's backend has not started yet.
-
-    Returns what the process actually runs with: ``requested``, ``applied``
-    (the pool size XLA was started with, as far as it can be known),
-    ``matched`` and ``how``. The first call in a process decides; later calls
-    with another count report a mismatch instead of pretending.
-    """
-    with _LOCK:
-        if not _THREADS:
-            started = _backend_started()
-            if started is False:
-                before = os.environ.get("PJRT_NPROC")
-                os.environ["PJRT_NPROC"] = str(int(threads))
-                jax.devices()  # start the backend now so the pool size is pinned and known
-                how = "PJRT_NPROC=%d set before XLA's backend started" % threads
-                if before not in (None, str(threads)):
-                    how += " (replacing PJRT_NPROC=%s from the environment)" % before
-                _THREADS.update(applied=int(threads), how=how)
-            else:
-                env = os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")
-                try:
-                    applied, how = int(env), "backend already started; PJRT_NPROC/NPROC=%s" % env
-                except (TypeError, ValueError):
-                    applied = _cpu_count()
-                    how = "backend already started without PJRT_NPROC: XLA's default, one per core"
-                if started is None:
-                    how += " (could not tell whether the backend had started)"
-                _THREADS.update(applied=applied, how=how)
-            _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-        out = dict(_THREADS)
-    out["requested"] = int(threads)
-    out["matched"] = out["applied"] == int(threads)
-    return out
-
-
 def _count_compiles(event, duration, **kwargs):
     """JAX reports every XLA compilation (and every persistent-cache load) with this event."""
     if event == "/jax/core/compile/backend_compile_duration":
@@ -115,24 +79,6 @@ def _install_compile_listener():
         jax.monitoring.register_event_duration_secs_listener(_count_compiles)
         jax.monitoring.register_event_listener(_count_cache_hits)
         _COMPILES["installed"] = True
-
-
-def pick_device(device: str):
-    """The jax device for 'cpu' or 'gpu'; Unavailable when JAX has no GPU backend."""
-    if device == "cpu":
-        return jax.devices("cpu")[0]
-    try:
-        gpus = jax.devices("gpu")
-    except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
-        raise DeviceUnavailable("no GPU device: %s" % _one_line(exc)) from None
-    if not gpus:
-        raise DeviceUnavailable("no GPU device: jax lists none")
-    return gpus[0]
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- optimiser ---
@@ -195,6 +141,7 @@ def _inputs(prepared, phase):
 
 class JaxImplementation(Implementation):
     framework = "jax"
+    not_applicable = NOT_APPLICABLE   # refused before JAX starts (bench.interface)
     jit_strategies: tuple = ()  # strategies whose whole step runs under one jax.jit
     weight_decay_refusal = None  # optax.add_decayed_weights before the update (make_optimizer)
 
@@ -204,13 +151,10 @@ class JaxImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        self._refuse()
-        self._thread_info = configure_threads(threads)
         _install_compile_listener()
         # TF32 would otherwise be JAX's default for float32 matmuls on recent GPUs;
         # the suite compares float32 with float32.
         jax.config.update("jax_default_matmul_precision", "highest")
-        self.dev = pick_device(device)
         self.opt = make_optimizer(cfg)
         self._built_decay = cfg.weight_decay   # the decay self.opt and the jitted steps have
         self._probe = None        # (optimiser, jitted update) of set_weight_decay's other decay
@@ -239,24 +183,59 @@ class JaxImplementation(Implementation):
         """Padded example count of a batch of ``n`` (bench.batches.padded_rows)."""
         return padded_rows(n, self.batch_size)
 
-    # -- subclass hooks --
-    def _refuse(self):
-        """Raise NotApplicable for what this class cannot express (before JAX starts)."""
-        refuse_not_applicable(NOT_APPLICABLE, self.cfg.model, self.strategy, self.device)
+    def apply_threads(self, threads):
+        """Size XLA's CPU thread pool to ``threads`` if JAX's backend has not started yet.
 
+        Returns what the process actually runs with: ``requested``, ``applied``
+        (the pool size XLA was started with, as far as it can be known),
+        ``matched`` and ``how``. The first call in a process decides; later calls
+        with another count report a mismatch instead of pretending.
+        """
+        with _LOCK:
+            if not _THREADS:
+                started = _backend_started()
+                if started is False:
+                    before = os.environ.get("PJRT_NPROC")
+                    os.environ["PJRT_NPROC"] = str(int(threads))
+                    jax.devices()  # start the backend now so the pool size is pinned and known
+                    how = "PJRT_NPROC=%d set before XLA's backend started" % threads
+                    if before not in (None, str(threads)):
+                        how += " (replacing PJRT_NPROC=%s from the environment)" % before
+                    _THREADS.update(applied=int(threads), how=how)
+                else:
+                    env = os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")
+                    try:
+                        applied, how = int(env), "backend already started; PJRT_NPROC/NPROC=%s" % env
+                    except (TypeError, ValueError):
+                        applied = _cpu_count()
+                        how = "backend already started without PJRT_NPROC: XLA's default, one per core"
+                    if started is None:
+                        how += " (could not tell whether the backend had started)"
+                    _THREADS.update(applied=applied, how=how)
+                _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+            out = dict(_THREADS)
+        out["requested"] = int(threads)
+        out["matched"] = out["applied"] == int(threads)
+        return out
+
+    def pick_device(self, device):
+        """The jax device for 'cpu' or 'gpu'; Unavailable when JAX has no GPU backend."""
+        if device == "cpu":
+            return jax.devices("cpu")[0]
+        try:
+            gpus = jax.devices("gpu")
+        except Exception as exc:  # RuntimeError: unknown backend / failed to initialise
+            raise DeviceUnavailable("no GPU device: %s" % one_line(exc)) from None
+        if not gpus:
+            raise DeviceUnavailable("no GPU device: jax lists none")
+        return gpus[0]
+
+    # -- subclass hooks --
     def _loss(self, params, prepared):
         raise NotImplementedError
 
     def _logits(self, params, prepared):
         raise NotImplementedError
-
-    def _traced(self, name, fn):
-        """fn, counting in self.traces[name] each time JAX traces it."""
-        def wrapper(*args, **kwargs):
-            self.traces[name] += 1
-            return fn(*args, **kwargs)
-        wrapper.__name__ = name
-        return wrapper
 
     def _build_jits(self):
         opt = self.opt
@@ -273,13 +252,13 @@ class JaxImplementation(Implementation):
                 params, opt_state = apply(params, opt_state, grads)
                 return value, params, opt_state
 
-            self._value_and_grad = jax.jit(self._traced("value_and_grad",
+            self._value_and_grad = jax.jit(counted(self.traces, "value_and_grad",
                                                         jax.value_and_grad(loss)))
-            self._train = jax.jit(self._traced("train_step", step), donate_argnums=(0, 1))
-            self._logits_call = jax.jit(self._traced("logits", self._logits))
+            self._train = jax.jit(counted(self.traces, "train_step", step), donate_argnums=(0, 1))
+            self._logits_call = jax.jit(counted(self.traces, "logits", self._logits))
         else:
             self._value_and_grad = jax.value_and_grad(self._loss)
-            update = jax.jit(self._traced("optimizer_update", apply), donate_argnums=(0, 1))
+            update = jax.jit(counted(self.traces, "optimizer_update", apply), donate_argnums=(0, 1))
             vg = self._value_and_grad
 
             def step(params, opt_state, prepared):
@@ -326,7 +305,7 @@ class JaxImplementation(Implementation):
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        self._probe = (opt, jax.jit(self._traced("optimizer_update_probe", apply)))
+        self._probe = (opt, jax.jit(counted(self.traces, "optimizer_update_probe", apply)))
         self._probe_state = None
 
     def _probe_step(self, prepared):
@@ -401,7 +380,7 @@ class JaxImplementation(Implementation):
             "device_kind": getattr(self.dev, "device_kind", str(self.dev)),
             "x64": bool(jax.config.jax_enable_x64),
             "matmul_precision": jax.config.jax_default_matmul_precision,
-            "threads": self._thread_info,
+            "threads": self.thread_info,
             "traces": dict(self.traces),
             "traces_total": int(sum(self.traces.values())),
             "xla_compiles_in_process": _COMPILES["count"],

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from bench.batches import SeqBatch, count_bucket, train_length
-from bench.interface import Unavailable
+from bench.interface import Unavailable, counted
 
 from .common import JaxImplementation, classify, softmax_xent
 
@@ -87,10 +87,10 @@ class RNN(JaxImplementation):
             def loss_head(W_o, b_o, h, labels):
                 return softmax_xent(classify(W_o, b_o, h), labels)
 
-            self._embed = jax.jit(self._traced("embed", embed))
-            self._cell = jax.jit(self._traced("cell", step))
-            self._readout = jax.jit(self._traced("readout", classify))
-            self._loss_head = jax.jit(self._traced("loss_head", loss_head))
+            self._embed = jax.jit(counted(self.traces, "embed", embed))
+            self._cell = jax.jit(counted(self.traces, "cell", step))
+            self._readout = jax.jit(counted(self.traces, "readout", classify))
+            self._loss_head = jax.jit(counted(self.traces, "loss_head", loss_head))
 
     def _check_cudnn(self):
         try:
@@ -167,7 +167,7 @@ class RNN(JaxImplementation):
         """Inference: a ``lax.while_loop`` over chunks of CHUNK steps that stops after the
         longest example, on one padded length (count_bucket) for every batch."""
         tokens, lengths = prep["tokens"], prep["lengths"]
-        B, Tp = tokens.shape
+        B = tokens.shape[0]
         H = self.cfg.hidden
         tokens_tm = tokens.T                                              # [Tp, B]
         zeros = jnp.zeros((B, H), jnp.float32)

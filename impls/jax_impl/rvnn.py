@@ -53,7 +53,9 @@ import numpy as np
 import optax
 from jax import lax
 
-from bench.batches import TreeBatch, count_bucket, node_rows, node_width
+from bench.batches import TreeBatch, count_bucket, node_rows, node_width, padded_array
+from bench.interface import counted
+from bench.targets import class_points
 
 from .common import JaxImplementation, classify, softmax_xent
 
@@ -61,11 +63,6 @@ from .common import JaxImplementation, classify, softmax_xent
 LEAF_CHUNKS_PER_WIDTH = 4
 # node widths on a GPU: padded slots cost little there, steps (kernel launches) a lot
 GPU_WIDTH_FACTOR = 4
-
-
-def _bucket(n: int) -> int:
-    """Next power of two >= n (0 for 0)."""
-    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
 # --- the node functions ---
@@ -286,7 +283,6 @@ class RvNN(JaxImplementation):
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
         model = cfg.model
-        self._all_nodes = cfg.loss_mode == "all"
         self._scratch = {}   # levels: node and cotangent buffers by shape, reused across calls
         self._acc = None     # levels: gradient accumulators, zero between steps
         if strategy == "recursive":
@@ -299,9 +295,9 @@ class RvNN(JaxImplementation):
             def node(W, b, left, right):
                 return node_state(model, W, b, left, right)
 
-            self._embed = jax.jit(self._traced("embed", embed))
-            self._leaf = jax.jit(self._traced("leaf", leaf))
-            self._node = jax.jit(self._traced("node", node))
+            self._embed = jax.jit(counted(self.traces, "embed", embed))
+            self._leaf = jax.jit(counted(self.traces, "leaf", leaf))
+            self._node = jax.jit(counted(self.traces, "node", node))
 
             def readout(W_o, b_o, h, points):
                 return classify(W_o, b_o, h[points])
@@ -309,8 +305,8 @@ class RvNN(JaxImplementation):
             def loss_head(W_o, b_o, h, points, labels):
                 return softmax_xent(classify(W_o, b_o, h[points]), labels)
 
-            self._readout = jax.jit(self._traced("readout", readout))
-            self._loss_head = jax.jit(self._traced("loss_head", loss_head))
+            self._readout = jax.jit(counted(self.traces, "readout", readout))
+            self._loss_head = jax.jit(counted(self.traces, "loss_head", loss_head))
         elif strategy == "levels":
             self._build_levels()
         else:
@@ -337,19 +333,15 @@ class RvNN(JaxImplementation):
         rows = self.rows(B)
         R = node_rows(batch.num_nodes, rows)
         n_leaves = int(batch.level_offsets[1])
-        leaf_tokens = np.zeros(R // 2, np.int32)
-        leaf_tokens[:n_leaves] = batch.token[:n_leaves]
-        stack = R if self._all_nodes else rows
-        labels = np.full(stack, -1, np.int32)
-        if self._all_nodes:
-            labels[:batch.num_nodes] = batch.label
-        else:
-            labels[:B] = batch.label[batch.root]
-        return {"leaf_tokens": self._put(leaf_tokens),
+        points = class_points(batch, self.cfg.loss_mode)
+        stack = R if points.every_row else rows
+        return {"leaf_tokens": self._put(padded_array(batch.token[:n_leaves], R // 2, 0)),
                 "left": batch.left.tolist(), "right": batch.right.tolist(),
                 "roots": batch.root.tolist(), "rows": stack, "size": B,
+                "classified": points.index.tolist(),
                 "root_rows": self._put(np.arange(rows)),
-                "points": self._put(np.arange(stack)), "labels": self._put(labels)}
+                "points": self._put(np.arange(stack)),
+                "labels": self._put(padded_array(points.labels, stack, -1))}
 
     def _shapes(self, batch):
         """(padded examples, node rows R, node width W, leaf chunk width) of the batch's class."""
@@ -357,21 +349,11 @@ class RvNN(JaxImplementation):
         W = self._width(rows)
         return rows, node_rows(batch.num_nodes, rows), W, LEAF_CHUNKS_PER_WIDTH * W
 
-    def _node_labels(self, batch):
-        """Each node's label in the loss (-1: none) and one over the count of labelled points."""
-        if self._all_nodes:
-            labels = batch.label.astype(np.int32)
-        else:
-            labels = np.full(batch.num_nodes, -1, np.int32)
-            labels[batch.root] = batch.label[batch.root]
-        return labels, np.float32(1.0 / max(1, int((labels >= 0).sum())))
-
     def _leaf_arrays(self, batch, R, Wl):
         """Leaf tokens and write rows [K, Wl], padded to R / 2 leaves (the most R rows can
         hold), and the number of chunks that hold real leaves."""
         n_leaves = int(batch.level_offsets[1])
-        token = np.zeros(R // 2, np.int32)
-        token[:n_leaves] = batch.token[:n_leaves]
+        token = padded_array(batch.token[:n_leaves], R // 2, 0)
         where = write_targets(np.arange(n_leaves), R // 2, R)
         return token.reshape(-1, Wl), where.reshape(-1, Wl), np.int32(-(-n_leaves // Wl))
 
@@ -390,14 +372,10 @@ class RvNN(JaxImplementation):
             node[k] = write_targets(grp, W, R)
             left[k, :grp.size], right[k, :grp.size] = batch.left[grp], batch.right[grp]
         leaf_token, leaf_node, leaf_chunks = self._leaf_arrays(batch, R, Wl)
-        roots = np.full(rows, zero, np.int32)
-        roots[:B] = batch.root
-        if self._all_nodes:
-            points, labels = np.arange(R, dtype=np.int32), np.full(R, -1, np.int32)
-            labels[:batch.num_nodes] = batch.label
-        else:
-            points, labels = roots, np.full(rows, -1, np.int32)
-            labels[:B] = batch.label[batch.root]
+        roots = padded_array(batch.root, rows, zero)
+        classified = class_points(batch, self.cfg.loss_mode)
+        points = np.arange(R, dtype=np.int32) if classified.every_row else roots
+        labels = padded_array(classified.labels, points.size, -1)
         arrays = {"leaf_token": leaf_token, "leaf_node": leaf_node, "leaf_chunks": leaf_chunks,
                   "steps": np.int32(len(groups)), "node": node, "left": left, "right": right,
                   "roots": roots, "points": points, "labels": labels}
@@ -411,7 +389,8 @@ class RvNN(JaxImplementation):
         B = batch.size
         rows, R, W, Wl = self._shapes(batch)
         zero = R - 1
-        labels, scale = self._node_labels(batch)
+        points = class_points(batch, self.cfg.loss_mode)
+        labels, scale = points.on_rows(batch.num_nodes), np.float32(1.0 / points.count)
         from_parent = np.ones(batch.num_nodes, bool)
         from_parent[batch.root] = False
         o = batch.level_offsets
@@ -419,24 +398,18 @@ class RvNN(JaxImplementation):
         for h in range(1, batch.num_levels):
             for start in range(int(o[h]), int(o[h + 1]), W):
                 idx = np.arange(start, min(start + W, int(o[h + 1])), dtype=np.int32)
-                left = np.full(W, zero, np.int32)
-                right = np.full(W, zero, np.int32)
-                left[:idx.size], right[:idx.size] = batch.left[idx], batch.right[idx]
-                lab = np.full(W, -1, np.int32)
-                lab[:idx.size] = labels[idx]
-                par = np.zeros(W, bool)
-                par[:idx.size] = from_parent[idx]
+                left = padded_array(batch.left[idx], W, zero)
+                right = padded_array(batch.right[idx], W, zero)
+                lab = padded_array(labels[idx], W, -1)
+                par = padded_array(from_parent[idx], W, False, bool)
                 calls.append(tuple(self._put(a) for a in (write_targets(idx, W, R), left, right))
                              + (self._put(lab), self._put(par, bool)))
         n_leaves = int(o[1])
         leaf_token, leaf_node, leaf_chunks = self._leaf_arrays(batch, R, Wl)
-        leaf_labels = np.full(R // 2, -1, np.int32)
-        leaf_labels[:n_leaves] = labels[:n_leaves]
-        leaf_parent = np.zeros(R // 2, bool)
-        leaf_parent[:n_leaves] = from_parent[:n_leaves]
+        leaf_labels = padded_array(labels[:n_leaves], R // 2, -1)
+        leaf_parent = padded_array(from_parent[:n_leaves], R // 2, False, bool)
         leaf_labels, leaf_parent = leaf_labels.reshape(-1, Wl), leaf_parent.reshape(-1, Wl)
-        roots = np.full(rows, zero, np.int32)
-        roots[:B] = batch.root
+        roots = padded_array(batch.root, rows, zero)
         return {"size": B, "rows": R, "calls": calls, "scale": self._put(scale, np.float32),
                 "leaves": tuple(self._put(a) for a in (leaf_token, leaf_node, leaf_chunks,
                                                        leaf_labels))
@@ -525,7 +498,7 @@ class RvNN(JaxImplementation):
             zero = {k: jnp.zeros_like(v) for k, v in acc.items()}
             return loss, grads, optax.apply_updates(params, updates), opt_state, zero, cts
 
-        jit = lambda name, f, **kw: jax.jit(self._traced(name, f), **kw)  # noqa: E731
+        jit = lambda name, f, **kw: jax.jit(counted(self.traces, name, f), **kw)  # noqa: E731
         self._l_leaves = jit("leaves_forward", leaves_forward, donate_argnums=(3,))
         self._l_level = jit("level_forward", level_forward, donate_argnums=(2,))
         self._l_readout = jit("readout", readout)
@@ -655,8 +628,7 @@ class RvNN(JaxImplementation):
     def _loss(self, p, prep):
         if self.strategy == "recursive":
             states = self._states_recursive(p, prep)
-            h = self._stack([s[0] for s in states] if self._all_nodes else
-                            [states[r][0] for r in prep["roots"]], prep["rows"])
+            h = self._stack([states[n][0] for n in prep["classified"]], prep["rows"])
             return self._loss_head(p["W_o"], p["b_o"], h, prep["points"], prep["labels"])
         h = self._buffer_compiled(p, prep)[prep["points"]]
         return softmax_xent(classify(p["W_o"], p["b_o"], h), prep["labels"])

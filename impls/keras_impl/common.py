@@ -51,7 +51,8 @@ import numpy as np
 import keras
 from keras import ops
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import DeviceUnavailable, Implementation, counted, one_line
+from impls.keras_optimizers import keras_optimizer
 
 from . import NOT_APPLICABLE, NOT_APPLICABLE_BY_ENTRY
 
@@ -83,79 +84,6 @@ def _jax_backend_started() -> Optional[bool]:
         return bool(xla_bridge.backends_are_initialized())
     except Exception:  # an internal that moved
         return None
-
-
-def configure_threads(threads: int) -> Dict:
-    """Apply the backend's own thread knobs (first call in a process decides); report them."""
-    threads = int(threads)
-    if _THREADS:
-        out = dict(_THREADS)
-        out["requested"] = threads
-        return out
-    notes = []
-    if BACKEND == "torch":
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError as exc:  # only settable before torch's first parallel work
-            notes.append("inter-op pool already started: %s" % _one_line(exc))
-        _THREADS.update(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads(),
-                        how="torch.set_num_threads / set_num_interop_threads(1)")
-    elif BACKEND == "tensorflow":
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-            how = "tf.config.threading before TF's runtime started (inter-op 1)"
-        except RuntimeError as exc:
-            how = "TF's runtime had started; its pools are unchanged (%s)" % _one_line(exc)
-        _THREADS.update(intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
-                        inter_op=tf.config.threading.get_inter_op_parallelism_threads(), how=how)
-    else:
-        started = _jax_backend_started()
-        if started is False:
-            # XLA's CPU client sizes its pool from PJRT_NPROC when the backend starts.
-            os.environ["PJRT_NPROC"] = str(threads)
-            jax.devices()
-            _THREADS.update(intra_op=threads, how="PJRT_NPROC=%d before XLA's backend started"
-                            % threads)
-        else:
-            env = os.environ.get("PJRT_NPROC")
-            _THREADS.update(intra_op=int(env) if env and env.isdigit() else None,
-                            how="XLA's backend had started (PJRT_NPROC=%s)" % env)
-        _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    _THREADS["notes"] = notes
-    out = dict(_THREADS)
-    out["requested"] = threads
-    return out
-
-
-def keras_device(device: str) -> str:
-    """The Keras device name for 'cpu' / 'gpu'; Unavailable when the backend sees no GPU.
-
-    Torch gets no device index: Keras creates a torch variable as
-    ``Parameter(...).to(device)``, and ``.to("cpu:0")`` of a CPU tensor is a copy, which would
-    leave the variable a non-leaf tensor that never receives a gradient.
-    """
-    index = "" if BACKEND == "torch" else ":0"
-    if device == "cpu":
-        return "cpu" + index
-    if BACKEND == "torch":
-        ok = torch.cuda.is_available()
-    elif BACKEND == "tensorflow":
-        ok = bool(tf.config.list_physical_devices("GPU"))
-    else:
-        try:
-            ok = bool(jax.devices("gpu"))
-        except RuntimeError:
-            ok = False
-    if not ok:
-        raise DeviceUnavailable("keras-%s sees no GPU" % BACKEND)
-    return "gpu" + index
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read(variable):
@@ -220,25 +148,6 @@ def row_of(x, i):
 
 # --- optimiser and loss ---
 
-def make_optimizer(cfg):
-    """The Keras optimiser for cfg.optimizer with the suite's shared hyper-parameters.
-
-    Keras' formulas (keras/src/optimizers): Adam adds epsilon to sqrt(v) *before* the bias
-    correction of the step size (``lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``);
-    Adagrad adds it *inside* the square root (``g / sqrt(acc + eps)``).
-    """
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=0.0)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],
-                                     beta_2=ADAM["beta2"], epsilon=ADAM["eps"])
-    if cfg.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate=cfg.lr,
-                                        initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                                        epsilon=ADAGRAD["eps"])
-    raise ValueError("unknown optimizer %r" % cfg.optimizer)
-
-
 def decayed(grads, values, wd):
     """Coupled L2: ``g + wd * theta`` for each gradient and parameter value (the gradients
     themselves at 0), before the optimiser's update (bench.reference.optimizer_steps)."""
@@ -276,6 +185,8 @@ class Prepared:
 
 class KerasImplementation(Implementation):
     framework = FRAMEWORK
+    # the package's table is every backend's; the registry adds the entry's own
+    not_applicable = {**NOT_APPLICABLE, **NOT_APPLICABLE_BY_ENTRY.get("keras-" + BACKEND, {})}
     modes: Dict[str, str] = {}
     # coupled L2 added to the gradients before ``optimizer.apply`` (each engine's
     # ``decayed``), never Keras' own ``weight_decay=``, which is decoupled (AdamW-like)
@@ -283,11 +194,7 @@ class KerasImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        table = {**NOT_APPLICABLE, **NOT_APPLICABLE_BY_ENTRY.get("keras-" + BACKEND, {})}
-        refuse_not_applicable(table, cfg.model, strategy, device)
         self.mode = self.modes[strategy]
-        self._thread_info = configure_threads(threads)
-        self._device = keras_device(device)
         self.traces: Counter = Counter()
         self._last = None
         self._loaded = False
@@ -299,7 +206,7 @@ class KerasImplementation(Implementation):
             if sorted(slot[id(v)] for v in self._params.values()) != list(range(len(self._vars))):
                 raise AssertionError("canonical parameters and the model's variables differ")
             self._slot = OrderedDict((name, slot[id(v)]) for name, v in self._params.items())
-            self.optimizer = make_optimizer(cfg)
+            self.optimizer = keras_optimizer(cfg.optimizer, cfg.lr)
             self.optimizer.build(self._vars)
             # load_params restores these, so compiled steps keep capturing the same variables.
             self._opt_initial = [np.array(to_numpy(v)) for v in self.optimizer.variables]
@@ -307,6 +214,72 @@ class KerasImplementation(Implementation):
                         "tensorflow": _TFEngine}[BACKEND](self)
         self._built_decay = cfg.weight_decay   # the decay the engine's train step applies
         self._probe_decay = None               # set_weight_decay's other decay
+
+    def apply_threads(self, threads):
+        """Apply the backend's own thread knobs (first call in a process decides); report them."""
+        threads = int(threads)
+        if _THREADS:
+            out = dict(_THREADS)
+            out["requested"] = threads
+            return out
+        notes = []
+        if BACKEND == "torch":
+            torch.set_num_threads(threads)
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError as exc:  # only settable before torch's first parallel work
+                notes.append("inter-op pool already started: %s" % one_line(exc))
+            _THREADS.update(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads(),
+                            how="torch.set_num_threads / set_num_interop_threads(1)")
+        elif BACKEND == "tensorflow":
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+                how = "tf.config.threading before TF's runtime started (inter-op 1)"
+            except RuntimeError as exc:
+                how = "TF's runtime had started; its pools are unchanged (%s)" % one_line(exc)
+            _THREADS.update(intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
+                            inter_op=tf.config.threading.get_inter_op_parallelism_threads(), how=how)
+        else:
+            started = _jax_backend_started()
+            if started is False:
+                # XLA's CPU client sizes its pool from PJRT_NPROC when the backend starts.
+                os.environ["PJRT_NPROC"] = str(threads)
+                jax.devices()
+                _THREADS.update(intra_op=threads, how="PJRT_NPROC=%d before XLA's backend started"
+                                % threads)
+            else:
+                env = os.environ.get("PJRT_NPROC")
+                _THREADS.update(intra_op=int(env) if env and env.isdigit() else None,
+                                how="XLA's backend had started (PJRT_NPROC=%s)" % env)
+            _THREADS["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        _THREADS["notes"] = notes
+        out = dict(_THREADS)
+        out["requested"] = threads
+        return out
+
+    def pick_device(self, device):
+        """The Keras device name for 'cpu' / 'gpu'; Unavailable when the backend sees no GPU.
+
+        Torch gets no device index: Keras creates a torch variable as
+        ``Parameter(...).to(device)``, and ``.to("cpu:0")`` of a CPU tensor is a copy, which would
+        leave the variable a non-leaf tensor that never receives a gradient.
+        """
+        index = "" if BACKEND == "torch" else ":0"
+        if device == "cpu":
+            return "cpu" + index
+        if BACKEND == "torch":
+            ok = torch.cuda.is_available()
+        elif BACKEND == "tensorflow":
+            ok = bool(tf.config.list_physical_devices("GPU"))
+        else:
+            try:
+                ok = bool(jax.devices("gpu"))
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise DeviceUnavailable("keras-%s sees no GPU" % BACKEND)
+        return "gpu" + index
 
     def set_weight_decay(self, weight_decay):
         """The engine's (compiled) train step keeps the decay it was built with; at another
@@ -329,7 +302,7 @@ class KerasImplementation(Implementation):
 
     # -- helpers --
     def _scope(self):
-        return keras.device(self._device)
+        return keras.device(self.dev)
 
     def _tensor(self, value, dtype=None):
         """A NumPy array as a backend tensor on this implementation's device."""
@@ -339,14 +312,6 @@ class KerasImplementation(Implementation):
     def _need_params(self):
         if not self._loaded:
             raise RuntimeError("load_params first")
-
-    def _counted(self, name, fn):
-        """fn, counting in self.traces[name] each time its Python body runs (= traces when compiled)."""
-        def traced(*args, **kwargs):
-            self.traces[name] += 1
-            return fn(*args, **kwargs)
-        traced.__name__ = name
-        return traced
 
     def _forward(self, inputs, static):
         return self.model(inputs, static=static)
@@ -438,8 +403,8 @@ class KerasImplementation(Implementation):
             "backend": BACKEND,
             "keras": keras.__version__,
             "backend_version": _backend_version(),
-            "device": self._device,
-            "threads": dict(self._thread_info),
+            "device": self.dev,
+            "threads": dict(self.thread_info),
             "mode": self.mode,
             "executor": executor,
             "optimizer": type(self.optimizer).__name__,
@@ -538,12 +503,12 @@ class _JaxEngine:
         if impl.mode == "eager":
             self._logits = logits_fn
             self._grads = grad_fn
-            self._apply = jax.jit(impl._counted("apply", apply_fn), donate_argnums=(0, 1))
+            self._apply = jax.jit(counted(impl.traces, "apply", apply_fn), donate_argnums=(0, 1))
             self._train = None
         else:
-            self._logits = jax.jit(impl._counted("logits", logits_fn), static_argnums=(3,))
-            self._grads = jax.jit(impl._counted("grads", grad_fn), static_argnums=(3,))
-            self._train = jax.jit(impl._counted("train", train_fn), static_argnums=(4,),
+            self._logits = jax.jit(counted(impl.traces, "logits", logits_fn), static_argnums=(3,))
+            self._grads = jax.jit(counted(impl.traces, "grads", grad_fn), static_argnums=(3,))
+            self._train = jax.jit(counted(impl.traces, "train", train_fn), static_argnums=(4,),
                                   donate_argnums=(0, 2))
 
     def load(self):
@@ -583,7 +548,7 @@ class _JaxEngine:
             def apply_fn(tv, ov, grads):
                 return opt.stateless_apply(ov, decayed(grads, tv, wd), tv)
 
-            self._probe_apply[wd] = jax.jit(self.impl._counted("apply_probe", apply_fn))
+            self._probe_apply[wd] = jax.jit(counted(self.impl.traces, "apply_probe", apply_fn))
         self.tv, self.ov = self._probe_apply[wd](self.tv, self.ov, grads)
 
     def sync(self, last):
@@ -630,7 +595,7 @@ class _TFEngine:
 
         if impl.mode == "eager":
             self._logits, self._grads = logits_fn, grads_fn
-            self._apply = tf.function(impl._counted("apply", apply_fn), reduce_retracing=True,
+            self._apply = tf.function(counted(impl.traces, "apply", apply_fn), reduce_retracing=True,
                                       autograph=False)
             self._train = None
         else:
@@ -638,9 +603,9 @@ class _TFEngine:
             # the plain graph is traced once for relaxed (None) shapes.
             compile_args = dict(jit_compile=impl.mode == "xla",
                                 reduce_retracing=impl.mode == "graph", autograph=False)
-            self._logits = tf.function(impl._counted("logits", logits_fn), **compile_args)
-            self._grads = tf.function(impl._counted("grads", grads_fn), **compile_args)
-            self._train = tf.function(impl._counted("train", train_fn), **compile_args)
+            self._logits = tf.function(counted(impl.traces, "logits", logits_fn), **compile_args)
+            self._grads = tf.function(counted(impl.traces, "grads", grads_fn), **compile_args)
+            self._train = tf.function(counted(impl.traces, "train", train_fn), **compile_args)
 
     def load(self):
         pass

@@ -50,6 +50,8 @@ import numpy as np
 import keras
 from keras import ops
 
+from bench.batches import round_up
+
 from .common import BACKEND, JIT_CELLS, KerasImplementation, Prepared, cell_function, read, row_of
 
 TIME_BUCKET = 8
@@ -213,7 +215,7 @@ class RNN(KerasImplementation):
         tokens = np.asarray(batch.tokens, np.int32)
         lengths = np.asarray(batch.lengths, np.int32)
         B, T = tokens.shape
-        T_pad = -(-T // self.time_bucket) * self.time_bucket
+        T_pad = round_up(T, self.time_bucket)
         if T_pad > T:
             tokens = np.concatenate([tokens, np.zeros((B, T_pad - T), np.int32)], axis=1)
         live = np.arange(T_pad)[:, None] < lengths[None, :]          # [T, B]

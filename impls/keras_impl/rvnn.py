@@ -49,12 +49,10 @@ import numpy as np
 import keras
 from keras import ops
 
+from bench.batches import bucket, padded_array
+from bench.targets import class_points
+
 from .common import BACKEND, JIT_CELLS, KerasImplementation, Prepared, cell_function, read, row_of
-
-
-def _bucket(n: int) -> int:
-    """Next power of two >= n."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def leaf_state(model, x, W_leaf, b_leaf):
@@ -260,77 +258,73 @@ class RvNN(KerasImplementation):
     def _param_variables(self):
         return self.model.param_variables()
 
+    def _int32(self, values):
+        return self._tensor(np.asarray(values, np.int32), "int32")
+
+    def _rows(self, points):
+        """The loss's rows for an encoder (None: every node row, no gather)."""
+        return None if points.every_row else self._int32(points.rows)
+
     def prepare(self, batch):
-        every = self.cfg.loss_mode == "all"
+        """Inputs for the loss (at ``bench.targets.class_points``) and for the logits (at
+        the roots); the encoders take the rows to classify, None for every row."""
         n_leaves = int(batch.level_offsets[1])
-        int32 = lambda a: self._tensor(np.asarray(a, np.int32), "int32")  # noqa: E731
+        int32 = self._int32
         if self.strategy == "compiled":
             padded = batch.padded_packed()
             self._shapes.add(padded.shape_key)
+            points = class_points(padded, self.cfg.loss_mode)
             pairs = np.stack([padded.level_left, padded.level_right], axis=-1)
             pairs = pairs.reshape(pairs.shape[0], -1)                        # [L, 2W]
             base = (int32(padded.leaf_node), int32(padded.level_node), int32(pairs))
             static = (padded.num_nodes + 2,)
             tokens = int32(padded.leaf_token)
-            roots = (tokens, base + (int32(padded.root),))
-            if every:
-                return Prepared((tokens, base + (None,)), static, int32(padded.label),
-                                batch.size, roots, static)
-            return Prepared(roots, static, int32(padded.root_label), batch.size)
+            return Prepared((tokens, base + (self._rows(points),)), static,
+                            int32(points.labels), batch.size,
+                            (tokens, base + (int32(padded.root),)), static)
+        points = class_points(batch, self.cfg.loss_mode)
         tokens = batch.token[:n_leaves]
         if self.strategy == "recursive" and self.model.encoder.jit_nodes:
             # The jitted leaf function sees all leaf embeddings: a power-of-two row count
             # keeps its compiles to a few shapes (the padding rows are never read).
-            tokens = np.concatenate([tokens, np.zeros(_bucket(n_leaves) - n_leaves, np.int32)])
+            tokens = np.concatenate([tokens, np.zeros(bucket(n_leaves) - n_leaves, np.int32)])
         tokens = int32(tokens)
         if self.strategy == "recursive":
             left, right = batch.left.tolist(), batch.right.tolist()
-            roots = RecursivePlan(n_leaves, left, right, batch.root.tolist())
-            if every:
-                return Prepared((tokens, ()), RecursivePlan(n_leaves, left, right, None),
-                                int32(batch.label), batch.size, (tokens, ()), roots)
-            return Prepared((tokens, ()), roots, int32(batch.root_label), batch.size)
+            rows = None if points.every_row else points.rows.tolist()
+            return Prepared((tokens, ()), RecursivePlan(n_leaves, left, right, rows),
+                            int32(points.labels), batch.size, (tokens, ()),
+                            RecursivePlan(n_leaves, left, right, batch.root.tolist()))
         o = batch.level_offsets
         if self.model.encoder.jit_levels:
-            return self._prepare_buffers(batch, every)
+            return self._prepare_buffers(batch, points)
         heights = tuple(
             int32(np.stack([batch.left[o[k]:o[k + 1]], batch.right[o[k]:o[k + 1]]], -1).ravel())
             for k in range(1, batch.num_levels))
-        roots = (tokens, (int32(batch.root), heights))
-        if every:
-            return Prepared((tokens, (None, heights)), None, int32(batch.label), batch.size,
-                            roots, None)
-        return Prepared(roots, None, int32(batch.root_label), batch.size)
+        return Prepared((tokens, (self._rows(points), heights)), None, int32(points.labels),
+                        batch.size, (tokens, (int32(batch.root), heights)), None)
 
-    def _prepare_buffers(self, batch, every):
+    def _prepare_buffers(self, batch, points):
         """jax ``levels``: node buffers of S = bucket(N) + 2 rows (``zero`` = S - 2 is read by
         padding, ``sink`` = S - 1 written by it), leaves and each height padded to a power of
         two, so the jitted leaf and height functions compile for a few shapes only."""
         o, N = batch.level_offsets, batch.num_nodes
-        zero, sink = _bucket(N), _bucket(N) + 1
+        zero, sink = bucket(N), bucket(N) + 1
         n_leaves = int(o[1])
-
-        def padded(values, width, fill):
-            out = np.full(width, fill, np.int32)
-            out[:len(values)] = values
-            return out
-
-        int32 = lambda a: self._tensor(a, "int32")  # noqa: E731
-        tokens = int32(padded(batch.token[:n_leaves], _bucket(n_leaves), 0))
-        leaf_node = int32(padded(np.arange(n_leaves), _bucket(n_leaves), sink))
+        int32 = self._int32
+        tokens = int32(padded_array(batch.token[:n_leaves], bucket(n_leaves), 0))
+        leaf_node = int32(padded_array(np.arange(n_leaves), bucket(n_leaves), sink))
         heights = []
         for k in range(1, batch.num_levels):
             nodes = np.arange(o[k], o[k + 1])
-            width = _bucket(len(nodes))
-            pairs = np.stack([padded(batch.left[nodes], width, zero),
-                              padded(batch.right[nodes], width, zero)], -1).ravel()
-            heights.append((int32(padded(nodes, width, sink)), int32(pairs)))
+            width = bucket(len(nodes))
+            pairs = np.stack([padded_array(batch.left[nodes], width, zero),
+                              padded_array(batch.right[nodes], width, zero)], -1).ravel()
+            heights.append((int32(padded_array(nodes, width, sink)), int32(pairs)))
         heights = tuple(heights)
-        roots = (tokens, (int32(batch.root), leaf_node, heights))
-        if every:
-            return Prepared((tokens, (int32(np.arange(N)), leaf_node, heights)), zero + 2,
-                            int32(batch.label), batch.size, roots, zero + 2)
-        return Prepared(roots, zero + 2, int32(batch.root_label), batch.size)
+        return Prepared((tokens, (int32(points.index), leaf_node, heights)), zero + 2,
+                        int32(points.labels), batch.size,
+                        (tokens, (int32(batch.root), leaf_node, heights)), zero + 2)
 
     def _describe(self):
         enc = self.model.encoder

@@ -11,7 +11,7 @@
   height count in a hybridized ``HybridBlock``, one cached graph per bucket).
 
 Threads: MXNet's operator pool is OpenMP, set per process with
-``MXSetNumOMPThreads`` (see ``common.setup_threads``); its engine worker count
+``MXSetNumOMPThreads`` (see ``MXNetImplementation.apply_threads``); its engine worker count
 (``MXNET_CPU_WORKER_NTHREADS``, default 1) is read when MXNet starts and is
 left at 1 so that one operator at a time uses the OpenMP pool.
 

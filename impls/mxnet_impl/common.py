@@ -25,36 +25,16 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import OrderedDict
-from typing import Dict
 
 import numpy as np
 
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation
+from bench.targets import labelled_count
 
 from . import NOT_APPLICABLE
-
-
-def setup_threads(threads: int) -> Dict:
-    """Set MXNet's OpenMP pool to ``threads`` (valid at any time) and report the engine's setting."""
-    applied = None
-    if hasattr(mx.base._LIB, "MXSetNumOMPThreads"):
-        mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(int(threads))))
-        applied = int(threads)
-    return {"omp_threads": applied,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "engine_worker_threads": os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1 (default)"),
-            "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice (default)")}
-
-
-def get_context(device: str):
-    if device == "gpu":
-        if mx.context.num_gpus() == 0:
-            raise DeviceUnavailable("MXNet sees no GPU (a CPU build of mxnet, or no CUDA device)")
-        return mx.gpu(0)
-    return mx.cpu()
 
 
 class _AdaGrad(mx.optimizer.AdaGrad):
@@ -87,7 +67,8 @@ def make_optimizer(cfg):
 
 
 class Labels:
-    """Classification targets on the device: safe int labels (-1 -> 0), a 0/1 mask, 1/max(1, count).
+    """Classification targets on the device: safe int labels (-1 -> 0), a 0/1 mask and
+    1 / ``bench.targets.labelled_count``.
 
     All float32 NDArrays of shape [R] (``scale`` is [1]) so a hybridized graph can take them.
     """
@@ -96,8 +77,7 @@ class Labels:
         keep = labels >= 0
         self.safe = nd.array(np.where(keep, labels, 0), ctx=ctx, dtype="float32")
         self.keep = nd.array(keep, ctx=ctx, dtype="float32")
-        self.count = int(keep.sum())
-        self.scale = nd.array([1.0 / max(1, self.count)], ctx=ctx, dtype="float32")
+        self.scale = nd.array([1.0 / labelled_count(labels)], ctx=ctx, dtype="float32")
 
 
 def masked_xent(F, logits, safe, keep, scale):
@@ -108,6 +88,7 @@ def masked_xent(F, logits, safe, keep, scale):
 
 class MXNetImplementation(Implementation):
     framework = "mxnet"
+    not_applicable = NOT_APPLICABLE
     # Coupled L2 added to each trained parameter's gradient before ``Trainer.step``, the
     # optimisers keeping wd=0: MXNet's own ``wd`` is coupled for SGD and Adam but not for
     # AdaGrad (1.9: ``history += g^2; w += (g / sqrt(history + eps) + wd * w) * -lr``).
@@ -115,36 +96,36 @@ class MXNetImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        self.ctx = get_context(device)
-        self._threads = setup_threads(threads)
         self._params: "OrderedDict[str, gluon.Parameter]" = OrderedDict()
         frozen = set(self._build())
         for name, p in self._params.items():
             if name in frozen:
                 p.grad_req = "null"
             if p._data is None:
-                p.initialize(init=mx.init.Zero(), ctx=self.ctx)
+                p.initialize(init=mx.init.Zero(), ctx=self.dev)
         self._trainable = [p for name, p in self._params.items() if name not in frozen]
         self._trainer = None
 
-    # --- hooks ---
-    def _build(self):
-        raise NotImplementedError
+    # --- framework hooks (bench.interface); self.dev is the mx.Context ---
+    def apply_threads(self, threads):
+        """Set MXNet's OpenMP pool to ``threads`` (valid at any time) and report the engine's setting."""
+        applied = None
+        if hasattr(mx.base._LIB, "MXSetNumOMPThreads"):
+            mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(int(threads))))
+            applied = int(threads)
+        return {"omp_threads": applied,
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                "engine_worker_threads": os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1 (default)"),
+                "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice (default)")}
 
-    def _load_native(self, params):
-        raise NotImplementedError
+    def pick_device(self, device):
+        if device == "gpu":
+            if mx.context.num_gpus() == 0:
+                raise DeviceUnavailable("MXNet sees no GPU (a CPU build of mxnet, or no CUDA device)")
+            return mx.gpu(0)
+        return mx.cpu()
 
-    def _canonical(self, read) -> Dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def _forward(self, prepared):
-        raise NotImplementedError
-
-    def _logits(self, prepared):
-        raise NotImplementedError
-
-    # --- parameters ---
+    # --- parameters (the subclass's model hooks: see the module doc) ---
     def _new_param(self, name, shape):
         p = gluon.Parameter(name, shape=tuple(shape), dtype="float32", init=mx.init.Zero())
         self._params[name] = p
@@ -152,14 +133,14 @@ class MXNetImplementation(Implementation):
 
     def _w(self, name):
         """A native parameter's current NDArray (recorded by autograd when its grad is attached)."""
-        return self._params[name].data(self.ctx)
+        return self._params[name].data(self.dev)
 
     def _set(self, name, value):
         p = self._params[name]
         value = np.ascontiguousarray(value, np.float32)
         if tuple(p.shape) != value.shape:
             raise ValueError("native parameter %s is %s, got %s" % (name, p.shape, value.shape))
-        p.set_data(nd.array(value, ctx=self.ctx, dtype="float32"))
+        p.set_data(nd.array(value, ctx=self.dev, dtype="float32"))
 
     def load_params(self, params):
         self._load_native(self._checked(params))
@@ -167,7 +148,7 @@ class MXNetImplementation(Implementation):
         self._trainer = gluon.Trainer(self._trainable, make_optimizer(self.cfg), kvstore=None)
 
     def export_params(self):
-        return self._canonical(lambda name: self._params[name].data(self.ctx).asnumpy())
+        return self._canonical(lambda name: self._params[name].data(self.dev).asnumpy())
 
     # --- work ---
     def _loss(self, prepared):
@@ -181,7 +162,7 @@ class MXNetImplementation(Implementation):
         with autograd.record():
             loss = self._loss(prepared)
         loss.backward()
-        grads = self._canonical(lambda name: self._params[name].grad(self.ctx).asnumpy())
+        grads = self._canonical(lambda name: self._params[name].grad(self.dev).asnumpy())
         return float(loss.asscalar()), {k: np.asarray(v, np.float32) for k, v in grads.items()}
 
     def train_step(self, prepared):
@@ -191,8 +172,8 @@ class MXNetImplementation(Implementation):
         wd = self.cfg.weight_decay
         if wd:
             for p in self._trainable:
-                g = p.grad(self.ctx)
-                g += wd * p.data(self.ctx)
+                g = p.grad(self.dev)
+                g += wd * p.data(self.dev)
         self._trainer.step(1)  # the loss is already a mean: no 1/batch rescaling
         return loss
 
@@ -205,12 +186,12 @@ class MXNetImplementation(Implementation):
         return np.asarray(value)
 
     def info(self):
-        return {"threads": self._threads, "context": str(self.ctx)}
+        return {"threads": self.thread_info, "context": str(self.dev)}
 
     def gemm_ops(self, n):
         rng = np.random.default_rng(0)
-        a = nd.array(rng.standard_normal((n, n)), ctx=self.ctx, dtype="float32")
-        b = nd.array(rng.standard_normal((n, n)), ctx=self.ctx, dtype="float32")
+        a = nd.array(rng.standard_normal((n, n)), ctx=self.dev, dtype="float32")
+        b = nd.array(rng.standard_normal((n, n)), ctx=self.dev, dtype="float32")
         return (lambda: nd.dot(a, b)), (lambda out: out.wait_to_read())
 
 def linear_weight(value: np.ndarray) -> np.ndarray:

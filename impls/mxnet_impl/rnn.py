@@ -30,6 +30,8 @@ with ``grad_req='null'``, so the model has exactly one bias.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 import mxnet as mx
@@ -74,11 +76,6 @@ class _Scan(gluon.HybridBlock):
         return F.FullyConnected(last, W_o, b_o, num_hidden=self._C)
 
 
-class _Prepared:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 class RNN(MXNetImplementation):
     family = "rnn"
 
@@ -93,7 +90,7 @@ class RNN(MXNetImplementation):
             else:
                 self._layer = gluon.rnn.RNN(H, num_layers=1, activation="tanh", layout="TNC",
                                             input_size=D)
-            self._layer.initialize(init=mx.init.Zero(), ctx=self.ctx)
+            self._layer.initialize(init=mx.init.Zero(), ctx=self.dev)
             for kind in ("i2h_weight", "h2h_weight", "i2h_bias", "h2h_bias"):
                 self._params[kind] = getattr(self._layer, "l0_" + kind)
         else:
@@ -149,9 +146,9 @@ class RNN(MXNetImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        ctx = self.ctx
+        ctx = self.dev
         B = batch.size
-        return _Prepared(
+        return SimpleNamespace(
             B=B, T=int(batch.tokens.shape[1]),
             tokens=nd.array(batch.tokens.T, ctx=ctx, dtype="int32"),          # [T, B]
             lengths=nd.array(batch.lengths, ctx=ctx, dtype="float32"),        # [B]

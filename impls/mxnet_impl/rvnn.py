@@ -30,11 +30,14 @@ transposed for ``FullyConnected`` ((out, in)).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from mxnet import gluon, nd
 
 from bench.params import schema
+from bench.targets import class_points
 
 from .common import Labels, MXNetImplementation, linear_weight, split_list
 
@@ -99,17 +102,11 @@ class _StaticLevels(gluon.HybridBlock):
         return root_logits, F.FullyConnected(buf_h, W_o, b_o, num_hidden=self._C)
 
 
-class _Prepared:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 class RvNN(MXNetImplementation):
     family = "rvnn"
 
     def _build(self):
         self._tree = self.cfg.model == "treelstm"
-        self._all = self.cfg.loss_mode == "all"
         for name, (shape, _) in schema(self.cfg).items():
             self._new_param(name, shape[::-1] if self._transposed(name, shape) else shape)
         self._blocks = {}
@@ -134,7 +131,7 @@ class RvNN(MXNetImplementation):
 
     # --- work ---
     def prepare(self, batch):
-        ctx = self.ctx
+        ctx = self.dev
 
         def arr(x):
             return nd.array(np.asarray(x), ctx=ctx, dtype="int32")
@@ -150,14 +147,18 @@ class RvNN(MXNetImplementation):
                 # give it one all-padding level instead (writes sink, reads zero)
                 level_node = np.full((1, 1), pt.sink, np.int32)
                 pairs = np.full((1, 2), pt.zero, np.int32)
+            points = class_points(pt, self.cfg.loss_mode)
             ready.update(key=pt.shape_key, rows=pt.num_nodes + 2, levels=int(level_node.shape[0]),
                          inputs=[arr(pt.leaf_node), arr(pt.leaf_token), arr(level_node),
                                  arr(pairs), arr(pt.root)],
-                         y=Labels(pt.label if self._all else pt.root_label, ctx))
-            return _Prepared(**ready)
+                         every_row=points.every_row, y=Labels(points.labels, ctx))
+            return SimpleNamespace(**ready)
+        # rows to classify: host ints for recursive, a device index for levels
+        index = (lambda idx: [int(n) for n in idx]) if self.strategy == "recursive" else arr
+        points = class_points(batch, self.cfg.loss_mode)
         o = batch.level_offsets
-        ready.update(root=arr(batch.root), root_list=[int(r) for r in batch.root],
-                     y=Labels(batch.label if self._all else batch.root_label, ctx),
+        ready.update(root=index(batch.root), points=None if points.every_row else index(points.rows),
+                     y=Labels(points.labels, ctx),
                      leaf_token=arr(batch.token[:o[1]]), leaves=int(o[1]))
         if self.strategy == "recursive":
             ready["left"] = [int(x) for x in batch.left]
@@ -166,13 +167,13 @@ class RvNN(MXNetImplementation):
             ready["pairs"] = [arr(np.stack([batch.left[o[h]:o[h + 1]], batch.right[o[h]:o[h + 1]]],
                                            axis=1).reshape(-1))
                               for h in range(1, batch.num_levels)]
-        return _Prepared(**ready)
+        return SimpleNamespace(**ready)
 
     def _weights(self):
         return [self._w(name) for name in _WEIGHTS[self.cfg.model]]
 
-    def _states(self, r):
-        """Hidden states of every node [N, H] (recursive: the classified ones only)."""
+    def _states(self, r, at):
+        """Hidden states at rows ``at`` (every node for None): [R, H]."""
         E, W_leaf, b_leaf, W, b = self._weights()[:5]
         H, tree = self.cfg.hidden, self._tree
         if self.strategy == "recursive":
@@ -188,9 +189,7 @@ class RvNN(MXNetImplementation):
                 else:
                     h[n], c[n] = _internal(nd, tree, nd.concat(h[left], h[right], dim=1),
                                            c[left], c[right], W, b, H)
-            if self._all:
-                return nd.concat(*h, dim=0)
-            return nd.concat(*[h[i] for i in r.root_list], dim=0)
+            return nd.concat(*(h if at is None else [h[i] for i in at]), dim=0)
         buf_h, buf_c = _leaf(nd, tree, nd.take(E, r.leaf_token), W_leaf, b_leaf, H)
         for pairs in r.pairs:
             hlr = nd.reshape(nd.take(buf_h, pairs), (-1, 2 * H))
@@ -201,13 +200,13 @@ class RvNN(MXNetImplementation):
             buf_h = nd.concat(buf_h, h, dim=0)
             if tree:
                 buf_c = nd.concat(buf_c, c, dim=0)
-        return buf_h if self._all else nd.take(buf_h, r.root)
+        return buf_h if at is None else nd.take(buf_h, at)
 
     def _compiled(self, r):
         block = self._blocks.get(r.key)
         if block is None:
             block = _StaticLevels(self._tree, r.rows, r.levels, self.cfg.hidden,
-                                  self.cfg.num_classes, self._all)
+                                  self.cfg.num_classes, r.every_row)
             block.hybridize(static_alloc=True, static_shape=True)
             self._blocks[r.key] = block
         return block(*r.inputs, *self._weights())
@@ -218,18 +217,14 @@ class RvNN(MXNetImplementation):
     def _forward(self, r):
         if self.strategy == "compiled":
             out = self._compiled(r)
-            return (out[1] if self._all else out), r.y
-        return self._head(self._states(r)), r.y
+            return (out[1] if r.every_row else out), r.y
+        return self._head(self._states(r, r.points)), r.y
 
     def _logits(self, r):
         if self.strategy == "compiled":
             out = self._compiled(r)
-            return out[0] if self._all else out
-        h = self._states(r)
-        if self._all:
-            # logits are reported at the roots whatever the training signal
-            h = nd.take(h, r.root)
-        return self._head(h)
+            return out[0] if r.every_row else out
+        return self._head(self._states(r, r.root))
 
     def info(self):
         out = super().info()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from bench import reference
-from bench.interface import DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import DeviceUnavailable, Implementation
 
 from . import NOT_APPLICABLE
 
@@ -14,13 +13,16 @@ from . import NOT_APPLICABLE
 class NumpyReference(Implementation):
     framework = "numpy"
     trains = False  # the reference has no optimiser: its cells time inference only
+    not_applicable = NOT_APPLICABLE
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
+        self.params = None
+
+    def pick_device(self, device):
         if device != "cpu":
             raise DeviceUnavailable("numpy runs on the CPU only")
-        self.params = None
+        return device
 
     def load_params(self, params):
         self.params = self._checked(params)

@@ -10,7 +10,7 @@ supplies three things:
 * ``prepare(batch)``.
 
 Loss: ``mean_xent(logits [M, C], labels int64[M], weights float32[M])`` with
-``weights = (label >= 0) / max(1, count)`` precomputed in ``prepare``, so
+``weights`` of ``bench.targets.loss_weights`` precomputed in ``prepare``, so
 ignored points cost nothing and the mean divides by the labelled count.
 """
 
@@ -22,50 +22,10 @@ from typing import Dict
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation
+from bench.targets import loss_weights
 
 from . import NOT_APPLICABLE
-
-_THREADS: Dict = {}
-
-
-def setup(device: str, threads: int) -> Dict:
-    """Select the Paddle device and size its CPU math pool; returns what was applied."""
-    import paddle
-    from paddle.base import core
-
-    if device == "gpu":
-        if not paddle.device.is_compiled_with_cuda():
-            raise DeviceUnavailable("this paddlepaddle wheel is the CPU build (not compiled with CUDA)")
-        if paddle.device.cuda.device_count() < 1:
-            raise DeviceUnavailable("paddle sees no CUDA device")
-        paddle.set_device("gpu:0")
-    else:
-        paddle.set_device("cpu")
-    # The math library's pool is process-wide; the first request decides and
-    # a later different one is applied again (it is a plain setter).
-    core.set_num_threads(int(threads))
-    # to_static programs run on Paddle's PIR interpreter, which by default
-    # dispatches ops to its own worker threads on top of the math library's
-    # pool; serial mode keeps them in the calling thread, so ``threads`` is
-    # closer to the truth (and the blocks ran faster for it here).
-    paddle.set_flags({"FLAGS_new_executor_serial_run": True})
-    _THREADS.update(requested=int(threads), math_library_threads=int(threads),
-                    how="paddle.base.core.set_num_threads(%d); "
-                        "FLAGS_new_executor_serial_run=True" % threads,
-                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
-                    MKL_NUM_THREADS=os.environ.get("MKL_NUM_THREADS"))
-    return dict(_THREADS)
-
-
-def loss_targets(labels: np.ndarray):
-    """(safe labels int64[M], weights float32[M]): label -1 -> class 0 with weight 0."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    count = max(1, int(keep.sum()))
-    safe = np.where(keep, labels, 0).astype(np.int64)
-    return safe, (keep / count).astype(np.float32)
-
 
 def mean_xent(logits, labels, weights):
     """Weighted sum of -log softmax at the label: the mean over labelled rows (a scalar)."""
@@ -143,16 +103,48 @@ def static_layer(params, body):
 
 class PaddleImplementation(Implementation):
     framework = "paddle"
+    not_applicable = NOT_APPLICABLE
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        self._thread_info = setup(device, threads)
         self.layer = self._build()
         self.opt = None
         self.calls: Counter = Counter()
         self._last = None
         self._static_fns = {}  # name -> paddle.jit.to_static function (compiled strategies)
+
+    # --- framework hooks (bench.interface) ---
+    def apply_threads(self, threads):
+        """Size Paddle's CPU math pool; returns what was applied."""
+        import paddle
+        from paddle.base import core
+        # The math library's pool is process-wide; the first request decides and
+        # a later different one is applied again (it is a plain setter).
+        core.set_num_threads(int(threads))
+        # to_static programs run on Paddle's PIR interpreter, which by default
+        # dispatches ops to its own worker threads on top of the math library's
+        # pool; serial mode keeps them in the calling thread, so ``threads`` is
+        # closer to the truth (and the blocks ran faster for it here).
+        paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+        return dict(requested=int(threads), math_library_threads=int(threads),
+                    how="paddle.base.core.set_num_threads(%d); "
+                        "FLAGS_new_executor_serial_run=True" % threads,
+                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+                    MKL_NUM_THREADS=os.environ.get("MKL_NUM_THREADS"))
+
+    def pick_device(self, device):
+        """Select the Paddle device (process-wide: ``paddle.set_device``)."""
+        import paddle
+        if device == "gpu":
+            if not paddle.device.is_compiled_with_cuda():
+                raise DeviceUnavailable("this paddlepaddle wheel is the CPU build (not compiled "
+                                        "with CUDA)")
+            if paddle.device.cuda.device_count() < 1:
+                raise DeviceUnavailable("paddle sees no CUDA device")
+            paddle.set_device("gpu:0")
+            return "gpu:0"
+        paddle.set_device("cpu")
+        return "cpu"
 
     # --- subclass hooks ---
     def _build(self):
@@ -249,7 +241,7 @@ class PaddleImplementation(Implementation):
         return paddle.to_tensor(np.ascontiguousarray(array, dtype=dtype))
 
     def _targets(self, labels):
-        safe, weights = loss_targets(labels)
+        safe, weights = loss_weights(labels, np.int64)
         return {"labels": self._tensor(safe, np.int64), "weights": self._tensor(weights, np.float32)}
 
     # --- compiled strategies ---
@@ -281,7 +273,7 @@ class PaddleImplementation(Implementation):
         out = {
             "paddle_version": paddle.__version__,
             "device": paddle.get_device(),
-            "threads": dict(self._thread_info),
+            "threads": dict(self.thread_info),
             "calls": dict(self.calls),
         }
         try:

@@ -30,18 +30,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.batches import SeqBatch
+from bench.batches import SeqBatch, round_up
 
 from .common import PaddleImplementation, param_layer
 
 BLOCK = 8  # steps per static program; time is padded to a multiple of it
 _FUSED = {"weight_ih": "rnn.weight_ih_l0", "weight_hh": "rnn.weight_hh_l0",
           "bias_ih": "rnn.bias_ih_l0", "bias_hh": "rnn.bias_hh_l0"}
-
-
-def time_bucket(t: int) -> int:
-    """Padded time length for ``compiled``: the next multiple of BLOCK."""
-    return max(BLOCK, -(-int(t) // BLOCK) * BLOCK)
 
 
 def cell(model, z, state, live):
@@ -115,7 +110,7 @@ class RNN(PaddleImplementation):
             out["tokens"] = self._tensor(tokens, np.int64)
             out["lengths"] = self._tensor(lengths, np.int32)
         else:
-            Tb = time_bucket(T)
+            Tb = round_up(T, BLOCK)   # padded time length: whole blocks
             padded = np.zeros((tokens.shape[0], Tb), np.int64)
             padded[:, :T] = tokens
             live_b = np.zeros((Tb,) + live.shape[1:], bool)

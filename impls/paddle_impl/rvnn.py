@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.batches import TreeBatch
+from bench.targets import class_points
 
 from .common import PaddleImplementation, mean_xent, param_layer
 
@@ -94,22 +95,21 @@ class RvNN(PaddleImplementation):
     def prepare(self, batch: TreeBatch):
         if not isinstance(batch, TreeBatch):
             raise TypeError("the RvNN family takes a TreeBatch, not %s" % type(batch).__name__)
-        root_mode = self.cfg.loss_mode == "root"
         if self.strategy == "compiled":
             pt = batch.padded_packed().steps_multiple_of(BLOCK)
-            points = pt.root if root_mode else np.arange(pt.num_nodes + 2)
-            out = self._targets(pt.root_label if root_mode else pt.label)
+            points = class_points(pt, self.cfg.loss_mode)
+            out = self._targets(points.labels)
             t = lambda a: self._tensor(a, np.int64)  # noqa: E731
-            out["roots"], out["points"] = t(pt.root), t(points)
+            out["roots"], out["points"] = t(pt.root), t(points.index)
             out["empty"] = self._tensor(np.zeros((pt.num_nodes + 2, self.cfg.hidden)), np.float32)
             out["leaves"] = (t(pt.leaf_node), t(pt.leaf_token))
             out["blocks"] = [(t(pt.level_node[k:k + BLOCK]), t(pt.level_left[k:k + BLOCK]),
                               t(pt.level_right[k:k + BLOCK]))
                              for k in range(0, pt.level_node.shape[0], BLOCK)]
             return out
-        points = batch.root if root_mode else np.arange(batch.num_nodes)
-        out = self._targets(batch.label[points])
-        out["points"] = self._tensor(points, np.int64)
+        points = class_points(batch, self.cfg.loss_mode)
+        out = self._targets(points.labels)
+        out["points"] = self._tensor(points.index, np.int64)
         out["roots"] = self._tensor(batch.root, np.int64)
         levels = batch.levels
         if self.strategy == "levels":

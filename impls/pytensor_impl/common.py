@@ -15,7 +15,7 @@ Two ways to run a model, chosen by strategy:
   compiled ``apply`` function takes them and updates the parameters.
 
 Loss inputs: ``labels int32[M]`` (label -1 -> class 0) and
-``weights float32[M] = (label >= 0) / max(1, count)``, made in ``prepare``.
+``weights float32[M]`` of ``bench.targets.loss_weights``, made in ``prepare``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation
 from bench.params import schema
 
 from . import NOT_APPLICABLE
@@ -108,23 +108,6 @@ class Lib:
         return out
 
 
-# --- threads ---
-
-def configure_threads(threads: int) -> Dict:
-    """Cap the BLAS/OpenMP pools loaded so far to ``threads`` and report them."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    out = {"requested": int(threads), "env": {k: os.environ.get(k) for k in names}}
-    try:
-        from threadpoolctl import threadpool_info, threadpool_limits
-    except ImportError:
-        out["how"] = "environment only (threadpoolctl is not installed)"
-        return out
-    threadpool_limits(limits=int(threads))
-    out["how"] = "threadpoolctl.threadpool_limits(%d) on the pools loaded at construction" % threads
-    out["pools"] = [[i.get("internal_api"), i.get("num_threads")] for i in threadpool_info()]
-    return out
-
-
 # --- symbolic pieces shared by both families ---
 
 def mean_xent(lib, logits, labels, weights):
@@ -133,14 +116,6 @@ def mean_xent(lib, logits, labels, weights):
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - T.log(T.exp(z).sum(axis=1, keepdims=True))
     return -(logp[T.arange(logits.shape[0]), labels] * weights).sum()
-
-
-def loss_targets(labels: np.ndarray):
-    """(labels int32[M] with -1 -> 0, weights float32[M] = keep / max(1, count))."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    count = max(1, int(keep.sum()))
-    return np.where(keep, labels, 0).astype(np.int32), (keep / count).astype(np.float32)
 
 
 class Optimizer:
@@ -231,13 +206,7 @@ class SymbolicImplementation(Implementation):
     weight_decay_refusal = None   # in the symbolic updates (Optimizer.updates)
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
-        super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(self.not_applicable, cfg.model, strategy)
-        if device != "cpu":
-            raise DeviceUnavailable("%s runs here on the CPU only (its GPU backends are not installed)"
-                              % self.backend)
-        self.lib = Lib(self.backend)
-        self._thread_info = configure_threads(threads)
+        super().__init__(cfg, strategy, device, threads)   # sets self.lib (apply_threads)
         self.names = list(schema(cfg))
         self.p = {name: self.lib.shared(np.zeros(shape), name)
                   for name, (shape, _) in schema(cfg).items()}
@@ -248,6 +217,29 @@ class SymbolicImplementation(Implementation):
         self.compiles: Counter = Counter()
         self.compile_seconds = 0.0
         self.calls: Counter = Counter()
+
+    def apply_threads(self, threads):
+        """Cap the BLAS/OpenMP pools loaded so far to ``threads`` and report them. The
+        library is imported first, so a pool its import loads is capped too."""
+        self.lib = Lib(self.backend)
+        names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        out = {"requested": int(threads), "env": {k: os.environ.get(k) for k in names}}
+        try:
+            from threadpoolctl import threadpool_info, threadpool_limits
+        except ImportError:
+            out["how"] = "environment only (threadpoolctl is not installed)"
+            return out
+        threadpool_limits(limits=int(threads))
+        out["how"] = ("threadpoolctl.threadpool_limits(%d) on the pools loaded at construction"
+                      % threads)
+        out["pools"] = [[i.get("internal_api"), i.get("num_threads")] for i in threadpool_info()]
+        return out
+
+    def pick_device(self, device):
+        if device != "cpu":
+            raise DeviceUnavailable("%s runs here on the CPU only (its GPU backends are not "
+                                    "installed)" % self.backend)
+        return device
 
     @property
     def whole_graph(self) -> bool:
@@ -371,7 +363,7 @@ class SymbolicImplementation(Implementation):
         # build_seconds: graph construction, rewriting and linking; PyTensor's
         # numba backend JIT-compiles at a function's first call, which only
         # the runner's first-call time sees.
-        return {"library": self.lib.describe(), "threads": self._thread_info,
+        return {"library": self.lib.describe(), "threads": self.thread_info,
                 "compiled_functions": dict(self.compiles),
                 "build_seconds": round(self.compile_seconds, 3),
                 "calls": dict(self.calls)}

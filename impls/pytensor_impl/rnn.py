@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from bench.batches import SeqBatch
+from bench.targets import loss_weights
 
-from .common import FLOAT, SymbolicImplementation, loss_targets, mean_xent, vjp
+from .common import FLOAT, SymbolicImplementation, mean_xent, vjp
 
 
 def cell(lib, model, z, state, live):
@@ -51,7 +52,7 @@ class RNN(SymbolicImplementation):
     def prepare(self, batch: SeqBatch):
         if not isinstance(batch, SeqBatch):
             raise TypeError("the RNN family takes a SeqBatch, not %s" % type(batch).__name__)
-        labels, weights = loss_targets(batch.labels)
+        labels, weights = loss_weights(batch.labels)
         tokens = np.ascontiguousarray(batch.tokens, np.int32)
         live = (np.arange(tokens.shape[1])[:, None] < batch.lengths[None, :]).astype(np.int8)
         return {"inputs": [tokens, live, labels, weights]}

@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from bench.batches import TreeBatch
+from bench.targets import class_points, loss_weights
 
-from .common import FLOAT, SymbolicImplementation, loss_targets, mean_xent, vjp
+from .common import FLOAT, SymbolicImplementation, mean_xent, vjp
 
 
 def leaf_cell(lib, model, W_leaf, b_leaf, x):
@@ -67,9 +68,9 @@ class RvNN(SymbolicImplementation):
     def prepare(self, batch: TreeBatch):
         if not isinstance(batch, TreeBatch):
             raise TypeError("the RvNN family takes a TreeBatch, not %s" % type(batch).__name__)
-        root_mode = self.cfg.loss_mode == "root"
-        points = (batch.root if root_mode else np.arange(batch.num_nodes)).astype(np.int32)
-        labels, weights = loss_targets(batch.label[points])
+        classified = class_points(batch, self.cfg.loss_mode)
+        points = classified.index.astype(np.int32)
+        labels, weights = loss_weights(classified.labels)
         out = {"roots": batch.root.astype(np.int32), "points": points,
                "labels": labels, "weights": weights, "num_nodes": batch.num_nodes}
         if self.strategy == "compiled":

@@ -70,7 +70,8 @@ if "keras" not in sys.modules:
 tf = _import_tensorflow()
 import keras  # noqa: E402
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable  # noqa: E402
+from bench.interface import DeviceUnavailable, Implementation  # noqa: E402
+from impls.keras_optimizers import keras_optimizer  # noqa: E402
 
 
 def _quiet() -> None:
@@ -86,66 +87,8 @@ def _quiet() -> None:
 
 _quiet()
 
-def setup(device: str, threads: int) -> Dict:
-    """Apply thread counts and device visibility; return what actually applies.
-
-    Must run before TF executes any op. Afterwards TF refuses changes with a
-    RuntimeError: that is caught and ``info()`` reports the values in force.
-    intra-op = ``threads`` (the pool one op parallelises over); inter-op = 1
-    (graph ops run one at a time), the suite's policy (bench.environment sets
-    TF_NUM_INTEROP_THREADS=1 too), so a cell never computes on more than
-    ``threads`` cores.
-    """
-    gpus = tf.config.list_physical_devices("GPU")
-    if device == "gpu" and not gpus:
-        raise DeviceUnavailable("no GPU visible to TensorFlow")
-    notes = []
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        notes.append("thread pools were fixed when TF started earlier in this process")
-    if device == "gpu":
-        for gpu in gpus:
-            try:
-                # Grow on demand so the reported peak is what the model used, not
-                # TF's default grab of nearly all device memory.
-                tf.config.experimental.set_memory_growth(gpu, True)
-            except (RuntimeError, ValueError):
-                notes.append("GPU memory growth could not be set (runtime already started)")
-    elif gpus:
-        try:
-            # Keras picks cuDNN whenever a GPU is visible; hide it for CPU cells.
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError:
-            notes.append("GPUs stay visible (runtime already started); ops are pinned to the CPU")
-    return {"notes": notes, "gpus_visible": len(gpus)}
-
-
 def device_name(device: str) -> str:
     return "/GPU:0" if device == "gpu" else "/CPU:0"
-
-
-def make_optimizer(cfg):
-    """The stock Keras optimiser named by cfg with the suite's shared hyper-parameters.
-
-    Keras' own formulas: Adam adds epsilon to sqrt(v) before the step size's
-    bias correction (``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``),
-    Adagrad inside the root (``g / sqrt(acc + eps)``). PyTorch and optax put
-    epsilon after the root of the corrected v / of acc: for Adagrad (acc >=
-    0.1) the difference is ~1e-8; for Adam it shows on entries whose |g| is
-    near eps / sqrt(1 - b2^t), i.e. small embedding gradients.
-    """
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=0.0, nesterov=False)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],
-                                     beta_2=ADAM["beta2"], epsilon=ADAM["eps"])
-    if cfg.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate=cfg.lr,
-                                        initial_accumulator_value=ADAGRAD["initial_accumulator"],
-                                        epsilon=ADAGRAD["eps"])
-    raise ValueError("unknown optimizer %r" % cfg.optimizer)
 
 
 def masked_xent(logits, labels):
@@ -207,15 +150,13 @@ class TFImplementation(Implementation):
     """
 
     framework = "tensorflow"
+    not_applicable = NOT_APPLICABLE
     # coupled L2 added to the gradients in the train step (``_for_optimizer``), never Keras'
     # own ``weight_decay=``, which is decoupled (AdamW-like: ``var -= lr * wd * var``)
     weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        self._setup = setup(device, threads)
-        self._device = device_name(device)
         self.graph = False
         self.xla = False
         self._vars = None           # OrderedDict canonical name -> tf.Variable
@@ -233,6 +174,45 @@ class TFImplementation(Implementation):
         self._compile_s = {"train": 0.0, "infer": 0.0}
         self._xla_keys = set()
         self._tracing = None   # the function being traced, while tf.function traces it
+
+    # Both hooks must run before TF executes any op. Afterwards TF refuses changes with a
+    # RuntimeError: that is caught and ``info()["setup_notes"]`` says what stayed in force.
+    def apply_threads(self, threads):
+        """intra-op = ``threads`` (the pool one op parallelises over); inter-op = 1 (graph
+        ops run one at a time), the suite's policy (bench.environment sets
+        TF_NUM_INTEROP_THREADS=1 too), so a cell never computes on more than ``threads``
+        cores."""
+        notes = []
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            notes.append("thread pools were fixed when TF started earlier in this process")
+        return {"notes": notes}
+
+    def pick_device(self, device):
+        """TF's device name; a GPU grows its memory on demand, a CPU cell hides the GPUs."""
+        gpus = tf.config.list_physical_devices("GPU")
+        if device == "gpu" and not gpus:
+            raise DeviceUnavailable("no GPU visible to TensorFlow")
+        self._device_notes = []
+        if device == "gpu":
+            for gpu in gpus:
+                try:
+                    # Grow on demand so the reported peak is what the model used, not
+                    # TF's default grab of nearly all device memory.
+                    tf.config.experimental.set_memory_growth(gpu, True)
+                except (RuntimeError, ValueError):
+                    self._device_notes.append("GPU memory growth could not be set "
+                                              "(runtime already started)")
+        elif gpus:
+            try:
+                # Keras picks cuDNN whenever a GPU is visible; hide it for CPU cells.
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:
+                self._device_notes.append("GPUs stay visible (runtime already started); ops are "
+                                          "pinned to the CPU")
+        return device_name(device)
 
     # --- hooks for subclasses ---
     def _make_variables(self, params) -> "OrderedDict[str, tf.Variable]":
@@ -259,11 +239,11 @@ class TFImplementation(Implementation):
     # --- parameters ---
     def load_params(self, params):
         params = self._checked(params)
-        with tf.device(self._device):
+        with tf.device(self.dev):
             if self._vars is None:
                 self._vars = self._make_variables(params)
                 self._var_list = list(self._vars.values())
-                self._opt = make_optimizer(self.cfg)
+                self._opt = keras_optimizer(self.cfg.optimizer, self.cfg.lr)
                 # Built eagerly so tf.function never creates variables, and so the
                 # freshly built state can be restored on the next load.
                 self._opt.build(self._var_list)
@@ -277,7 +257,7 @@ class TFImplementation(Implementation):
                     var.assign(value)
             if self.cfg.weight_decay != self._built_decay:
                 # a fresh optimiser for the probe (set_weight_decay), built eagerly
-                self._probe_opt = make_optimizer(self.cfg)
+                self._probe_opt = keras_optimizer(self.cfg.optimizer, self.cfg.lr)
                 self._probe_opt.build(self._var_list)
 
     def export_params(self):
@@ -306,7 +286,7 @@ class TFImplementation(Implementation):
             self._traces[name] = self._traces.get(name, 0) + 1
             self._tracing = name
             try:
-                with tf.device(self._device):
+                with tf.device(self.dev):
                     return body(prepared)
             finally:
                 self._tracing = None
@@ -408,7 +388,7 @@ class TFImplementation(Implementation):
 
     def logits(self, prepared):
         self._need_params()
-        with tf.device(self._device):
+        with tf.device(self.dev):
             out = self._call("logits", "infer", prepared)
         self._last = out
         return self._real_rows(out, prepared)
@@ -421,17 +401,17 @@ class TFImplementation(Implementation):
 
     def loss_and_grads(self, prepared):
         self._need_params()
-        with tf.device(self._device):
+        with tf.device(self.dev):
             loss, grads = self._call("grads", "train", prepared)
         return float(loss.numpy()), self._grads_numpy(grads)
 
     def train_step(self, prepared):
         self._need_params()
         if self._probe_opt is not None:
-            with tf.device(self._device):
+            with tf.device(self.dev):
                 loss = self._last = self._probe_step(prepared)
             return loss
-        with tf.device(self._device):
+        with tf.device(self.dev):
             loss = self._call("train", "train", prepared)
         self._last = loss
         return loss
@@ -466,11 +446,11 @@ class TFImplementation(Implementation):
         out = {
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
-            "device": self._device,
+            "device": self.dev,
             "threads_requested": self.threads,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-            "setup_notes": list(self._setup["notes"]),
+            "setup_notes": self.thread_info["notes"] + self._device_notes,
             "graph": self.graph,
             "xla": self.xla,
             "traces": dict(self._traces),

@@ -71,7 +71,7 @@ KERAS_LSTM_FROM_CANONICAL = (0, 1, 2, 3)
 _KERAS_NAMES = {"W_x": "kernel", "W_h": "recurrent_kernel", "b": "bias"}
 
 
-def _permute_blocks(value: np.ndarray, order) -> np.ndarray:
+def permute_blocks(value: np.ndarray, order) -> np.ndarray:
     """Reorder the len(order) equal blocks of the last axis: out block k = in block order[k]."""
     blocks = np.split(value, len(order), axis=-1)
     return np.concatenate([blocks[i] for i in order], axis=-1)
@@ -100,12 +100,12 @@ class RNN(TFImplementation):
     def _to_storage(self, name, value):
         """The one place canonical weights are converted to Keras' layout."""
         if self.strategy == "fused" and self.cfg.model == "lstm" and name in _KERAS_NAMES:
-            return _permute_blocks(value, KERAS_LSTM_FROM_CANONICAL)
+            return permute_blocks(value, KERAS_LSTM_FROM_CANONICAL)
         return value
 
     def _from_storage(self, name, value):
         if self.strategy == "fused" and self.cfg.model == "lstm" and name in _KERAS_NAMES:
-            return _permute_blocks(value, np.argsort(KERAS_LSTM_FROM_CANONICAL))
+            return permute_blocks(value, np.argsort(KERAS_LSTM_FROM_CANONICAL))
         return value
 
     def _make_variables(self, params):
@@ -141,7 +141,7 @@ class RNN(TFImplementation):
         """
         tokens, lengths, labels = batch.tokens, batch.lengths, batch.labels
         B, T = tokens.shape
-        with tf.device(self._device):
+        with tf.device(self.dev):
             put = lambda a: tf.identity(tf.constant(a))  # noqa: E731 (identity moves it to the device)
             if self.strategy == "fused":
                 return {"tokens": put(tokens), "lengths": put(lengths), "labels": put(labels)}

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.targets import class_points
+
 from .common import TFImplementation, masked_xent, tf
 
 COMPILED_XLA = False
@@ -111,15 +113,15 @@ class RvNN(TFImplementation):
         ``level_width`` int32[L], ``levels`` / ``leaves`` int32[] (real counts),
         ``buffer_rows`` int32[] (padded nodes + zero + sink).
         """
-        root_mode = self.cfg.loss_mode == "root"
-        with tf.device(self._device):
+        mode = self.cfg.loss_mode
+        with tf.device(self.dev):
             put = lambda a: tf.identity(tf.constant(a))  # noqa: E731 (identity moves it to the device)
             if self.strategy == "recursive":
                 return {"leaf_token": [put(np.array([t], np.int32)) if t >= 0 else None
                                        for t in batch.token],
                         "left": batch.left.tolist(), "right": batch.right.tolist(),
                         "root": batch.root.tolist(),
-                        "labels": put(batch.root_label if root_mode else batch.label)}
+                        "labels": put(class_points(batch, mode).labels)}
             if self.strategy == "levels":
                 o = batch.level_offsets
                 return {"leaf_token": put(batch.token[:o[1]]),
@@ -127,7 +129,7 @@ class RvNN(TFImplementation):
                                                    batch.right[o[h]:o[h + 1]]], axis=1))
                                      for h in range(1, batch.num_levels)],
                         "root": put(batch.root),
-                        "labels": put(batch.root_label if root_mode else batch.label)}
+                        "labels": put(class_points(batch, mode).labels)}
             pt = batch.padded_bucketed()
             self._shapes.add(pt.shape_key)
             widths = np.diff(batch.level_offsets)[1:]
@@ -141,7 +143,7 @@ class RvNN(TFImplementation):
                     "leaves": put(np.int32(batch.level_offsets[1])),
                     "buffer_rows": put(np.int32(pt.num_nodes + 2)),
                     "root": put(pt.root),
-                    "labels": put(pt.root_label if root_mode else pt.label)}
+                    "labels": put(class_points(pt, mode).labels)}
 
     def _signature(self):
         spec = tf.TensorSpec

@@ -1,6 +1,6 @@
 """Shared by the torch RNN and RvNN classes.
 
-* device and thread setup (``resolve_device``, ``apply_threads``);
+* device and thread setup (the ``pick_device`` and ``apply_threads`` hooks);
 * ``TorchImplementation``: parameter storage, optimiser, loss, gradients,
   sync, peak memory, GEMM peak and ``info()``; subclasses supply the forward
   pass (``_points(prepared) -> (hidden [P, H], labels int64[P], count)``);
@@ -26,22 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, DeviceUnavailable, Implementation, one_line
 from bench.params import schema
 
 from . import NOT_APPLICABLE
 
 
-# --- device and threads ---
-
-def resolve_device(device: str) -> torch.device:
-    if device == "gpu":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable("no CUDA device: torch %s sees none (built with CUDA %s)"
-                              % (torch.__version__, torch.version.cuda))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
+# --- device ---
 
 def force_ieee_fp32() -> Dict[str, str]:
     """Full float32 in cuBLAS and cuDNN RNNs: torch's default lets cuDNN use
@@ -57,26 +48,6 @@ def force_ieee_fp32() -> Dict[str, str]:
     torch.backends.cudnn.allow_tf32 = False
     matmul.allow_tf32 = False
     return {"cudnn_rnn_fp32": "ieee", "matmul_fp32": "ieee"}
-
-
-def apply_threads(threads: int) -> Dict:
-    """Set intra-op and inter-op threads; report what actually holds afterwards.
-
-    ``set_num_interop_threads`` works once per process and only before any
-    inter-op work, so a second implementation in the same process (tests)
-    keeps the first value; the record says so instead of failing.
-    """
-    out = {"threads_requested": threads}
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-        out["interop_set"] = True
-    except RuntimeError as exc:
-        out["interop_set"] = False
-        out["interop_error"] = str(exc).splitlines()[0]
-    out["intra_op_threads"] = torch.get_num_threads()
-    out["interop_threads"] = torch.get_num_interop_threads()
-    return out
 
 
 def to_numpy(value) -> np.ndarray:
@@ -237,6 +208,7 @@ def compile_scope():
 
 class TorchImplementation(Implementation):
     framework = "torch"
+    not_applicable = NOT_APPLICABLE
 
     # names of torch-layout tensors that never train (see fused_from_canonical)
     frozen = ()
@@ -246,16 +218,40 @@ class TorchImplementation(Implementation):
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
-        self.dev = resolve_device(device)
         self._precision = force_ieee_fp32() if self.dev.type == "cuda" else {}
-        self._threads = apply_threads(threads)
         self._dynamo_start = dynamo_counts() if strategy == "compiled" else None
         self._meter = CompileMeter() if strategy == "compiled" else None
         if strategy == "compiled":
             private_compile_cache()
         self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict()
         self.opt: Optional[torch.optim.Optimizer] = None
+
+    def apply_threads(self, threads):
+        """Set intra-op and inter-op threads; report what actually holds afterwards.
+
+        ``set_num_interop_threads`` works once per process and only before any
+        inter-op work, so a second implementation in the same process (tests)
+        keeps the first value; the record says so instead of failing.
+        """
+        out = {"threads_requested": threads}
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+            out["interop_set"] = True
+        except RuntimeError as exc:
+            out["interop_set"] = False
+            out["interop_error"] = one_line(exc)
+        out["intra_op_threads"] = torch.get_num_threads()
+        out["interop_threads"] = torch.get_num_interop_threads()
+        return out
+
+    def pick_device(self, device):
+        if device == "gpu":
+            if not torch.cuda.is_available():
+                raise DeviceUnavailable("no CUDA device: torch %s sees none (built with CUDA %s)"
+                                        % (torch.__version__, torch.version.cuda))
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     # --- layout hooks (identity except for fused RNNs) ---
     def _to_layout(self, p: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -361,7 +357,7 @@ class TorchImplementation(Implementation):
 
     def info(self):
         out = {"torch": torch.__version__, "device": str(self.dev)}
-        out.update(self._threads)
+        out.update(self.thread_info)
         out["intra_op_threads_now"] = torch.get_num_threads()
         if self.dev.type == "cuda":
             out["gpu"] = torch.cuda.get_device_name(self.dev)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from bench.batches import SeqBatch
+from bench.targets import labelled_count
 
 from .common import (FUSED_FROZEN, TorchImplementation, compile_scope, fused_from_canonical,
                      fused_grads_to_canonical, fused_to_canonical, long_tensor)
@@ -62,11 +63,11 @@ class PreparedSeq:
 # addmm folds the input term into the product; gate blocks come from chunk,
 # whose backward is one cat (a slice's backward zero-fills the full width).
 
-def _elman_step(xp_t, h, c, W_h):
+def elman_step(xp_t, h, c, W_h):
     return torch.tanh(torch.addmm(xp_t, h, W_h)), c
 
 
-def _lstm_step(xp_t, h, c, W_h):
+def lstm_step(xp_t, h, c, W_h):
     z = torch.addmm(xp_t, h, W_h)
     i, f, _, o = torch.sigmoid(z).chunk(4, 1)   # one kernel for the three sigmoid gates
     g = torch.tanh(z.chunk(4, 1)[2])
@@ -74,21 +75,21 @@ def _lstm_step(xp_t, h, c, W_h):
     return o * torch.tanh(c_new), c_new
 
 
-_STEPS = {"elman": _elman_step, "lstm": _lstm_step}
+STEPS = {"elman": elman_step, "lstm": lstm_step}
 
 
 def _elman_chunk(x, live, h, W_x, b, W_h):
     # x [K, n, D], live [K, n, 1], h [n, H]
     xp = x @ W_x + b
     for t in range(x.shape[0]):
-        h = torch.where(live[t], _elman_step(xp[t], h, None, W_h)[0], h)
+        h = torch.where(live[t], elman_step(xp[t], h, None, W_h)[0], h)
     return h
 
 
 def _lstm_chunk(x, live, h, c, W_x, b, W_h):
     xp = x @ W_x + b
     for t in range(x.shape[0]):
-        h_new, c_new = _lstm_step(xp[t], h, c, W_h)
+        h_new, c_new = lstm_step(xp[t], h, c, W_h)
         h = torch.where(live[t], h_new, h)
         c = torch.where(live[t], c_new, c)
     return h, c
@@ -125,7 +126,7 @@ class RNN(TorchImplementation):
             self.frozen = FUSED_FROZEN
         else:
             self.params = self._canonical_parameters()
-        self._step = _STEPS[cfg.model]
+        self._step = STEPS[cfg.model]
         self._chunk = compiled_chunk(cfg.model) if strategy == "compiled" else None
 
     # --- layout (fused only differs) ---
@@ -160,7 +161,7 @@ class RNN(TorchImplementation):
         lengths = np.asarray(batch.lengths, np.int64)
         B, T = tokens.shape
         out = PreparedSeq(labels=long_tensor(batch.labels, dev),
-                          count=float(max(1, int((batch.labels >= 0).sum()))))
+                          count=float(labelled_count(batch.labels)))
         # Longest first (stable, so ties keep batch order): fused packs in this
         # order, compiled drops finished examples from the end of the batch.
         order = np.argsort(-lengths, kind="stable")

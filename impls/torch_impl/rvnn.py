@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.batches import TreeBatch
+from bench.targets import ClassPoints, class_points
 
 from .common import TorchImplementation, compile_scope, long_tensor
 
@@ -132,6 +133,11 @@ def compiled_tree_fns(model: str):
     return _COMPILED[model]
 
 
+def _rows(points: ClassPoints, device) -> Optional[torch.Tensor]:
+    """The classified rows as an index tensor; None where every row is (no gather)."""
+    return None if points.every_row else long_tensor(points.rows, device)
+
+
 @dataclass
 class PreparedTrees:
     labels: torch.Tensor            # int64[P]: labels at the classification points
@@ -169,14 +175,13 @@ class RvNN(TorchImplementation):
         if not isinstance(batch, TreeBatch):
             raise TypeError("the RvNN family needs a TreeBatch, got %s" % type(batch).__name__)
         dev = self.dev
-        root_mode = self.cfg.loss_mode == "root"
         if self.strategy == "compiled":
-            return self._prepare_padded(batch, root_mode)
-        labels = batch.label[batch.root] if root_mode else batch.label
+            return self._prepare_padded(batch)
+        points = class_points(batch, self.cfg.loss_mode)
         n_leaves = int(batch.level_offsets[1])
-        out = PreparedTrees(labels=long_tensor(labels, dev),
-                            count=float(max(1, int((labels >= 0).sum()))),
-                            points=long_tensor(batch.root, dev) if root_mode else None,
+        out = PreparedTrees(labels=long_tensor(points.labels, dev),
+                            count=float(points.count),
+                            points=_rows(points, dev),
                             roots=long_tensor(batch.root, dev),
                             leaf_token=long_tensor(batch.token[:n_leaves], dev))
         if self.strategy == "recursive":
@@ -187,16 +192,16 @@ class RvNN(TorchImplementation):
             out.level_lr = [long_tensor(lr.reshape(-1), dev) for lr in batch.level_children()]
         return out
 
-    def _prepare_padded(self, batch, root_mode):
+    def _prepare_padded(self, batch):
         dev = self.dev
         p = batch.padded_packed() if self.static_form == "packed" else batch.padded_bucketed()
         p = p.steps_multiple_of(LEVEL_CHUNK)
         chunks, width = p.level_node.shape
         lr = np.stack([p.level_left, p.level_right], axis=-1)
-        labels = p.root_label if root_mode else p.label
-        return PreparedTrees(labels=long_tensor(labels, dev),
-                             count=float(max(1, int((labels >= 0).sum()))),
-                             points=long_tensor(p.root, dev) if root_mode else None,
+        points = class_points(p, self.cfg.loss_mode)
+        return PreparedTrees(labels=long_tensor(points.labels, dev),
+                             count=float(points.count),
+                             points=_rows(points, dev),
                              roots=long_tensor(p.root, dev),
                              leaf_token=long_tensor(p.leaf_token, dev),
                              leaf_node=long_tensor(p.leaf_node, dev),

@@ -76,9 +76,9 @@ MUTATIONS = (
         "the compiled Tree-LSTM runs its chunks of node groups last to first"),
     Mutation(
         "torch-all-loss-over-trees", "impls/torch_impl/rvnn.py",
-        "        out = PreparedTrees(labels=long_tensor(labels, dev),\n"
-        "                            count=float(max(1, int((labels >= 0).sum()))),",
-        "        out = PreparedTrees(labels=long_tensor(labels, dev),\n"
+        "        out = PreparedTrees(labels=long_tensor(points.labels, dev),\n"
+        "                            count=float(points.count),",
+        "        out = PreparedTrees(labels=long_tensor(points.labels, dev),\n"
         "                            count=float(batch.size),",
         ("torch/treelstm/levels",), "wrong all-node loss averaging",
         "the all-node loss is divided by the number of trees, not of labelled nodes "
@@ -211,8 +211,8 @@ MUTATIONS = (
         "(a root-loss cell: only the gate's second loss mode sees it)"),
     Mutation(
         "tf-adam-doubled-lr", "impls/tf_impl/common.py",
-        '        return keras.optimizers.Adam(learning_rate=cfg.lr, beta_1=ADAM["beta1"],',
-        '        return keras.optimizers.Adam(learning_rate=2 * cfg.lr, beta_1=ADAM["beta1"],',
+        "                self._opt = keras_optimizer(self.cfg.optimizer, self.cfg.lr)",
+        "                self._opt = keras_optimizer(self.cfg.optimizer, 2 * self.cfg.lr)",
         ("tensorflow/rvnn/compiled",), "scaled learning rate",
         "Keras' Adam runs with twice the configured learning rate"),
     Mutation(
