@@ -40,10 +40,9 @@ request ``kind``    header fields / arrays sent            reply (``kind: "ok"``
                     schema ``[[name, shape], ...]``
 ``load_params``     ``impl``; arrays: canonical params     -- (optimiser state reset)
 ``export_params``   ``impl``                               arrays: canonical params (float32)
-``prepare``         ``impl``; arrays: SeqBatch             ``handle``
-                    (tokens, lengths, labels) or
-                    TreeBatch (token, left, right,
-                    label, root, level_offsets)
+``prepare``         ``impl``; arrays: the batch as its     ``handle``
+                    graph's feeds, prepared by the host
+                    (``rnn.py``, ``rvnn.py`` name them)
 ``logits``          ``impl, handle``                       arrays: ``logits`` [B, C]
 ``loss_and_grads``  ``impl, handle``                       ``loss``; arrays: canonical gradients
 ``train_step``      ``impl, handle``                       ``loss`` (before the update)

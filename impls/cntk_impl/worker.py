@@ -124,11 +124,6 @@ def _permute_blocks(a, H):
     return np.concatenate([a[..., k * H:(k + 1) * H] for k in _CNTK_LSTM_BLOCKS], axis=-1)
 
 
-def _bucket(n):
-    """Next power of two >= max(n, 1)."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 class Graph(object):
     """One static CNTK graph: named inputs, the logits and loss Functions, a Trainer."""
 
@@ -330,11 +325,9 @@ class Model(object):
     def _build(self, key, ready):
         if self.family == "rnn":
             return self._build_fused() if self.strategy == "fused" else self._build_loop(key[1])
-        if self.strategy == "levels":
-            return self._build_levels(key)
-        if self.strategy == "compiled":
-            return self._build_bucketed(key)
-        return self._build_recursive(ready)
+        if self.strategy == "recursive":
+            return self._build_recursive(ready)
+        return self._build_levels(key)
 
     def _rnn_io(self):
         return {"y": C.input_variable(self.C, name="y"), "w": C.input_variable(1, name="w")}
@@ -410,7 +403,13 @@ class Model(object):
         return hbuf, cbuf
 
     def _build_levels(self, key):
-        """Dynamic batching: all leaves in one product, then one gather + product per height."""
+        """Dynamic batching: all leaves in one product, then one gather + product per height.
+
+        ``compiled`` runs it on a bucketed static layout, so that one graph serves every
+        batch of the same bucket: node buffer rows 0 = a zero row (padding reads it), 1..Lf'
+        the leaves, then W' rows per level for L' levels (Lf', W', L' next powers of two; the
+        rows of padding entries hold values nothing reads). In ``all`` mode its loss is
+        taken over every row (weight 0 off the labelled nodes), so its shape is fixed too."""
         _, n_leaves, widths, B, P = key
         inputs = self._tree_io(P)
         inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
@@ -419,27 +418,11 @@ class Model(object):
         # its output has none), so the node buffers drop the batch axis (one sample: the
         # reduction is the identity) and the gathered rows have it again, from the indices.
         hbuf, cbuf = map(_static, self._leaf(C.gather(self.params["E"], inputs["leaf_tok"])))
+        if self.strategy == "compiled":
+            zero = C.constant(np.zeros((1, self.H), np.float32))
+            hbuf = C.splice(zero, hbuf, axis=0)
+            cbuf = None if cbuf is None else C.splice(zero, cbuf, axis=0)
         hbuf, cbuf = self._levels_up(inputs, hbuf, cbuf, widths)
-        logits = self._head(C.gather(hbuf, inputs["roots"]))
-        points = logits if self.loss_mode == "root" else self._head(hbuf)
-        return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
-
-    def _build_bucketed(self, key):
-        """``levels`` on a bucketed static layout, so that one graph serves every batch of
-        the same bucket. Node buffer rows: 0 = a zero row (padding reads it), 1..Lf' the
-        leaves, then W' rows per level for L' levels (Lf', W', L' next powers of two; the
-        rows of padding entries hold values nothing reads). In ``all`` mode the loss is
-        taken over every row (weight 0 off the labelled nodes), so its shape is fixed too."""
-        _, n_leaves, n_levels, width, B = key
-        H = self.H
-        inputs = self._tree_io(B if self.loss_mode == "root" else 1 + n_leaves + n_levels * width)
-        inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
-        inputs["roots"] = C.input_variable(B, name="roots")
-        zero = C.constant(np.zeros((1, H), np.float32))
-        h, c = self._leaf(C.gather(self.params["E"], inputs["leaf_tok"]))
-        hbuf = C.splice(zero, _static(h), axis=0)
-        cbuf = None if c is None else C.splice(zero, _static(c), axis=0)
-        hbuf, cbuf = self._levels_up(inputs, hbuf, cbuf, [width] * n_levels)
         logits = self._head(C.gather(hbuf, inputs["roots"]))
         points = logits if self.loss_mode == "root" else self._head(hbuf)
         return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
@@ -449,7 +432,7 @@ class Model(object):
         embeddings come from one gather (a gather per leaf would make a dense [V, D]
         gradient per leaf), each leaf row is sliced out and goes through its own cell."""
         left, right, roots = ready.left, ready.right, ready.roots
-        n_leaves, N = ready.n_leaves, len(left)
+        n_leaves, N = ready.key[1], len(left)
         P = len(roots) if self.loss_mode == "root" else N
         inputs = self._tree_io(P)
         inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
@@ -466,94 +449,36 @@ class Model(object):
         points = logits if self.loss_mode == "root" else self._head(stack(hs))
         return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
 
-    # --- batches ---
-    def _weights(self, labels):
-        labels = np.asarray(labels)
-        keep = labels >= 0
-        y = np.zeros((labels.shape[0], self.C), np.float32)
-        y[np.nonzero(keep)[0], labels[keep]] = 1.0
-        w = keep.astype(np.float32)[:, None] / max(1, int(keep.sum()))
-        return y, w
-
-    def prepare(self, a):
-        if self.family == "rnn":
-            tokens, lengths, labels = a["tokens"], a["lengths"].astype(np.int64), a["labels"]
-            B, T = tokens.shape
-            y, w = self._weights(labels)
-            feeds = {"y": y, "w": w}
-            if self.strategy == "fused":
-                feeds["tok"] = [tokens[i, :lengths[i]].astype(np.float32)[:, None] for i in range(B)]
-                ready = Ready("fused", feeds)
-            else:
-                feeds["tok"] = tokens.astype(np.float32)
-                live = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)
-                feeds["live"] = live[:, :, None]
-                ready = Ready(("loop", T), feeds)
-        else:
-            ready = self._prepare_tree(a)
+    # --- batches: the host sends the feeds (``rnn.py`` / ``rvnn.py``) ---
+    def prepare(self, arrays):
+        ready = self._ready(dict(arrays))
         handle = self.next_handle
         self.next_handle += 1
         self.prepared[handle] = ready
         return handle
 
-    def _prepare_tree(self, a):
-        left, right, root, label = a["left"], a["right"], a["root"], a["label"]
-        offsets = a["level_offsets"].astype(np.int64)
-        n_leaves, B = int(offsets[1]), int(root.shape[0])
-        labels = label[root] if self.loss_mode == "root" else label
-        y, w = self._weights(labels)
-        feeds = {"y": y[None], "w": w[None],
-                 "leaf_tok": a["token"][:n_leaves].astype(np.float32)[None]}
-        if self.strategy == "levels":
-            widths = tuple(int(x) for x in np.diff(offsets)[1:])
-            for k in range(len(widths)):
-                s, e = offsets[k + 1], offsets[k + 2]
-                feeds["lr%d" % k] = np.stack([left[s:e], right[s:e]], 1).reshape(1, -1).astype(np.float32)
-            feeds["roots"] = root.astype(np.float32)[None]
-            key = ("levels", n_leaves, widths, B, len(labels))
-            return Ready(key, feeds)
-        if self.strategy == "compiled":
-            return self._prepare_bucketed(a, y, w)
-        digest = hashlib.sha1()
-        for arr in (left, right, root):
-            digest.update(np.ascontiguousarray(arr, np.int64).tobytes())
-            digest.update(b"|")
-        ready = Ready(("recursive", n_leaves, digest.hexdigest()), feeds)
-        ready.left, ready.right, ready.roots = left.tolist(), right.tolist(), root.tolist()
-        ready.n_leaves = n_leaves
-        return ready
-
-    def _prepare_bucketed(self, a, y, w):
-        """Feeds for ``_build_bucketed``: node n's row in the padded buffer, per level the
-        children's rows (padding: row 0), classification weights laid out by row."""
-        left, right, root = a["left"], a["right"], a["root"]
-        offsets = a["level_offsets"].astype(np.int64)
-        n_leaves, levels = int(offsets[1]), len(offsets) - 2
-        widths = np.diff(offsets)[1:]
-        lf, nl = _bucket(n_leaves), _bucket(levels)
-        wd = _bucket(int(widths.max()) if widths.size else 1)
-        row = np.empty(len(left), np.int64)
-        row[:n_leaves] = 1 + np.arange(n_leaves)
-        for k in range(levels):
-            s, e = offsets[k + 1], offsets[k + 2]
-            row[s:e] = 1 + lf + k * wd + np.arange(e - s)
-        rows = 1 + lf + nl * wd
-        tok = np.zeros(lf, np.float32)
-        tok[:n_leaves] = a["token"][:n_leaves]
-        feeds = {"leaf_tok": tok[None], "roots": row[root].astype(np.float32)[None]}
-        for k in range(nl):
-            lr = np.zeros((wd, 2), np.float32)
-            if k < levels:
-                s, e = offsets[k + 1], offsets[k + 2]
-                lr[:e - s, 0], lr[:e - s, 1] = row[left[s:e]], row[right[s:e]]
-            feeds["lr%d" % k] = lr.reshape(1, -1)
-        if self.loss_mode == "all":   # every buffer row is classified: weights by row
-            y_rows = np.zeros((rows, self.C), np.float32)
-            w_rows = np.zeros((rows, 1), np.float32)
-            y_rows[row], w_rows[row] = y, w
-            y, w = y_rows, w_rows
-        feeds["y"], feeds["w"] = y[None], w[None]
-        return Ready(("compiled", lf, nl, wd, int(root.shape[0])), feeds)
+    def _ready(self, feeds):
+        """The feeds and the key of the graph they run on, read off their shapes."""
+        if self.family == "rnn":
+            if self.strategy == "fused":   # CNTK's sequence axis: one array per sequence
+                lengths = feeds.pop("lengths")
+                feeds["tok"] = [row[:n, None] for row, n in zip(feeds["tok"], lengths)]
+                return Ready("fused", feeds)
+            return Ready(("loop", feeds["tok"].shape[1]), feeds)
+        n_leaves = feeds["leaf_tok"].shape[1]
+        if self.strategy == "recursive":
+            structure = [feeds.pop(name) for name in ("left", "right", "root")]
+            digest = hashlib.sha1()
+            for arr in structure:
+                digest.update(np.ascontiguousarray(arr, np.int64).tobytes())
+                digest.update(b"|")
+            ready = Ready(("recursive", n_leaves, digest.hexdigest()), feeds)
+            ready.left, ready.right, ready.roots = (arr.tolist() for arr in structure)
+            return ready
+        levels = sum(1 for name in feeds if name.startswith("lr"))
+        widths = tuple(feeds["lr%d" % k].shape[1] // 2 for k in range(levels))
+        return Ready((self.strategy, n_leaves, widths, feeds["roots"].shape[1], feeds["y"].shape[1]),
+                     feeds)
 
     def ready(self, handle):
         if handle not in self.prepared:
