@@ -9,12 +9,13 @@
   LSTM gate blocks [i, f, g, o] are loaded into CNTK's [i, g, f, o] layout.
 * ``compiled``: not applicable (see ``NOT_APPLICABLE``).
 
-The work runs in the worker process (``worker.py``); this class prepares each
-batch's feeds and sends requests (``common.CNTKImplementation``). Feeds (float32,
-batch on CNTK's batch axis): ``y`` [B, C] and ``w`` [B, 1] (``common.label_feeds``),
-``tok`` [B, T] (token ids: CNTK gathers with float indices), and for ``loop``
-``live`` [B, T, 1] (1 on real steps); ``fused`` sends ``lengths`` [B] instead,
-and the worker cuts each sequence to its length.
+The graphs are built and run in the worker process (``worker_rnn.py``); this
+class prepares each batch's feeds and sends requests
+(``common.CNTKImplementation``). Feeds (float32, batch on CNTK's batch axis):
+``y`` [B, C] and ``w`` [B, 1] (``common.label_feeds``), ``tok`` [B, T] (token
+ids: CNTK gathers with float indices), and for ``loop`` ``live`` [B, T, 1] (1
+on real steps); ``fused`` sends ``lengths`` [B] instead, and the worker cuts
+each sequence to its length.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ fails when the gathered output has none, so the node buffers of ``levels`` and
 ``compiled`` drop the batch axis (one sample: a ``reduce_sum`` over it is the
 identity) and the gathered rows get it back from the index inputs.
 
-The work runs in the worker process (``worker.py``); this class prepares each
-batch's feeds from the ``TreeBatch`` and sends requests
+The graphs are built and run in the worker process (``worker_rvnn.py``); this
+class prepares each batch's feeds from the ``TreeBatch`` and sends requests
 (``common.CNTKImplementation``). Feeds are float32 (CNTK gathers with float
 indices) with a leading axis of 1 (the one sample): ``y`` [1, P, C] and ``w``
 [1, P, 1] (``common.label_feeds``; P points: the roots, or every node / buffer
