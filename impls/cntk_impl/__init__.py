@@ -2,13 +2,17 @@
 
 CNTK 2.7 (the last release) has wheels for Python <= 3.6 only, and the bench
 core needs 3.8+. So the host classes (``rnn.RNN``, ``rvnn.RvNN``, on
-``common.CNTKImplementation``) run in the bench's interpreter and forward
-every call to ONE persistent worker per host process::
+``common.CNTKImplementation``) run in the bench's interpreter, prepare each
+batch's feeds, and forward every call to ONE persistent worker per host process::
 
     $BENCH_CNTK_PYTHON impls/cntk_impl/worker.py      (Python 3.6, numpy + cntk only)
 
-which builds and runs the models (``worker.py``; equations of ``bench/reference.py``,
-parameter names of ``bench/params.py``). ``worker_probe`` is the registry's
+which builds and runs the models (equations of ``bench/reference.py``,
+parameter names of ``bench/params.py``). File for file, the worker mirrors the
+host: ``worker.py`` is the process and its request loop, ``worker_common.py``
+the model base (parameters, optimisers, graph cache, timing), ``worker_rnn.py``
+and ``worker_rvnn.py`` the graphs of ``rnn.py`` and ``rvnn.py``; the worker
+imports nothing of ``bench``. ``worker_probe`` is the registry's
 import probe: it raises ImportError with the reason when ``BENCH_CNTK_PYTHON``
 is unset or not runnable, or CNTK does not import there. CNTK needs
 ``libmpi.so.12`` / ``libmpi_cxx.so.1`` on ``LD_LIBRARY_PATH`` (Debian's
@@ -40,10 +44,9 @@ request ``kind``    header fields / arrays sent            reply (``kind: "ok"``
                     schema ``[[name, shape], ...]``
 ``load_params``     ``impl``; arrays: canonical params     -- (optimiser state reset)
 ``export_params``   ``impl``                               arrays: canonical params (float32)
-``prepare``         ``impl``; arrays: SeqBatch             ``handle``
-                    (tokens, lengths, labels) or
-                    TreeBatch (token, left, right,
-                    label, root, level_offsets)
+``prepare``         ``impl``; arrays: the batch as its     ``handle``
+                    graph's feeds, prepared by the host
+                    (``rnn.py``, ``rvnn.py`` name them)
 ``logits``          ``impl, handle``                       arrays: ``logits`` [B, C]
 ``loss_and_grads``  ``impl, handle``                       ``loss``; arrays: canonical gradients
 ``train_step``      ``impl, handle``                       ``loss`` (before the update)
@@ -54,6 +57,9 @@ request ``kind``    header fields / arrays sent            reply (``kind: "ok"``
 ``gemm_flops``      ``n, repeats``                         ``flops``
 ``shutdown``        --                                     ``ok``, then the worker exits
 ==================  =====================================  ==========================================
+
+``set_weight_decay`` (``impl, weight_decay``; reply ``ok``): graphs built from
+then on use that coupled L2 decay (the gate's probe), apart from the cached ones.
 
 Error reply: ``{"kind": "error", "type": <exception class>, "message": ...,
 "traceback": <worker traceback>}``. The host raises ``Unavailable`` /

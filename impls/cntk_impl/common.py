@@ -208,6 +208,18 @@ def _close_client():
         _CLIENT.close()
 
 
+def label_feeds(labels: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The loss inputs for labels int[P] (-1: unlabelled): one-hot targets y float32[P, C] and
+    weights w float32[P, 1], 1/count at the labelled points and 0 elsewhere, so that the
+    worker's weighted sum (CNTK sums over samples) is the mean over the labelled points."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    y = np.zeros((labels.shape[0], num_classes), np.float32)
+    y[np.nonzero(keep)[0], labels[keep]] = 1.0
+    w = keep.astype(np.float32)[:, None] / max(1, int(keep.sum()))
+    return y, w
+
+
 class Prepared:
     """A batch prepared inside the worker: its handle there."""
 
@@ -262,6 +274,8 @@ class CNTKImplementation(Implementation):
 
     # --- work ---
     def _batch_arrays(self, batch) -> Dict[str, np.ndarray]:
+        """The arrays of a ``prepare`` request: the graph's feeds, ready to use (see the
+        family's module)."""
         raise NotImplementedError
 
     def prepare(self, batch):

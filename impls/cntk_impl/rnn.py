@@ -9,8 +9,13 @@
   LSTM gate blocks [i, f, g, o] are loaded into CNTK's [i, g, f, o] layout.
 * ``compiled``: not applicable (see ``NOT_APPLICABLE``).
 
-The work runs in the worker process (``worker.py``); this class only sends
-requests (``common.CNTKImplementation``).
+The graphs are built and run in the worker process (``worker_rnn.py``); this
+class prepares each batch's feeds and sends requests
+(``common.CNTKImplementation``). Feeds (float32, batch on CNTK's batch axis):
+``y`` [B, C] and ``w`` [B, 1] (``common.label_feeds``), ``tok`` [B, T] (token
+ids: CNTK gathers with float indices), and for ``loop`` ``live`` [B, T, 1] (1
+on real steps); ``fused`` sends ``lengths`` [B] instead, and the worker cuts
+each sequence to its length.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 
 from bench.batches import SeqBatch
 
-from .common import CNTKImplementation
+from .common import CNTKImplementation, label_feeds
 
 
 class RNN(CNTKImplementation):
@@ -28,6 +33,11 @@ class RNN(CNTKImplementation):
     def _batch_arrays(self, batch):
         if not isinstance(batch, SeqBatch):
             raise TypeError("the RNN family needs a SeqBatch, got %s" % type(batch).__name__)
-        return {"tokens": np.asarray(batch.tokens, np.int32),
-                "lengths": np.asarray(batch.lengths, np.int32),
-                "labels": np.asarray(batch.labels, np.int32)}
+        y, w = label_feeds(batch.labels, self.cfg.num_classes)
+        feeds = {"y": y, "w": w, "tok": batch.tokens.astype(np.float32)}
+        if self.strategy == "fused":
+            feeds["lengths"] = np.asarray(batch.lengths, np.int32)
+        else:
+            steps = np.arange(batch.tokens.shape[1])
+            feeds["live"] = (steps[None, :] < batch.lengths[:, None]).astype(np.float32)[:, :, None]
+        return feeds

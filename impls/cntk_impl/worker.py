@@ -1,4 +1,4 @@
-"""The CNTK 2.7 worker: runs under Python 3.6 with NumPy and CNTK only (no ``bench`` imports).
+"""The CNTK 2.7 worker process: runs under Python 3.6 with NumPy and CNTK only (no ``bench`` imports).
 
 Started by the host (``impls.cntk_impl.common``) as ``$BENCH_CNTK_PYTHON worker.py``;
 it reads requests from stdin and writes replies to stdout, framed by
@@ -6,26 +6,10 @@ it reads requests from stdin and writes replies to stdout, framed by
 File descriptor 1 is pointed at stderr before anything else runs, so nothing
 CNTK or NumPy prints can corrupt the protocol stream.
 
-Models (the suite's equations, ``bench/params.py`` names, float32):
-
-* one CNTK ``parameter`` per canonical parameter, created here with zeros and
-  filled by ``load_params``; ``fused`` keeps the recurrent cell's weights in
-  the layout of CNTK's own ``layers.LSTM`` / ``layers.RNNStep`` (see
-  ``_to_layout``);
-* graphs are static CNTK Functions, built on the first call that needs them
-  and cached (``GRAPH_CACHE`` most recently used) by the shape or structure
-  they were built for: per time-step count (``loop``), one for all batches
-  (``fused``), per tree structure (``recursive``), per level-width signature
-  (``levels``), per bucket of padded sizes (``compiled``);
-* loss: the mean softmax cross-entropy over the labelled classification
-  points, written as a weighted sum (weight 1/count at labelled points, 0
-  elsewhere) so that CNTK's per-sample summation gives the mean;
-* optimisers: the suite's SGD / Adam / Adagrad (constants from the host,
-  ``bench.interface``) written as a CNTK ``universal`` learner (``assign``
-  ops), because CNTK's built-in learners differ: its ``adagrad`` has no
-  initial accumulator and rescales with an average multiplier, its ``adam``
-  adds epsilon to the uncorrected second moment. Optimiser state lives in
-  CNTK constants shared by the learners of every cached graph.
+This file is the process and its protocol loop; the models are in
+``worker_common.py`` (what both families share), ``worker_rnn.py`` and
+``worker_rvnn.py``, the worker's counterparts of the host's ``common.py``,
+``rnn.py`` and ``rvnn.py``.
 """
 
 import os
@@ -37,639 +21,19 @@ os.dup2(2, 1)
 sys.stdout = sys.stderr
 _PROTO_IN = os.fdopen(os.dup(0), "rb")
 
-import collections  # noqa: E402
-import hashlib  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
+import threading  # noqa: E402
 import traceback  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import wire  # noqa: E402  (this file's folder is on sys.path)
-
-C = None            # the cntk module, once imported
-CNTK_ERROR = None   # why cntk did not import
-GRAPH_CACHE = 64    # graphs kept per model instance (least recently used dropped)
-
-
-class Unavailable(Exception):
-    """Reported to the host as bench.interface.Unavailable."""
-
-
-def _import_cntk():
-    global C, CNTK_ERROR
-    try:
-        import cntk
-        C = cntk
-    except Exception as exc:  # reported in every reply that needs it
-        CNTK_ERROR = "%s: %s" % (type(exc).__name__, str(exc).strip().splitlines()[0]
-                                 if str(exc).strip() else "")
-
-
-def _need_cntk():
-    if C is None:
-        raise Unavailable("cntk does not import in the worker (%s, Python %s): %s"
-                          % (sys.executable, platform.python_version(), CNTK_ERROR))
-
-
-# --- the cells, on CNTK tensors whose last axis holds the features ---
-
-def _static(x):
-    """Drop the batch axis (one sample, so the sum is the identity): CNTK's gather wants a
-    reference without dynamic axes."""
-    return None if x is None else C.reduce_sum(x, axis=C.Axis.default_batch_axis())
-
-
-def _sl(x, begin, end):
-    return C.slice(x, -1, begin, end)
-
-
-def lstm_cell(z, c_prev, H):
-    """z [.., 4H] blocks [i, f, g, o] -> (h, c)."""
-    s = C.sigmoid(z)
-    i, f, o = _sl(s, 0, H), _sl(s, H, 2 * H), _sl(s, 3 * H, 4 * H)
-    g = C.tanh(_sl(z, 2 * H, 3 * H))
-    c = i * g if c_prev is None else f * c_prev + i * g
-    return o * C.tanh(c), c
-
-
-def treelstm_leaf(z, H):
-    """z [.., 3H] blocks [i, o, u]."""
-    s = C.sigmoid(_sl(z, 0, 2 * H))
-    c = _sl(s, 0, H) * C.tanh(_sl(z, 2 * H, 3 * H))
-    return _sl(s, H, 2 * H) * C.tanh(c), c
-
-
-def treelstm_node(z, c_l, c_r, H):
-    """z [.., 5H] blocks [i, f_l, f_r, o, u]."""
-    s = C.sigmoid(_sl(z, 0, 4 * H))
-    c = _sl(s, 0, H) * C.tanh(_sl(z, 4 * H, 5 * H)) + _sl(s, H, 2 * H) * c_l + _sl(s, 2 * H, 3 * H) * c_r
-    return _sl(s, 3 * H, 4 * H) * C.tanh(c), c
-
-
-def xent(z, y, w):
-    """Weighted softmax cross-entropy summed over the rows of z (last axis: classes)."""
-    lse = C.reduce_log_sum_exp(z, axis=-1)
-    zy = C.reduce_sum(z * y, axis=-1)
-    return C.reduce_sum(w * (lse - zy))
-
-
-# LSTM gate blocks: canonical [i, f, g, o]; CNTK's layers.LSTM computes
-# [i, g, f, o] (cntk/layers/blocks.py: it, bit, ft, ot). The permutation is its own inverse.
-_CNTK_LSTM_BLOCKS = (0, 2, 1, 3)
-
-
-def _permute_blocks(a, H):
-    return np.concatenate([a[..., k * H:(k + 1) * H] for k in _CNTK_LSTM_BLOCKS], axis=-1)
-
-
-def _bucket(n):
-    """Next power of two >= max(n, 1)."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-class Graph(object):
-    """One static CNTK graph: named inputs, the logits and loss Functions, a Trainer."""
-
-    def __init__(self, inputs, logits, loss, trainer, params):
-        self.inputs = inputs     # name -> input Variable
-        self.logits = logits     # Function: [B, C] (RNN: per sample [C])
-        self.loss = loss         # Function: weighted loss (per sample / one scalar)
-        self.trainer = trainer
-        self.params = params     # [(name, Parameter)] the loss depends on
-
-
-class Ready(object):
-    """A prepared batch: feed arrays by input name, and the graph key it needs."""
-
-    def __init__(self, key, feeds):
-        self.key = key
-        self.feeds = feeds
-        self.graph = None
-        self.args = None
-
-
-class Model(object):
-    def __init__(self, spec):
-        _need_cntk()
-        self.spec = spec
-        self.model = spec["model"]
-        self.family = spec["family"]
-        self.strategy = spec["strategy"]
-        self.D, self.H = spec["embed_dim"], spec["hidden"]
-        self.C = spec["num_classes"]
-        self.loss_mode = spec["loss_mode"]
-        if spec["device"] == "gpu":
-            gpus = [d for d in C.device.all_devices() if d.type() == C.device.DeviceKind.GPU]
-            if not gpus:
-                raise Unavailable("this CNTK (%s) sees no GPU device (the 'cntk' wheel is the "
-                                  "CPU build; GPUs need 'cntk-gpu' and CUDA 10)" % C.__version__)
-            C.device.try_set_default_device(C.device.gpu(gpus[0].id()))
-        self.threads = int(spec["threads"])
-        C.cntk_py.set_max_num_cputhreads(self.threads)
-        # coupled L2 in _update; graphs (and their learners) at another decay than the
-        # built one (the gate's probe, set_weight_decay) are kept apart, so the probe
-        # evicts none of the timed pool's graphs
-        self.wd = self.built_wd = float(spec.get("weight_decay", 0.0))
-        self.probe_graphs = collections.OrderedDict()
-        self.graphs = collections.OrderedDict()
-        self.prepared = {}
-        self.next_handle = 1
-        self.stats = {"graphs_built": 0, "graph_build_s": 0.0, "graphs_evicted": 0}
-        self.schema = collections.OrderedDict((name, tuple(shape)) for name, shape in spec["schema"])
-        self.params = collections.OrderedDict()
-        fused_cell = ("W_x", "W_h", "b") if self.strategy == "fused" else ()
-        for name, shape in self.schema.items():
-            if name not in fused_cell:
-                self.params[name] = C.parameter(shape=shape, init=0.0, name=name)
-        if self.strategy == "fused":
-            self._build_fused_cell()
-        self._make_optimizer_state()
-        if self.strategy == "fused":
-            t0 = time.perf_counter()
-            self.graphs["fused"] = self._build("fused", None)
-            self.stats["graph_build_s"] += time.perf_counter() - t0
-            self.stats["graphs_built"] += 1
-
-    # --- parameters ---
-    def _build_fused_cell(self):
-        """CNTK's own recurrent block; its W, H, b replace W_x, W_h, b."""
-        if self.model == "lstm":
-            block = C.layers.LSTM(self.H, init=0.0, init_bias=0.0)
-        else:
-            block = C.layers.RNNStep(self.H, activation=C.tanh, init=0.0, init_bias=0.0)
-        self.recurrence = C.layers.Recurrence(block)
-        probe = C.sequence.input_variable(self.D)
-        out = self.recurrence(probe)   # infers W's input dimension
-        by_name = {p.name: p for p in out.parameters}
-        for canon, layer in (("W_x", "W"), ("W_h", "H"), ("b", "b")):
-            self.params[canon] = by_name[layer]
-
-    def _to_layout(self, name, value):
-        if self.strategy == "fused" and self.model == "lstm" and name in ("W_x", "W_h", "b"):
-            return _permute_blocks(value, self.H)
-        return value
-
-    _from_layout = _to_layout   # a block permutation that is its own inverse
-
-    def load_params(self, arrays):
-        if set(arrays) != set(self.schema):
-            raise ValueError("parameter names %s differ from the schema %s"
-                             % (sorted(arrays), sorted(self.schema)))
-        for name, shape in self.schema.items():
-            value = np.asarray(arrays[name], np.float32)
-            if value.shape != shape:
-                raise ValueError("parameter %s has shape %s, not %s" % (name, value.shape, shape))
-            self.params[name].value = np.ascontiguousarray(self._to_layout(name, value))
-        self._reset_optimizer_state()
-
-    def export_params(self):
-        return collections.OrderedDict(
-            (name, np.asarray(self._from_layout(name, self.params[name].value), np.float32))
-            for name in self.schema)
-
-    # --- optimiser: the suite's formulas as a universal learner ---
-    def _make_optimizer_state(self):
-        opt = self.spec["optimizer"]
-        self.state = {}
-        for name, p in self.params.items():
-            st = {}
-            if opt == "adam":
-                st["m"] = C.constant(0.0, shape=p.shape, name=name + "_m")
-                st["v"] = C.constant(0.0, shape=p.shape, name=name + "_v")
-                st["t"] = C.constant(0.0, shape=(), name=name + "_t")
-            elif opt == "adagrad":
-                st["acc"] = C.constant(0.0, shape=p.shape, name=name + "_acc")
-            self.state[p.uid] = st
-        self._reset_optimizer_state()
-
-    def _reset_optimizer_state(self):
-        init = {"m": 0.0, "v": 0.0, "t": 0.0,
-                "acc": float(self.spec["adagrad"]["initial_accumulator"])}
-        for st in self.state.values():
-            for key, const in st.items():
-                const.value = np.full(const.shape, init[key], np.float32)
-
-    def _update(self, parameters, gradients):
-        opt, lr = self.spec["optimizer"], float(self.spec["lr"])
-        adam, adagrad = self.spec["adam"], self.spec["adagrad"]
-        wd = self.wd
-        ups = []
-        for p, g in zip(parameters, gradients):
-            st = self.state[p.uid]
-            if wd:
-                g = g + wd * p   # coupled L2: every update below sees g + wd * theta
-            if opt == "sgd":
-                new = p - lr * g
-            elif opt == "adagrad":
-                acc = C.assign(st["acc"], st["acc"] + g * g)
-                new = p - lr * g / (C.sqrt(acc) + adagrad["eps"])
-            else:
-                b1, b2 = adam["beta1"], adam["beta2"]
-                t = C.assign(st["t"], st["t"] + 1.0)
-                m = C.assign(st["m"], b1 * st["m"] + (1.0 - b1) * g)
-                v = C.assign(st["v"], b2 * st["v"] + (1.0 - b2) * g * g)
-                m_hat = m / (1.0 - C.pow(C.constant(b1), t))
-                v_hat = v / (1.0 - C.pow(C.constant(b2), t))
-                new = p - lr * m_hat / (C.sqrt(v_hat) + adam["eps"])
-            ups.append(C.assign(p, new))
-        return C.combine(ups)
-
-    # --- graphs ---
-    def set_weight_decay(self, wd):
-        """Build graphs with decay ``wd`` from now on (kept in ``probe_graphs`` unless it is
-        the built decay); the built ones stay cached."""
-        self.wd = float(wd)
-        if self.wd == self.built_wd:
-            self.probe_graphs.clear()
-
-    def _graph(self, ready):
-        graphs = self.graphs if self.wd == self.built_wd else self.probe_graphs
-        g = graphs.get(ready.key)
-        if g is None:
-            t0 = time.perf_counter()
-            g = self._build(ready.key, ready)
-            self.stats["graph_build_s"] += time.perf_counter() - t0
-            self.stats["graphs_built"] += 1
-            graphs[ready.key] = g
-            while len(graphs) > GRAPH_CACHE:
-                graphs.popitem(last=False)
-                self.stats["graphs_evicted"] += 1
-        else:
-            graphs.move_to_end(ready.key)
-        if ready.graph is not g:
-            # The feeds become CNTK Values once, keyed by this graph's inputs (per Function:
-            # CNTK warns about arguments a Function does not use). Converting on every call
-            # instead costs ~5 ms per call for a batch of sequences.
-            from cntk.internal import sanitize_var_map
-            values = sanitize_var_map(list(g.inputs.values()),
-                                      {g.inputs[name]: value for name, value in ready.feeds.items()})
-            ready.graph = g
-            ready.args = {key: {v: values[v] for v in fn.arguments}
-                          for key, fn in (("logits", g.logits), ("loss", g.loss))}
-        return g
-
-    def _finish(self, inputs, logits, loss):
-        """Tie unused parameters in with a zero term (the Trainer wants the learner's
-        parameters to be exactly the loss's), then the learner and Trainer."""
-        used = {p.uid for p in loss.parameters}
-        missing = [p for p in self.params.values() if p.uid not in used]
-        for p in missing:
-            loss = loss + 0.0 * C.reduce_sum(p, axis=C.Axis.all_static_axes())
-        params = [(n, p) for n, p in self.params.items()]
-        # a plain two-argument function: CNTK counts the arguments (a bound method has three)
-        update = lambda parameters, gradients: self._update(parameters, gradients)
-        learner = C.learners.universal(update, [p for _, p in params])
-        trainer = C.Trainer(logits, (loss, None), [learner])
-        return Graph(inputs, logits, loss, trainer, params)
-
-    def _head(self, rows):
-        return C.times(rows, self.params["W_o"]) + self.params["b_o"]
-
-    def _build(self, key, ready):
-        if self.family == "rnn":
-            return self._build_fused() if self.strategy == "fused" else self._build_loop(key[1])
-        if self.strategy == "levels":
-            return self._build_levels(key)
-        if self.strategy == "compiled":
-            return self._build_bucketed(key)
-        return self._build_recursive(ready)
-
-    def _rnn_io(self):
-        return {"y": C.input_variable(self.C, name="y"), "w": C.input_variable(1, name="w")}
-
-    def _build_loop(self, T):
-        """The time loop unrolled in Python: one cell per step, padded steps keep h (and c)."""
-        p, H = self.params, self.H
-        G = 4 * H if self.model == "lstm" else H
-        inputs = self._rnn_io()
-        inputs["tok"] = C.input_variable(T, name="tok")
-        inputs["live"] = C.input_variable((T, 1), name="live")
-        xp = C.times(C.gather(p["E"], inputs["tok"]), p["W_x"]) + p["b"]     # [T, G]
-        h = c = None
-        for t in range(T):
-            z = C.reshape(C.slice(xp, 0, t, t + 1), (G,))
-            if h is not None:
-                z = z + C.times(h, p["W_h"])
-            if self.model == "lstm":
-                h_new, c_new = lstm_cell(z, c, H)
-            else:
-                h_new, c_new = C.tanh(z), None
-            if t == 0:       # every sequence has a first token
-                h, c = h_new, c_new
-            else:
-                live = C.slice(inputs["live"], 0, t, t + 1)
-                h = C.element_select(live, h_new, h)
-                if c is not None:
-                    c = C.element_select(live, c_new, c)
-        logits = self._head(h)
-        return self._finish(inputs, logits, xent(logits, inputs["y"], inputs["w"]))
-
-    def _build_fused(self):
-        """layers.Recurrence over CNTK's sequence axis; sequence.last is the last real token."""
-        inputs = self._rnn_io()
-        inputs["tok"] = C.sequence.input_variable(1, name="tok")
-        x = C.reshape(C.gather(self.params["E"], inputs["tok"]), (self.D,))
-        h = C.sequence.last(self.recurrence(x))
-        logits = self._head(h)
-        return self._finish(inputs, logits, xent(logits, inputs["y"], inputs["w"]))
-
-    def _tree_io(self, P):
-        return {"y": C.input_variable((P, self.C), name="y"),
-                "w": C.input_variable((P, 1), name="w")}
-
-    def _leaf(self, x):
-        p = self.params
-        z = C.times(x, p["W_leaf"]) + p["b_leaf"]
-        if self.model == "rvnn":
-            return C.tanh(z), None
-        return treelstm_leaf(z, self.H)
-
-    def _node(self, hl, hr, cl, cr):
-        if self.model == "rvnn":
-            return C.tanh(C.times(C.splice(hl, hr, axis=-1), self.params["W"]) + self.params["b"]), None
-        z = C.times(C.splice(hl, hr, axis=-1), self.params["U"]) + self.params["b_U"]
-        return treelstm_node(z, cl, cr, self.H)
-
-    def _levels_up(self, inputs, hbuf, cbuf, widths):
-        """One gather + cell per level (``widths[k]`` nodes at level k), appended to the
-        node buffers; adds the index input ``lr<k>`` of each level to ``inputs``."""
-        H = self.H
-        for k, n in enumerate(widths):
-            idx = inputs["lr%d" % k] = C.input_variable(2 * n, name="lr%d" % k)
-            hlr = C.reshape(C.gather(hbuf, idx), (n, 2 * H))
-            cl = cr = None
-            if cbuf is not None:
-                clr = C.reshape(C.gather(cbuf, idx), (n, 2 * H))
-                cl, cr = _sl(clr, 0, H), _sl(clr, H, 2 * H)
-            h, c = self._node(_sl(hlr, 0, H), _sl(hlr, H, 2 * H), cl, cr)
-            hbuf = C.splice(hbuf, _static(h), axis=0)
-            if cbuf is not None:
-                cbuf = C.splice(cbuf, _static(c), axis=0)
-        return hbuf, cbuf
-
-    def _build_levels(self, key):
-        """Dynamic batching: all leaves in one product, then one gather + product per height."""
-        _, n_leaves, widths, B, P = key
-        inputs = self._tree_io(P)
-        inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
-        inputs["roots"] = C.input_variable(B, name="roots")
-        # CNTK's gather wants a reference without dynamic axes (and its backprop fails when
-        # its output has none), so the node buffers drop the batch axis (one sample: the
-        # reduction is the identity) and the gathered rows have it again, from the indices.
-        hbuf, cbuf = map(_static, self._leaf(C.gather(self.params["E"], inputs["leaf_tok"])))
-        hbuf, cbuf = self._levels_up(inputs, hbuf, cbuf, widths)
-        logits = self._head(C.gather(hbuf, inputs["roots"]))
-        points = logits if self.loss_mode == "root" else self._head(hbuf)
-        return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
-
-    def _build_bucketed(self, key):
-        """``levels`` on a bucketed static layout, so that one graph serves every batch of
-        the same bucket. Node buffer rows: 0 = a zero row (padding reads it), 1..Lf' the
-        leaves, then W' rows per level for L' levels (Lf', W', L' next powers of two; the
-        rows of padding entries hold values nothing reads). In ``all`` mode the loss is
-        taken over every row (weight 0 off the labelled nodes), so its shape is fixed too."""
-        _, n_leaves, n_levels, width, B = key
-        H = self.H
-        inputs = self._tree_io(B if self.loss_mode == "root" else 1 + n_leaves + n_levels * width)
-        inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
-        inputs["roots"] = C.input_variable(B, name="roots")
-        zero = C.constant(np.zeros((1, H), np.float32))
-        h, c = self._leaf(C.gather(self.params["E"], inputs["leaf_tok"]))
-        hbuf = C.splice(zero, _static(h), axis=0)
-        cbuf = None if c is None else C.splice(zero, _static(c), axis=0)
-        hbuf, cbuf = self._levels_up(inputs, hbuf, cbuf, [width] * n_levels)
-        logits = self._head(C.gather(hbuf, inputs["roots"]))
-        points = logits if self.loss_mode == "root" else self._head(hbuf)
-        return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
-
-    def _build_recursive(self, ready):
-        """One cell per node, wired as the tree is: no batching across nodes. Leaf
-        embeddings come from one gather (a gather per leaf would make a dense [V, D]
-        gradient per leaf), each leaf row is sliced out and goes through its own cell."""
-        left, right, roots = ready.left, ready.right, ready.roots
-        n_leaves, N = ready.n_leaves, len(left)
-        P = len(roots) if self.loss_mode == "root" else N
-        inputs = self._tree_io(P)
-        inputs["leaf_tok"] = C.input_variable(n_leaves, name="leaf_tok")
-        x = C.gather(self.params["E"], inputs["leaf_tok"])                   # [Lf, D]
-        hs, cs = [None] * N, [None] * N
-        for n in range(N):      # children come before parents in a TreeBatch
-            if left[n] < 0:
-                hs[n], cs[n] = self._leaf(C.slice(x, 0, n, n + 1))
-            else:
-                l, r = left[n], right[n]
-                hs[n], cs[n] = self._node(hs[l], hs[r], cs[l], cs[r])
-        stack = lambda rows: rows[0] if len(rows) == 1 else C.splice(*rows, axis=0)
-        logits = self._head(stack([hs[r] for r in roots]))
-        points = logits if self.loss_mode == "root" else self._head(stack(hs))
-        return self._finish(inputs, logits, xent(points, inputs["y"], inputs["w"]))
-
-    # --- batches ---
-    def _weights(self, labels):
-        labels = np.asarray(labels)
-        keep = labels >= 0
-        y = np.zeros((labels.shape[0], self.C), np.float32)
-        y[np.nonzero(keep)[0], labels[keep]] = 1.0
-        w = keep.astype(np.float32)[:, None] / max(1, int(keep.sum()))
-        return y, w
-
-    def prepare(self, a):
-        if self.family == "rnn":
-            tokens, lengths, labels = a["tokens"], a["lengths"].astype(np.int64), a["labels"]
-            B, T = tokens.shape
-            y, w = self._weights(labels)
-            feeds = {"y": y, "w": w}
-            if self.strategy == "fused":
-                feeds["tok"] = [tokens[i, :lengths[i]].astype(np.float32)[:, None] for i in range(B)]
-                ready = Ready("fused", feeds)
-            else:
-                feeds["tok"] = tokens.astype(np.float32)
-                live = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)
-                feeds["live"] = live[:, :, None]
-                ready = Ready(("loop", T), feeds)
-        else:
-            ready = self._prepare_tree(a)
-        handle = self.next_handle
-        self.next_handle += 1
-        self.prepared[handle] = ready
-        return handle
-
-    def _prepare_tree(self, a):
-        left, right, root, label = a["left"], a["right"], a["root"], a["label"]
-        offsets = a["level_offsets"].astype(np.int64)
-        n_leaves, B = int(offsets[1]), int(root.shape[0])
-        labels = label[root] if self.loss_mode == "root" else label
-        y, w = self._weights(labels)
-        feeds = {"y": y[None], "w": w[None],
-                 "leaf_tok": a["token"][:n_leaves].astype(np.float32)[None]}
-        if self.strategy == "levels":
-            widths = tuple(int(x) for x in np.diff(offsets)[1:])
-            for k in range(len(widths)):
-                s, e = offsets[k + 1], offsets[k + 2]
-                feeds["lr%d" % k] = np.stack([left[s:e], right[s:e]], 1).reshape(1, -1).astype(np.float32)
-            feeds["roots"] = root.astype(np.float32)[None]
-            key = ("levels", n_leaves, widths, B, len(labels))
-            return Ready(key, feeds)
-        if self.strategy == "compiled":
-            return self._prepare_bucketed(a, y, w)
-        digest = hashlib.sha1()
-        for arr in (left, right, root):
-            digest.update(np.ascontiguousarray(arr, np.int64).tobytes())
-            digest.update(b"|")
-        ready = Ready(("recursive", n_leaves, digest.hexdigest()), feeds)
-        ready.left, ready.right, ready.roots = left.tolist(), right.tolist(), root.tolist()
-        ready.n_leaves = n_leaves
-        return ready
-
-    def _prepare_bucketed(self, a, y, w):
-        """Feeds for ``_build_bucketed``: node n's row in the padded buffer, per level the
-        children's rows (padding: row 0), classification weights laid out by row."""
-        left, right, root = a["left"], a["right"], a["root"]
-        offsets = a["level_offsets"].astype(np.int64)
-        n_leaves, levels = int(offsets[1]), len(offsets) - 2
-        widths = np.diff(offsets)[1:]
-        lf, nl = _bucket(n_leaves), _bucket(levels)
-        wd = _bucket(int(widths.max()) if widths.size else 1)
-        row = np.empty(len(left), np.int64)
-        row[:n_leaves] = 1 + np.arange(n_leaves)
-        for k in range(levels):
-            s, e = offsets[k + 1], offsets[k + 2]
-            row[s:e] = 1 + lf + k * wd + np.arange(e - s)
-        rows = 1 + lf + nl * wd
-        tok = np.zeros(lf, np.float32)
-        tok[:n_leaves] = a["token"][:n_leaves]
-        feeds = {"leaf_tok": tok[None], "roots": row[root].astype(np.float32)[None]}
-        for k in range(nl):
-            lr = np.zeros((wd, 2), np.float32)
-            if k < levels:
-                s, e = offsets[k + 1], offsets[k + 2]
-                lr[:e - s, 0], lr[:e - s, 1] = row[left[s:e]], row[right[s:e]]
-            feeds["lr%d" % k] = lr.reshape(1, -1)
-        if self.loss_mode == "all":   # every buffer row is classified: weights by row
-            y_rows = np.zeros((rows, self.C), np.float32)
-            w_rows = np.zeros((rows, 1), np.float32)
-            y_rows[row], w_rows[row] = y, w
-            y, w = y_rows, w_rows
-        feeds["y"], feeds["w"] = y[None], w[None]
-        return Ready(("compiled", lf, nl, wd, int(root.shape[0])), feeds)
-
-    def ready(self, handle):
-        if handle not in self.prepared:
-            raise LookupError("no prepared batch with handle %r in this worker (released, or "
-                              "prepared by another implementation)" % (handle,))
-        return self.prepared[handle]
-
-    # --- work ---
-    def logits(self, ready):
-        g = self._graph(ready)
-        out = np.asarray(g.logits.eval(ready.args["logits"]), np.float32)
-        return out.reshape(-1, self.C)   # trees: one CNTK sample holding [B, C]
-
-    def train(self, ready):
-        g = self._graph(ready)
-        g.trainer.train_minibatch(ready.args["loss"])
-        return g.trainer
-
-    def train_step(self, ready):
-        tr = self.train(ready)
-        return float(tr.previous_minibatch_loss_average * tr.previous_minibatch_sample_count)
-
-    def loss_and_grads(self, ready):
-        g = self._graph(ready)
-        wrt = [p for _, p in g.params]
-        grads, loss = g.loss.grad(ready.args["loss"], wrt=wrt, outputs=[g.loss.output])
-        out = collections.OrderedDict()
-        for name, p in g.params:
-            out[name] = np.asarray(self._from_layout(name, np.asarray(grads[p]).reshape(p.shape)),
-                                   np.float32)
-        return float(np.sum(loss)), out
-
-    def _timed_readies(self, handles):
-        if len(handles) > GRAPH_CACHE:
-            # more graphs than the cache keeps: some would be rebuilt inside the clock
-            raise ValueError("%d batches in one timed loop; at most %d (GRAPH_CACHE)"
-                             % (len(handles), GRAPH_CACHE))
-        return [self.ready(h) for h in handles]
-
-    def timed_passes(self, call, handles, repeats):
-        readies = self._timed_readies(handles)
-        fn = self._call_fn(call)
-        out = []
-        for _ in range(int(repeats)):
-            t0 = time.perf_counter()
-            for r in readies:
-                fn(r)
-            out.append(time.perf_counter() - t0)
-        return out
-
-    def timed_calls(self, call, handles):
-        readies = self._timed_readies(handles)
-        fn = self._call_fn(call)
-        out = []
-        for r in readies:
-            t0 = time.perf_counter()
-            fn(r)
-            out.append(time.perf_counter() - t0)
-        return out
-
-    def _call_fn(self, call):
-        if call == "train_step":
-            return self.train
-        if call == "logits":
-            # as self.logits, without turning the output into NumPy inside the clock
-            return lambda r: self._graph(r).logits.eval(r.args["logits"], as_numpy=False)
-        raise ValueError("timed call is 'train_step' or 'logits', not %r" % (call,))
-
-    def info(self):
-        detail = {
-            "loop": "time loop unrolled in Python into one static graph per padded length T "
-                    "(element_select keeps h/c on padded steps), batch on CNTK's batch axis",
-            "fused": "layers.Recurrence(layers.%s) over CNTK's dynamic sequence axis, "
-                     "sequence.last" % ("LSTM" if self.model == "lstm" else "RNNStep(tanh)"),
-            "levels": "one static graph per level-width signature: one gather + product + "
-                      "splice per tree height, the batch as one CNTK sample",
-            "recursive": "one static graph per tree structure, one cell per node (no batching "
-                         "across nodes), the batch as one CNTK sample",
-            "compiled": "the levels schedule on a bucketed static layout (leaves, level count "
-                        "and level width padded to powers of two): one graph per bucket",
-        }[self.strategy]
-        out = {"cntk": C.__version__, "worker_python": platform.python_version(),
-               "numpy_worker": np.__version__, "strategy_detail": detail,
-               "threads_requested": self.threads,
-               "cntk_max_cpu_threads": int(C.cntk_py.get_max_num_cputhreads()),
-               "optimizer_impl": "universal learner with the suite's formulas (assign ops)",
-               "graph_cache_limit": GRAPH_CACHE,
-               "graph_cache_size": len(self.graphs),
-               "device": ("gpu" if C.device.use_default_device().type() == C.device.DeviceKind.GPU
-                          else "cpu"),
-               "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-        out.update(self.stats)
-        return out
-
-
-def gemm_flops(n, repeats):
-    """Achieved FLOP/s of an n x n x n float32 product in CNTK (median of repeats)."""
-    _need_cntk()
-    rng = np.random.RandomState(0)
-    a = rng.standard_normal((n, n)).astype(np.float32)
-    from cntk.internal import sanitize_var_map
-    x = C.input_variable(n)
-    f = C.times(x, C.parameter(init=rng.standard_normal((n, n)).astype(np.float32)))
-    args = sanitize_var_map(f.arguments, {x: a})   # n samples of n: one n x n x n product
-    run = lambda: f.eval(args, as_numpy=False)     # no conversions inside the clock
-    run()
-    t0 = time.perf_counter()
-    run()
-    inner = max(1, int(5e-3 / max(time.perf_counter() - t0, 1e-7)))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            run()
-        times.append((time.perf_counter() - t0) / inner)
-    return 2.0 * n ** 3 / float(np.median(times))
+# this file's folder is on sys.path; worker_common imports CNTK (its prints go to stderr now)
+import wire  # noqa: E402
+from worker_common import C, CNTK_ERROR, gemm_flops  # noqa: E402
+from worker_rnn import RNNModel  # noqa: E402
+from worker_rvnn import RvNNModel  # noqa: E402
+
+MODELS = {"rnn": RNNModel, "rvnn": RvNNModel}
 
 
 class Worker(object):
@@ -682,14 +46,17 @@ class Worker(object):
             raise LookupError("no implementation with id %r in this worker" % (header.get("impl"),))
         return self.models[header["impl"]]
 
-    def handle(self, header, arrays):
-        """One request -> (reply header, reply arrays)."""
-        release = header.get("release") or {}
+    def release(self, release):
+        """Forget the prepared batches and implementations the host has dropped."""
         for impl, h in release.get("handles", []):
             if impl in self.models:
                 self.models[impl].prepared.pop(h, None)
         for impl in release.get("impls", []):
             self.models.pop(impl, None)
+
+    def handle(self, header, arrays):
+        """One request -> (reply header, reply arrays)."""
+        self.release(header.get("release") or {})
         kind = header["kind"]
         ok = {"kind": "ok"}
         if kind == "hello":
@@ -698,16 +65,18 @@ class Worker(object):
                       cntk_error=CNTK_ERROR)
             return ok, None
         if kind == "create":
-            model = Model(header["spec"])
-            impl = self.next_id
+            spec = header["spec"]
+            self.models[self.next_id] = MODELS[spec["family"]](spec)
+            ok["impl"] = self.next_id
             self.next_id += 1
-            self.models[impl] = model
-            ok["impl"] = impl
             return ok, None
         if kind == "gemm_flops":
             ok["flops"] = gemm_flops(int(header["n"]), int(header["repeats"]))
             return ok, None
-        m = self.model(header)
+        return self.handle_model(self.model(header), kind, header, arrays, ok)
+
+    def handle_model(self, m, kind, header, arrays, ok):
+        """A request on one implementation ``m``."""
         if kind == "load_params":
             m.load_params(arrays)
             return ok, None
@@ -765,8 +134,6 @@ SERVE_STACK_BYTES = 1 << 30
 
 
 def main():
-    import threading
-    _import_cntk()
     status = []
     threading.stack_size(SERVE_STACK_BYTES)
     thread = threading.Thread(target=lambda: status.append(Worker().serve()), name="serve")
