@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable, refuse_not_applicable
+from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
 from bench.params import schema
 
 from . import NOT_APPLICABLE, wire
@@ -231,12 +231,12 @@ class Prepared:
 
 class CNTKImplementation(Implementation):
     framework = "cntk"
+    not_applicable = NOT_APPLICABLE
     # coupled L2 in the worker's universal learner (``Model._update``: g + wd * theta)
     weight_decay_refusal = None
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
-        refuse_not_applicable(NOT_APPLICABLE, cfg.model, strategy)
         self._client = client()
         spec = {
             "family": self.family, "model": cfg.model, "strategy": strategy, "device": device,
