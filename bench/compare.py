@@ -49,10 +49,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .records import KNOWN_SCHEMAS, finite_samples, latest, read_records
+from .stats import median, paired_slowdown_ci, slowdown_ci
 
 ALPHA = 0.01
-CONFIDENCE = 0.95
-BOOTSTRAP = 2000
 METRICS = ("train_samples_per_s", "infer_samples_per_s")  # higher is better
 COMPARABLE_SCHEMAS = KNOWN_SCHEMAS   # 2 added statuses; timing fields are those of 1
 
@@ -121,19 +120,6 @@ def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> float:
     sd = math.sqrt(n * m * (n + m + 1) / 12.0)
     z = (u + 0.5 - mean) / sd  # continuity correction
     return 0.5 * math.erfc(-z / math.sqrt(2))
-
-
-def slowdown_ci(base: Sequence[float], new: Sequence[float], seed: int = 0,
-                confidence: float = CONFIDENCE, rounds: int = BOOTSTRAP) -> Tuple[float, float, float]:
-    """Slowdown 1 - median(new)/median(base) with a bootstrap percentile interval."""
-    base, new = np.asarray(base, float), np.asarray(new, float)
-    point = 1.0 - np.median(new) / np.median(base)
-    rng = np.random.default_rng(seed)
-    bb = np.median(rng.choice(base, size=(rounds, base.size)), axis=1)
-    nb = np.median(rng.choice(new, size=(rounds, new.size)), axis=1)
-    dist = 1.0 - nb / bb
-    lo, hi = np.percentile(dist, [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
-    return float(point), float(lo), float(hi)
 
 
 @dataclass(frozen=True)
@@ -296,7 +282,7 @@ def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force:
             verdict, p, (point, lo, hi) = judge(a, b, threshold)
             if loud:
                 verdict += " (noisy)"
-            changes.append(Change(label, metric, float(np.median(a)), float(np.median(b)),
+            changes.append(Change(label, metric, median(a), median(b),
                                   point, lo, hi, p, verdict))
     return changes, problems, lost, skipped
 
@@ -395,19 +381,6 @@ def signed_rank_greater(d: Sequence[float]) -> float:
     observed = sum(r for r, v in zip(doubled, x) if v > 0)
     counts = _signed_rank_counts(doubled)
     return sum(c for total, c in counts.items() if total >= observed) / float(2 ** n)
-
-
-def paired_slowdown_ci(base: Sequence[float], new: Sequence[float], seed: int = 0,
-                       confidence: float = CONFIDENCE, rounds: int = BOOTSTRAP
-                       ) -> Tuple[float, float, float]:
-    """Slowdown 1 - new/base of the median round (log ratios), with a bootstrap percentile
-    interval that resamples whole rounds (pairs stay together)."""
-    d = np.log(np.asarray(base, float) / np.asarray(new, float))
-    point = 1.0 - math.exp(-float(np.median(d)))
-    rng = np.random.default_rng(seed)
-    boot = np.median(rng.choice(d, size=(rounds, d.size)), axis=1)
-    lo, hi = np.percentile(1.0 - np.exp(-boot), [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
-    return float(point), float(lo), float(hi)
 
 
 TOO_FEW_ROUNDS = "too few rounds to tell"

@@ -33,7 +33,7 @@ from .config import UsageError
 from .coverage import coverage_rows
 from .interface import BASELINE_STRATEGY
 from .params import family
-from .stats import median
+from .stats import iqr, median, quartiles
 from .records import ENV, RECORDS, atomic_write, finite_samples, latest, read_records, run_files
 
 SUMMARY_COLUMNS = [
@@ -108,19 +108,6 @@ def _repeats(r: Dict) -> int:
     return min(counts) if counts else 0
 
 
-def _iqr(xs) -> Optional[float]:
-    q = _quartiles(xs)
-    return q[1] - q[0] if q else None
-
-
-def _quartiles(xs) -> Optional[Tuple[float, float]]:
-    xs = finite_samples(xs)
-    if len(xs) < 2:
-        return None
-    q1, q3 = np.percentile(xs, [25, 75])
-    return float(q1), float(q3)
-
-
 def _timed_and_overhead(r: Dict) -> Tuple[Optional[float], Optional[float]]:
     """Seconds of timed passes, and everything else the cell's wall took (the runner's
     overhead): from phase_s and cell_wall_s, where the record has them."""
@@ -192,8 +179,8 @@ def summarise(records: List[Dict]):
     peaks = machine_peaks(records)
     for r in records:
         train, infer = median(r.get("train_samples_per_s")), median(r.get("infer_samples_per_s"))
-        tq = _quartiles(r.get("train_samples_per_s")) or (train, train)
-        iq = _quartiles(r.get("infer_samples_per_s")) or (infer, infer)
+        tq = quartiles(r.get("train_samples_per_s")) or (train, train)
+        iq = quartiles(r.get("infer_samples_per_s")) or (infer, infer)
         timed, overhead = _timed_and_overhead(r)
         acc = r.get("accuracy") or {}
         achieved = None   # matmul FLOP/s the cell reached (training where it trains)
@@ -216,8 +203,8 @@ def summarise(records: List[Dict]):
             "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None,
             "weight_decay": float(r.get("weight_decay") or 0.0),
             "accuracy": acc.get("test"),
-            "train_iqr": _iqr(r.get("train_samples_per_s")),
-            "infer_iqr": _iqr(r.get("infer_samples_per_s")),
+            "train_iqr": iqr(r.get("train_samples_per_s")),
+            "infer_iqr": iqr(r.get("infer_samples_per_s")),
             "repeats": _repeats(r),
             "latency_ms_p95": r.get("latency_ms_p95"), "device_peak_mb": r.get("device_peak_mb"),
             "infer_speedup_vs_baseline": None, "dev_accuracy": acc.get("dev"),

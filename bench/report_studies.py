@@ -17,6 +17,7 @@ import numpy as np
 from . import study_gradients as sg
 from .config import UsageError
 from .params import MODELS
+from .stats import mean_std, median
 
 COLOURS = {"elman": "tab:blue", "lstm": "tab:orange", "rvnn": "tab:green", "treelstm": "tab:red"}
 STYLES = {"sequence": "-", "parse": "-", "left": "--", "balanced": ":", sg.MAPPED: ":"}
@@ -215,13 +216,6 @@ def _mode(r: Dict) -> str:
     return (r.get("config") or {}).get("train_mode", "full")
 
 
-def _stats(xs: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-
-
 def _pct(mean, std) -> str:
     return "-" if mean is None else "%.1f ± %.1f" % (100 * mean, 100 * std)
 
@@ -289,11 +283,11 @@ def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
         ro = g.get("readout")
         if not ro:
             continue
-        test, test_sd = _stats([r["accuracy"].get("test") for r in ro])
-        dev, dev_sd = _stats([r["accuracy"].get("dev") for r in ro])
-        ro_s = float(np.median([r["accuracy"]["train_s"] for r in ro]))
-        ro_load = np.median([r.get("load_avg_1m_at_start") or 0 for r in ro])
-        floor, _ = _stats([r["accuracy"].get("majority_test") for r in ro])
+        test, test_sd = mean_std([r["accuracy"].get("test") for r in ro])
+        dev, dev_sd = mean_std([r["accuracy"].get("dev") for r in ro])
+        ro_s = median([r["accuracy"]["train_s"] for r in ro])
+        ro_load = median([r.get("load_avg_1m_at_start") or 0 for r in ro])
+        floor, _ = mean_std([r["accuracy"].get("majority_test") for r in ro])
         radius = sorted({r["accuracy"].get("spectral_radius") for r in ro})
         alphas = sorted({r["accuracy"].get("alpha") for r in ro})
         here = {_cpu(r) for r in ro}
@@ -302,9 +296,9 @@ def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
                        key=lambda k: (k.split()[3] not in here, k)) or [None]
         for sub in fulls:
             fr = g.get(sub) or []
-            f_test, f_sd = _stats([r["accuracy"].get("test") for r in fr])
-            f_s = float(np.median([r["accuracy"]["train_s"] for r in fr])) if fr else None
-            f_load = np.median([r.get("load_avg_1m_at_start") or 0 for r in fr]) if fr else None
+            f_test, f_sd = mean_std([r["accuracy"].get("test") for r in fr])
+            f_s = median([r["accuracy"]["train_s"] for r in fr])
+            f_load = median([r.get("load_avg_1m_at_start") or 0 for r in fr])
             budget = "-" if sub is None else "%s epochs, %s loss" % tuple(sub.split()[1:3])
             other = sorted({_cpu(r) for r in fr} - {_cpu(r) for r in ro})
             if other:
