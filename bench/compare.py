@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .records import KNOWN_SCHEMAS, finite_samples, latest, read_records
+from .runs import load_run
 from .stats import median, paired_slowdown_ci, slowdown_ci
 
 ALPHA = 0.01
@@ -174,7 +175,6 @@ def judge(base: Sequence[float], new: Sequence[float], threshold: Threshold,
 
 def _load(path: str, skip_corrupt: bool = False) -> List[Dict]:
     """The records of a file or a run directory, the last record of each cell in each file."""
-    from .report import load_run  # local import: report pulls nothing heavy at import time
     if os.path.isfile(path):
         return latest(read_records(path, skip_corrupt=skip_corrupt))
     return load_run(path, skip_corrupt=skip_corrupt)[0]
