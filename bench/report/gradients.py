@@ -4,6 +4,7 @@ tables and plot, from the ``gradients.jsonl`` files anywhere under a run directo
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -72,38 +73,103 @@ def training_table(metas: Sequence[Dict]) -> Optional[str]:
                       "recurrent blocks' spectral radius, mean (min-max): init -> trained"], rows)
 
 
-def gradient_tables(rows: Sequence[Dict]) -> Tuple[str, str]:
-    """(synthetic table, SST table) in Markdown."""
-    summ = sg.summary_rows(rows)
+def _synth_cells(got: Sequence[Optional[Dict]]) -> List[str]:
+    """A synthetic row's cells: the fit at the longest inputs measured, then the farthest
+    state's drop per input length (``-`` where that length was not measured)."""
+    big = [g for g in got if g][-1]
+    factor = 10 ** big["slope"] if big["slope"] is not None else None
+    return [fmt(big["slope"], "%.3f"), fmt(factor, "%.2f")] + [
+        "%s (d=%s)" % (fmt(g["drop"], "%.1f"), g["max_distance"]) if g else "-" for g in got]
+
+
+def _synth_table(summ: Sequence[Dict]) -> str:
+    """Synthetic inputs: the fit at the longest inputs, and the farthest state per length."""
     leaves = sorted({r["leaves"] for r in summ if r["task"] == "synth"})
-    synth_rows = []
     by = {(r["phase"], r["model"], r["shape"], r["leaves"]): r for r in summ if r["task"] == "synth"}
-    for phase in ("init", "trained"):
-        for model in MODELS:
-            for shape in SHAPE_ORDER:
-                got = [by.get((phase, model, shape, n)) for n in leaves]
-                if not any(got):
-                    continue
-                big = [g for g in got if g][-1]
-                cells = ["%s (d=%s)" % (fmt(g["drop"], "%.1f"), g["max_distance"]) if g else "-"
-                         for g in got]
-                synth_rows.append([phase, model, SHAPE_NAMES[shape], fmt(big["slope"], "%.3f"),
-                                   fmt(10 ** big["slope"] if big["slope"] is not None else None,
-                                      "%.2f")] + cells)
-    synth = md_table(["phase", "model", "input", "log10 norm per unit distance (fit, %d leaves)"
-                       % leaves[-1] if leaves else "fit", "factor per unit"]
-                      + ["log10 farthest / loss, %d leaves" % n for n in leaves], synth_rows)
-    sst_rows = []
+    rows = []
+    for phase, model, shape in itertools.product(("init", "trained"), MODELS, SHAPE_ORDER):
+        got = [by.get((phase, model, shape, n)) for n in leaves]
+        if any(got):
+            rows.append([phase, model, SHAPE_NAMES[shape]] + _synth_cells(got))
+    return md_table(["phase", "model", "input", "log10 norm per unit distance (fit, %d leaves)"
+                     % leaves[-1] if leaves else "fit", "factor per unit"]
+                    + ["log10 farthest / loss, %d leaves" % n for n in leaves], rows)
+
+
+def _sst_table(rows: Sequence[Dict]) -> str:
+    """SST dev sentences: the fit and the farthest state per model and input."""
     # real sentences thin out with distance (SST's longest has 49 words): the fit and the
     # farthest distance use the distances reached by at least PLOT_MIN_COUNT states, as the plot
     real = sg.summary_rows([r for r in rows if r["task"] != "synth" and r["count"] >= PLOT_MIN_COUNT])
-    for r in real:
-        sst_rows.append([r["phase"], r["model"], SHAPE_NAMES[r["shape"]], str(r["states"]),
-                         str(r["max_distance"]), fmt(r["slope"], "%.3f"), fmt(r["drop"], "%.1f")])
-    sst = md_table(["phase", "model", "input", "states", "max distance (>= %d states)"
+    out = [[r["phase"], r["model"], SHAPE_NAMES[r["shape"]], str(r["states"]), str(r["max_distance"]),
+            fmt(r["slope"], "%.3f"), fmt(r["drop"], "%.1f")] for r in real]
+    return md_table(["phase", "model", "input", "states", "max distance (>= %d states)"
                      % PLOT_MIN_COUNT,
-                     "log10 norm per unit distance (fit)", "log10 farthest / loss"], sst_rows)
-    return synth, sst
+                     "log10 norm per unit distance (fit)", "log10 farthest / loss"], out)
+
+
+def gradient_tables(rows: Sequence[Dict]) -> Tuple[str, str]:
+    """(synthetic table, SST table) in Markdown."""
+    return _synth_table(sg.summary_rows(rows)), _sst_table(rows)
+
+
+def _colour(model: str, shape: str) -> str:
+    return "black" if shape == sg.MAPPED else COLOURS[model]
+
+
+def _curve(rows: Sequence[Dict], phase: str, model: str, shape: str, task, leaves) -> List[Dict]:
+    """One curve's points (median log10 norm per distance), in order of distance; SST
+    distances reached by fewer than PLOT_MIN_COUNT states are left out."""
+    return sorted((r for r in rows if r["phase"] == phase and r["model"] == model
+                   and r["shape"] == shape and r["task"] == task
+                   and r.get("leaves") == leaves and r.get("log10_median") is not None
+                   and (task == "synth" or r["count"] >= PLOT_MIN_COUNT)),
+                  key=lambda r: r["distance"])
+
+
+def _distance_axis(ax, rows: Sequence[Dict], phase: str, task, leaves) -> None:
+    """log10 norm against distance from the loss, one curve and IQR band per model and input."""
+    for model, shape in itertools.product(MODELS, SHAPE_ORDER):
+        pts = _curve(rows, phase, model, shape, task, leaves)
+        if not pts:
+            continue
+        d = [r["distance"] for r in pts]
+        ax.plot(d, [r["log10_median"] for r in pts], STYLES[shape],
+                color=_colour(model, shape), marker="o" if len(d) < 20 else None, ms=3,
+                label="%s, %s" % (model, SHAPE_NAMES[shape]))
+        ax.fill_between(d, [r["log10_q25"] for r in pts], [r["log10_q75"] for r in pts],
+                        color=_colour(model, shape), alpha=0.12, lw=0)
+    ax.set_xlabel("distance from the loss")
+    ax.set_ylabel("log10 ||dL/dh|| (median, IQR band)")
+
+
+def _farthest_axis(ax, summ: Sequence[Dict], phase: str) -> None:
+    """The farthest state's norm over the loss's against the synthetic inputs' length."""
+    for model, shape in itertools.product(MODELS, SHAPE_ORDER):
+        far = sorted((r for r in summ if r["phase"] == phase and r["model"] == model
+                      and r["shape"] == shape and r["task"] == "synth"
+                      and r["drop"] is not None), key=lambda r: r["leaves"])
+        if far:
+            ax.plot([r["leaves"] for r in far], [r["drop"] for r in far],
+                    STYLES[shape], color=_colour(model, shape), marker="o", ms=4,
+                    label="%s, %s" % (model, SHAPE_NAMES[shape]))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (leaves)")
+    ax.set_ylabel("log10 (norm at farthest / norm at the loss)")
+
+
+def _finish_row(row_axes, phase: str, real_task: Optional[str], longest: Optional[int]) -> None:
+    """Titles, grid and legends of one phase's row of axes."""
+    ax_real, ax_syn, ax_len = row_axes
+    ax_real.set_title("%s: %s dev (distance: steps from the last token / edges from "
+                      "the root)" % (phase, real_task or "-"), fontsize=9)
+    ax_syn.set_title("%s: synthetic inputs of %s tokens" % (phase, longest or "-"), fontsize=9)
+    ax_len.set_title("%s: farthest state (first token / deepest leaf) vs length" % phase,
+                     fontsize=9)
+    for ax in row_axes:
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
 
 
 def gradient_plot(rows: Sequence[Dict], path: str) -> None:
@@ -117,49 +183,13 @@ def gradient_plot(rows: Sequence[Dict], path: str) -> None:
     real = sorted({r["task"] for r in rows if r["task"] != "synth"})
     summ = sg.summary_rows(rows)
     fig, axes = plt.subplots(len(phases), 3, figsize=(17, 4.6 * len(phases)), squeeze=False)
+    real_task, longest = real[0] if real else None, leaves[-1] if leaves else None
     for row_axes, phase in zip(axes, phases):
         ax_real, ax_syn, ax_len = row_axes
-        for model in MODELS:
-            for shape in SHAPE_ORDER:
-                colour = "black" if shape == sg.MAPPED else COLOURS[model]
-                for ax, task, n in ((ax_real, real[0] if real else None, None),
-                                    (ax_syn, "synth", leaves[-1] if leaves else None)):
-                    pts = sorted((r for r in rows if r["phase"] == phase and r["model"] == model
-                                  and r["shape"] == shape and r["task"] == task
-                                  and r.get("leaves") == n and r.get("log10_median") is not None
-                                  and (task == "synth" or r["count"] >= PLOT_MIN_COUNT)),
-                                 key=lambda r: r["distance"])
-                    if not pts:
-                        continue
-                    d = [r["distance"] for r in pts]
-                    ax.plot(d, [r["log10_median"] for r in pts], STYLES[shape],
-                            color=colour, marker="o" if len(d) < 20 else None, ms=3,
-                            label="%s, %s" % (model, SHAPE_NAMES[shape]))
-                    ax.fill_between(d, [r["log10_q25"] for r in pts], [r["log10_q75"] for r in pts],
-                                    color=colour, alpha=0.12, lw=0)
-                far = sorted((r for r in summ if r["phase"] == phase and r["model"] == model
-                              and r["shape"] == shape and r["task"] == "synth"
-                              and r["drop"] is not None), key=lambda r: r["leaves"])
-                if far:
-                    ax_len.plot([r["leaves"] for r in far], [r["drop"] for r in far],
-                                STYLES[shape], color=colour, marker="o", ms=4,
-                                label="%s, %s" % (model, SHAPE_NAMES[shape]))
-        ax_real.set_title("%s: %s dev (distance: steps from the last token / edges from "
-                          "the root)" % (phase, real[0] if real else "-"), fontsize=9)
-        ax_syn.set_title("%s: synthetic inputs of %s tokens" % (phase, leaves[-1] if leaves else "-"),
-                         fontsize=9)
-        ax_len.set_title("%s: farthest state (first token / deepest leaf) vs length" % phase,
-                         fontsize=9)
-        for ax in (ax_real, ax_syn):
-            ax.set_xlabel("distance from the loss")
-            ax.set_ylabel("log10 ||dL/dh|| (median, IQR band)")
-        ax_len.set_xscale("log", base=2)
-        ax_len.set_xlabel("tokens (leaves)")
-        ax_len.set_ylabel("log10 (norm at farthest / norm at the loss)")
-        for ax in row_axes:
-            ax.grid(alpha=0.3)
-            if ax.get_lines():
-                ax.legend(fontsize=7)
+        _distance_axis(ax_real, rows, phase, real_task, None)
+        _distance_axis(ax_syn, rows, phase, "synth", longest)
+        _farthest_axis(ax_len, summ, phase)
+        _finish_row(row_axes, phase, real_task, longest)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -32,6 +32,26 @@ def main_radius(records: Sequence[Dict]) -> Optional[float]:
     return max(sorted(counts), key=lambda k: counts[k]) if counts else None
 
 
+TASK_ORDER = ("sst", "sst2", "listops")
+
+
+def _cell_key(r: Dict) -> Tuple:
+    return (r["task"], r["model"], r["framework"], r["device"])
+
+
+def _table_order(key: Tuple) -> Tuple:
+    """Sort key of a (task, model, framework, device): tasks in TASK_ORDER, models in MODELS."""
+    return (TASK_ORDER.index(key[0]) if key[0] in TASK_ORDER else 9,
+            MODELS.index(key[1]) if key[1] in MODELS else 9, key[2], key[3])
+
+
+def _radius_cell(a: Optional[Dict]) -> str:
+    """Dev / test accuracy at one radius, or why there is none."""
+    if a is not None and not a.get("verified", True):
+        return "not equivalent (%.1e)" % a.get("verify_max_abs", float("nan"))
+    return "-" if a is None else "%s / %s" % (fmt(100 * a["dev"], "%.1f"), fmt(100 * a["test"], "%.1f"))
+
+
 def radius_rows(records: Sequence[Dict]) -> Tuple[List[float], List[List[str]]]:
     """Seed 0's dev / test accuracy per spectral radius, for every (task, model, framework)
     measured at more than one radius."""
@@ -40,82 +60,86 @@ def radius_rows(records: Sequence[Dict]) -> Tuple[List[float], List[List[str]]]:
         # failed cells count too: a radius whose features the check refused says so
         if r.get("status") in ("ok", "failed") and r.get("accuracy") and _mode(r) == "readout" \
                 and r.get("seed") == 0:
-            key = (r["task"], r["model"], r["framework"], r["device"])
-            per.setdefault(key, {})[r["accuracy"].get("spectral_radius")] = r["accuracy"]
+            per.setdefault(_cell_key(r), {})[r["accuracy"].get("spectral_radius")] = r["accuracy"]
     keep = {k: v for k, v in per.items() if len(v) > 1}
     radii = sorted({rho for v in keep.values() for rho in v})
-    order = {t: i for i, t in enumerate(("sst", "sst2", "listops"))}
-    rows = []
-    for key in sorted(keep, key=lambda k: (order.get(k[0], 9), MODELS.index(k[1])
-                                           if k[1] in MODELS else 9, k[2], k[3])):
-        cells = []
-        for rho in radii:
-            a = keep[key].get(rho)
-            if a is not None and not a.get("verified", True):
-                cells.append("not equivalent (%.1e)" % a.get("verify_max_abs", float("nan")))
-                continue
-            cells.append("-" if a is None else "%s / %s" % (fmt(100 * a["dev"], "%.1f"),
-                                                            fmt(100 * a["test"], "%.1f")))
-        rows.append(list(key[:3]) + cells)
+    rows = [list(key[:3]) + [_radius_cell(keep[key].get(rho)) for rho in radii]
+            for key in sorted(keep, key=_table_order)]
     return radii, rows
+
+
+def _readout_groups(ok: Sequence[Dict], main: Optional[float]) -> Dict[Tuple, Dict[str, List[Dict]]]:
+    """{(task, model, framework, device): {"readout" or a full budget: cells}}; readout cells
+    at the main radius only (other radii: the sensitivity table)."""
+    groups: Dict[Tuple, Dict[str, List[Dict]]] = {}
+    for r in ok:
+        if _mode(r) == "readout":
+            if r["accuracy"].get("spectral_radius") != main:
+                continue
+            sub = "readout"
+        else:
+            # one row per budget and machine: seconds from two machines never mix
+            sub = "full %g %s %s" % (r["accuracy"].get("epochs") or 0,
+                                     (r.get("config") or {}).get("loss_mode", "root"), _cpu(r))
+        groups.setdefault(_cell_key(r), {}).setdefault(sub, []).append(r)
+    return groups
+
+
+def _side(cells: Sequence[Dict]) -> Dict:
+    """Test accuracy over seeds (mean, std), and the median training seconds and load."""
+    test, test_sd = mean_std([r["accuracy"].get("test") for r in cells])
+    return {"test": test, "test_sd": test_sd,
+            "seconds": median([r["accuracy"]["train_s"] for r in cells]),
+            "load": median([r.get("load_avg_1m_at_start") or 0 for r in cells])}
+
+
+def _readout_cells(ro: Sequence[Dict], side: Dict) -> List[str]:
+    """The readout cells' columns: strategy, rho, alpha, accuracies, majority class, seconds."""
+    dev, dev_sd = mean_std([r["accuracy"].get("dev") for r in ro])
+    floor, _ = mean_std([r["accuracy"].get("majority_test") for r in ro])
+    return ["/".join(sorted({r["strategy"] for r in ro})),
+            ", ".join("%g" % x for x in sorted({r["accuracy"].get("spectral_radius") for r in ro})),
+            ", ".join("%g" % a for a in sorted({r["accuracy"].get("alpha") for r in ro})),
+            _pct(dev, dev_sd), _pct(side["test"], side["test_sd"]),
+            fmt(100 * floor if floor is not None else None, "%.1f"), fmt(side["seconds"], "%.1f")]
+
+
+def _full_budgets(g: Dict[str, List[Dict]], ro: Sequence[Dict]) -> List[Optional[str]]:
+    """The full-training budgets beside the readout cells, those measured on the readout cells'
+    machine first; [None] where there is none."""
+    here = {_cpu(r) for r in ro}
+    return sorted((k for k in g if k != "readout"), key=lambda k: (k.split()[3] not in here, k)) or [None]
+
+
+def _full_cells(sub: Optional[str], fr: Sequence[Dict], ro: Sequence[Dict], ro_side: Dict) -> List[str]:
+    """One full budget's columns, and how it compares with the readout cells."""
+    budget = "-" if sub is None else "%s epochs, %s loss" % tuple(sub.split()[1:3])
+    other = sorted({_cpu(r) for r in fr} - {_cpu(r) for r in ro})
+    if other:
+        budget += " (other machine: %s)" % ", ".join(o.replace("_", " ") for o in other)
+    f = _side(fr)
+    return [budget, _pct(f["test"], f["test_sd"]), fmt(f["seconds"], "%.0f"),
+            fmt(100 * (f["test"] - ro_side["test"]) if f["test"] is not None else None, "%+.1f"),
+            fmt(f["seconds"] / ro_side["seconds"] if f["seconds"] and ro_side["seconds"] else None,
+                "%.0fx"),
+            "%d / %s" % (len(ro), len(fr) if fr else "-"),
+            "%s / %s" % (fmt(ro_side["load"], "%.1f"), fmt(f["load"], "%.1f"))]
 
 
 def readout_rows(records: Sequence[Dict]) -> List[List[str]]:
     """One row per (task, model, framework) with readout cells, beside the full-training
     cells of the same task, model and framework (one row per full budget)."""
     ok = [r for r in records if r.get("status") == "ok" and r.get("accuracy")]
-    main = main_radius(ok)
-    groups: Dict[Tuple, Dict[str, List[Dict]]] = {}
-    for r in ok:
-        key = (r["task"], r["model"], r["framework"], r["device"])
-        if _mode(r) == "readout":
-            if r["accuracy"].get("spectral_radius") != main:
-                continue        # other radii: the sensitivity table
-            sub = "readout"
-        else:
-            # one row per budget and machine: seconds from two machines never mix
-            sub = "full %g %s %s" % (r["accuracy"].get("epochs") or 0,
-                                     (r.get("config") or {}).get("loss_mode", "root"), _cpu(r))
-        groups.setdefault(key, {}).setdefault(sub, []).append(r)
-    order = {t: i for i, t in enumerate(("sst", "sst2", "listops"))}
+    groups = _readout_groups(ok, main_radius(ok))
     out = []
-    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), MODELS.index(k[1])
-                                             if k[1] in MODELS else 9, k[2], k[3])):
+    for key in sorted(groups, key=_table_order):
         g = groups[key]
         ro = g.get("readout")
         if not ro:
             continue
-        test, test_sd = mean_std([r["accuracy"].get("test") for r in ro])
-        dev, dev_sd = mean_std([r["accuracy"].get("dev") for r in ro])
-        ro_s = median([r["accuracy"]["train_s"] for r in ro])
-        ro_load = median([r.get("load_avg_1m_at_start") or 0 for r in ro])
-        floor, _ = mean_std([r["accuracy"].get("majority_test") for r in ro])
-        radius = sorted({r["accuracy"].get("spectral_radius") for r in ro})
-        alphas = sorted({r["accuracy"].get("alpha") for r in ro})
-        here = {_cpu(r) for r in ro}
-        # budgets measured on the readout cells' machine first
-        fulls = sorted((k for k in g if k != "readout"),
-                       key=lambda k: (k.split()[3] not in here, k)) or [None]
-        for sub in fulls:
-            fr = g.get(sub) or []
-            f_test, f_sd = mean_std([r["accuracy"].get("test") for r in fr])
-            f_s = median([r["accuracy"]["train_s"] for r in fr])
-            f_load = median([r.get("load_avg_1m_at_start") or 0 for r in fr])
-            budget = "-" if sub is None else "%s epochs, %s loss" % tuple(sub.split()[1:3])
-            other = sorted({_cpu(r) for r in fr} - {_cpu(r) for r in ro})
-            if other:
-                budget += " (other machine: %s)" % ", ".join(o.replace("_", " ") for o in other)
-            out.append([
-                key[0], key[1], key[2], "/".join(sorted({r["strategy"] for r in ro})),
-                ", ".join("%g" % x for x in radius), ", ".join("%g" % a for a in alphas),
-                _pct(dev, dev_sd), _pct(test, test_sd), fmt(100 * floor if floor is not None
-                                                           else None, "%.1f"),
-                fmt(ro_s, "%.1f"), budget,
-                _pct(f_test, f_sd), fmt(f_s, "%.0f"),
-                fmt(100 * (f_test - test) if f_test is not None else None, "%+.1f"),
-                fmt(f_s / ro_s if f_s and ro_s else None, "%.0fx"),
-                "%d / %s" % (len(ro), len(fr) if fr else "-"),
-                "%s / %s" % (fmt(ro_load, "%.1f"), fmt(f_load, "%.1f"))])
+        side = _side(ro)
+        head = list(key[:3]) + _readout_cells(ro, side)
+        out += [head + _full_cells(sub, g.get(sub) or [], ro, side) for sub in _full_budgets(g, ro)]
     return out
 
 

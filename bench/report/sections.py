@@ -98,6 +98,51 @@ def _compiles_cell(r) -> str:
     return "%d / %d" % (train, infer)
 
 
+RESULTS_HEADER = ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
+                  "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
+                  "compiles (train/infer)", "peak RSS MB", "device peak MB",
+                  "% of machine peak", "% of own GEMM", "threads", "repeats"]
+
+
+def _result_row(r) -> List[str]:
+    """One timed cell of a results table (columns RESULTS_HEADER)."""
+    return [
+        r["framework"], r["strategy"],
+        "%s ± %s" % (fmt(r["train_samples_per_s"], "%.1f"), fmt(r["train_iqr"], "%.1f")),
+        "%s ± %s" % (fmt(r["infer_samples_per_s"], "%.1f"), fmt(r["infer_iqr"], "%.1f")),
+        fmt(r["speedup_vs_baseline"], "%.1fx"),
+        fmt(r["infer_speedup_vs_baseline"], "%.1fx"),
+        "%s / %s" % (fmt(r["latency_ms_p50"], "%.2f"), fmt(r["latency_ms_p95"], "%.2f")),
+        _compile_cell(r), _compiles_cell(r), fmt(r["peak_rss_mb"], "%.0f"),
+        fmt(r["device_peak_mb"], "%.0f"), fmt(r["roofline_pct"], "%.2f"),
+        fmt(r["own_gemm_pct"], "%.2f"),
+        _threads_cell(r), str(int(r["repeats"])) + (" noisy" if _true(r["noisy"]) else "")]
+
+
+def _model_tables(block, task: str, batch, device: str, where: str) -> List[str]:
+    """One table per model of a block of cells (one task, device, batch size and machine),
+    fastest first; a run column where the block comes from several runs."""
+    several_runs = block["run"].nunique() > 1
+    out = []
+    for model in [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(block["model"])]:
+        sub = block[block["model"] == model].sort_values(
+            ["train_samples_per_s", "infer_samples_per_s"], ascending=False, na_position="last")
+        rows = [_result_row(r) + ([r["run"]] if several_runs else []) for _, r in sub.iterrows()]
+        out.append("### %s, %s, batch %s, %s%s\n\n" % (task, model, batch, device, where)
+                   + md_table(RESULTS_HEADER + (["run"] if several_runs else []), rows))
+    return out
+
+
+def _untimed_table(records: List[Dict]) -> Optional[str]:
+    skipped = [r for r in records if r["status"] != "ok"]
+    if not skipped:
+        return None
+    rows = [[r["framework"], r["model"], r["strategy"], r["task"], r["device"],
+             r["status"], r.get("reason", "")] for r in skipped]
+    return "### Cells not timed\n\n" + md_table(
+        ["framework", "model", "strategy", "task", "device", "status", "reason"], rows)
+
+
 def results_section(df, records: List[Dict]) -> str:
     parts = []
     # Accuracy cells (the parity preset) time a token pool with few repeats as a by-product
@@ -111,37 +156,11 @@ def results_section(df, records: List[Dict]) -> str:
     for task, device, batch, machine in keys:
         block = ok[(ok["task"] == task) & (ok["device"] == device) & (ok["batch_size"] == batch)
                    & (ok["machine"] == machine)]
-        several_runs = block["run"].nunique() > 1
-        for model in [m for m in ("elman", "lstm", "rvnn", "treelstm") if m in set(block["model"])]:
-            sub = block[block["model"] == model].sort_values(
-                ["train_samples_per_s", "infer_samples_per_s"], ascending=False, na_position="last")
-            rows = []
-            for _, r in sub.iterrows():
-                rows.append([
-                    r["framework"], r["strategy"],
-                    "%s ± %s" % (fmt(r["train_samples_per_s"], "%.1f"), fmt(r["train_iqr"], "%.1f")),
-                    "%s ± %s" % (fmt(r["infer_samples_per_s"], "%.1f"), fmt(r["infer_iqr"], "%.1f")),
-                    fmt(r["speedup_vs_baseline"], "%.1fx"),
-                    fmt(r["infer_speedup_vs_baseline"], "%.1fx"),
-                    "%s / %s" % (fmt(r["latency_ms_p50"], "%.2f"), fmt(r["latency_ms_p95"], "%.2f")),
-                    _compile_cell(r), _compiles_cell(r), fmt(r["peak_rss_mb"], "%.0f"),
-                    fmt(r["device_peak_mb"], "%.0f"), fmt(r["roofline_pct"], "%.2f"),
-                    fmt(r["own_gemm_pct"], "%.2f"),
-                    _threads_cell(r), str(int(r["repeats"])) + (" noisy" if _true(r["noisy"]) else "")]
-                    + ([r["run"]] if several_runs else []))
-            where = ", on %s" % machine if several_machines else ""
-            parts.append("### %s, %s, batch %s, %s%s\n\n" % (task, model, batch, device, where) + md_table(
-                ["framework", "strategy", "train ex/s (median ± IQR)", "infer ex/s (median ± IQR)",
-                 "train speedup", "infer speedup", "batch-1 latency p50 / p95 ms", "compile s",
-                 "compiles (train/infer)", "peak RSS MB", "device peak MB",
-                 "% of machine peak", "% of own GEMM", "threads", "repeats"]
-                + (["run"] if several_runs else []), rows))
-    skipped = [r for r in records if r["status"] != "ok"]
-    if skipped:
-        rows = [[r["framework"], r["model"], r["strategy"], r["task"], r["device"],
-                 r["status"], r.get("reason", "")] for r in skipped]
-        parts.append("### Cells not timed\n\n" + md_table(
-            ["framework", "model", "strategy", "task", "device", "status", "reason"], rows))
+        where = ", on %s" % machine if several_machines else ""
+        parts += _model_tables(block, task, batch, device, where)
+    untimed = _untimed_table(records)
+    if untimed:
+        parts.append(untimed)
     return "\n\n".join(parts) if parts else "_no timed cells_"
 
 

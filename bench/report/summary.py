@@ -96,58 +96,70 @@ def machine_peaks(records: List[Dict]) -> Dict[Tuple, float]:
     return peaks
 
 
-def summarise(records: List[Dict]):
-    """The summary table: one row per cell, with medians, speedups and roofline."""
-    import pandas as pd
-    rows = []
-    peaks = machine_peaks(records)
-    for r in records:
-        train, infer = median(r.get("train_samples_per_s")), median(r.get("infer_samples_per_s"))
-        tq = quartiles(r.get("train_samples_per_s")) or (train, train)
-        iq = quartiles(r.get("infer_samples_per_s")) or (infer, infer)
-        timed, overhead = _timed_and_overhead(r)
-        acc = r.get("accuracy") or {}
-        achieved = None   # matmul FLOP/s the cell reached (training where it trains)
-        if train and r.get("train_flops_per_sample"):
-            achieved = train * r["train_flops_per_sample"]
-        elif infer and r.get("infer_flops_per_sample"):
-            achieved = infer * r["infer_flops_per_sample"]
-        gemm, peak = r.get("gemm_flops"), peaks.get(_peak_key(r))
-        roof = 100.0 * achieved / peak if achieved and peak else None
-        own = 100.0 * achieved / gemm if achieved and gemm else None
-        noise = r.get("noise") if isinstance(r.get("noise"), dict) else {}
-        rows.append({
-            "framework": r["framework"], "model": r["model"], "strategy": r["strategy"],
-            "task": r["task"], "device": r["device"], "batch_size": r["batch_size"],
-            "threads": r["threads"], "status": r["status"],
-            "train_samples_per_s": train, "infer_samples_per_s": infer,
-            "latency_ms_p50": r.get("latency_ms_p50"), "compile_s": r.get("compile_s"),
-            "peak_rss_mb": r.get("peak_rss_mb"), "speedup_vs_baseline": None,
-            "roofline_pct": roof, "own_gemm_pct": own, "machine_gemm_flops": peak,
-            "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None,
-            "weight_decay": float(r.get("weight_decay") or 0.0),
-            "accuracy": acc.get("test"),
-            "train_iqr": iqr(r.get("train_samples_per_s")),
-            "infer_iqr": iqr(r.get("infer_samples_per_s")),
-            "repeats": _repeats(r),
-            "latency_ms_p95": r.get("latency_ms_p95"), "device_peak_mb": r.get("device_peak_mb"),
-            "infer_speedup_vs_baseline": None, "dev_accuracy": acc.get("dev"),
-            "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
-            "framework_version": r.get("framework_version"), "reason": r.get("reason", ""),
-            "cell_id": r.get("cell_id"), "run": r.get("run", "."), "_key": _group_key(r),
-            "threads_applied": _threads_applied(r),
-            "epochs": acc.get("epochs") if r.get("accuracy") else None,
-            "loss_mode": (r.get("config") or {}).get("loss_mode", "root"),
-            "machine": machine_label(r.get("machine")),
-            "train_mode": (r.get("config") or {}).get("train_mode", "full"),
-            "cell_wall_s": r.get("cell_wall_s"), "timed_s": timed, "overhead_s": overhead,
-            "train_q1": tq[0], "train_q3": tq[1], "infer_q1": iq[0], "infer_q3": iq[1],
-            "compiles_train": _compiles(r).get("train"),
-            "compiles_infer": _compiles(r).get("infer"),
-            "compile_cache": _compiles(r).get("cache"),
-        })
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + QUARTILE_COLUMNS + ["_key"])
-    # Speedup over the framework's own baseline strategy (loop / recursive), same everything else.
+def _achieved_flops(r: Dict, train: Optional[float], infer: Optional[float]) -> Optional[float]:
+    """Matmul FLOP/s the cell reached (training where it trains), or None."""
+    if train and r.get("train_flops_per_sample"):
+        return train * r["train_flops_per_sample"]
+    if infer and r.get("infer_flops_per_sample"):
+        return infer * r["infer_flops_per_sample"]
+    return None
+
+
+def _cell_columns(r: Dict) -> Dict:
+    """What the cell was: its configuration, where it ran and with what."""
+    config = r.get("config") or {}
+    return {
+        "framework": r["framework"], "model": r["model"], "strategy": r["strategy"],
+        "task": r["task"], "device": r["device"], "batch_size": r["batch_size"],
+        "threads": r["threads"], "status": r["status"], "reason": r.get("reason", ""),
+        "weight_decay": float(r.get("weight_decay") or 0.0),
+        "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
+        "framework_version": r.get("framework_version"), "cell_id": r.get("cell_id"),
+        "run": r.get("run", "."), "threads_applied": _threads_applied(r),
+        "loss_mode": config.get("loss_mode", "root"), "train_mode": config.get("train_mode", "full"),
+        "machine": machine_label(r.get("machine")), "_key": _group_key(r)}
+
+
+def _throughput_columns(r: Dict, peaks: Dict[Tuple, float]) -> Dict:
+    """Medians and quartiles of the throughput repeats, and the roofline they reach."""
+    train, infer = median(r.get("train_samples_per_s")), median(r.get("infer_samples_per_s"))
+    tq = quartiles(r.get("train_samples_per_s")) or (train, train)
+    iq = quartiles(r.get("infer_samples_per_s")) or (infer, infer)
+    achieved = _achieved_flops(r, train, infer)
+    gemm, peak = r.get("gemm_flops"), peaks.get(_peak_key(r))
+    return {
+        "train_samples_per_s": train, "infer_samples_per_s": infer,
+        "train_iqr": iqr(r.get("train_samples_per_s")), "infer_iqr": iqr(r.get("infer_samples_per_s")),
+        "train_q1": tq[0], "train_q3": tq[1], "infer_q1": iq[0], "infer_q3": iq[1],
+        "repeats": _repeats(r), "speedup_vs_baseline": None, "infer_speedup_vs_baseline": None,
+        "roofline_pct": 100.0 * achieved / peak if achieved and peak else None,
+        "own_gemm_pct": 100.0 * achieved / gemm if achieved and gemm else None,
+        "machine_gemm_flops": peak}
+
+
+def _cost_columns(r: Dict) -> Dict:
+    """Latency, memory, compiles, where the cell's time went, and whether it was noisy."""
+    timed, overhead = _timed_and_overhead(r)
+    compiles = _compiles(r)
+    noise = r.get("noise") if isinstance(r.get("noise"), dict) else {}
+    return {
+        "latency_ms_p50": r.get("latency_ms_p50"), "latency_ms_p95": r.get("latency_ms_p95"),
+        "compile_s": r.get("compile_s"), "peak_rss_mb": r.get("peak_rss_mb"),
+        "device_peak_mb": r.get("device_peak_mb"),
+        "cell_wall_s": r.get("cell_wall_s"), "timed_s": timed, "overhead_s": overhead,
+        "compiles_train": compiles.get("train"), "compiles_infer": compiles.get("infer"),
+        "compile_cache": compiles.get("cache"),
+        "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None}
+
+
+def _accuracy_columns(r: Dict) -> Dict:
+    acc = r.get("accuracy") or {}
+    return {"accuracy": acc.get("test"), "dev_accuracy": acc.get("dev"), "epochs": acc.get("epochs")}
+
+
+def _add_speedups(df) -> None:
+    """Speedup over the framework's own baseline strategy (loop / recursive), same everything
+    else; the baseline of the row's own run where that run timed one."""
     for i, row in df.iterrows():
         base = df[(df["_key"] == row["_key"]) & (df["status"] == "ok") &
                   (df["strategy"] == BASELINE_STRATEGY[family(row["model"])])]
@@ -159,12 +171,22 @@ def summarise(records: List[Dict]):
             df.at[i, "speedup_vs_baseline"] = row["train_samples_per_s"] / b["train_samples_per_s"]
         if row["infer_samples_per_s"] and b["infer_samples_per_s"]:
             df.at[i, "infer_speedup_vs_baseline"] = row["infer_samples_per_s"] / b["infer_samples_per_s"]
+
+
+def summarise(records: List[Dict]):
+    """The summary table: one row per cell, with medians, speedups and roofline."""
+    import pandas as pd
+    peaks = machine_peaks(records)
+    rows = [dict(_cell_columns(r), **_throughput_columns(r, peaks), **_cost_columns(r),
+                 **_accuracy_columns(r)) for r in records]
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + QUARTILE_COLUMNS + ["_key"])
+    _add_speedups(df)
     return df.drop(columns=["_key"])
 
 
 def accuracy_table(df):
     """Mean and std of accuracy over seeds for cells that ran an accuracy budget."""
-    # readout cells (reservoir training) have their own table (bench.report_studies)
+    # readout cells (reservoir training) have their own table (bench.report.readout)
     acc = df[(df["status"] == "ok") & df["accuracy"].notna() & (df["train_mode"] == "full")]
     if acc.empty:
         return acc
