@@ -335,7 +335,7 @@ def _print_findings(changes: Sequence[Change], problems: Sequence[str], lost: Se
         sys.stderr.write("no matching ok cells with finite repeats in both runs\n")
     if lost:
         print("\nlost cells (ok in BASE, not judged in NEW%s):" % ("; accepted by --allow-missing"
-                                                                  if allow else ""))
+                                                                   if allow else ""))
         for item in lost:
             print("  %s: %s" % (item.label, item.why))
     if noisy:

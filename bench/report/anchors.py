@@ -12,11 +12,7 @@ from .summary import accuracy_table
 # Published anchors (Socher et al. 2013, SST root accuracy without pretrained vectors).
 ANCHORS = {("sst", "treelstm"): ("RNTN", 45.7), ("sst", "rvnn"): ("plain RvNN", 43.2),
            ("sst2", "treelstm"): ("RNTN", 85.4), ("sst2", "rvnn"): ("plain RvNN", 82.4)}
-
-
 ANCHOR_TASKS = {"sst": "fine-grained", "sst2": "binary"}
-
-
 PARITY_SPREAD_POINTS = 1.0
 
 
@@ -48,7 +44,7 @@ def anchors_rows(df) -> List[List[str]]:
         for _, r in g.iterrows():
             mean = 100 * r["test_mean"]
             rows.append(["%s %s (%s, %g epochs) at or above %s" % (task, model, r["framework"],
-                                                                  r["epochs"], name),
+                                                                   r["epochs"], name),
                          ">= %.1f" % target, "%.1f ± %.1f (%d seeds)" % (
                              mean, 100 * nan0(r["test_std"]), r["seeds"]),
                          "met" if mean >= target else "missed"])

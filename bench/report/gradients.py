@@ -18,18 +18,10 @@ from .markdown import fmt, md_table
 
 
 COLOURS = {"elman": "tab:blue", "lstm": "tab:orange", "rvnn": "tab:green", "treelstm": "tab:red"}
-
-
 STYLES = {"sequence": "-", "parse": "-", "left": "--", "balanced": ":", sg.MAPPED: ":"}
-
-
 SHAPE_NAMES = {"sequence": "tokens in order", "parse": "parse tree", "left": "left-branching",
                "balanced": "balanced", sg.MAPPED: "left-branching, Elman's weights"}
-
-
 SHAPE_ORDER = ("sequence", "parse", "balanced", "left", sg.MAPPED)
-
-
 PLOT_MIN_COUNT = 5   # SST distances reached by fewer states are left out of the plot
 
 
@@ -69,8 +61,8 @@ def training_table(metas: Sequence[Dict]) -> Optional[str]:
     if not rows:
         return None
     return md_table(["model", "Adam steps", "seconds", "loss (first step -> mean of last 50)",
-                      "dev accuracy % (init -> trained)",
-                      "recurrent blocks' spectral radius, mean (min-max): init -> trained"], rows)
+                     "dev accuracy % (init -> trained)",
+                     "recurrent blocks' spectral radius, mean (min-max): init -> trained"], rows)
 
 
 def _synth_cells(got: Sequence[Optional[Dict]]) -> List[str]:

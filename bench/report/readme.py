@@ -36,7 +36,7 @@ def readme_blocks(run_dirs: List[str], skip_corrupt: bool = False) -> Dict[str, 
                      ", ".join("%s %.0f" % (r["framework"], r["train_samples_per_s"])
                                for _, r in slow.iterrows() if r["train_samples_per_s"] > 0) or "-"])
     summary = md_table(["model", "device", "fastest framework/strategy (train)", "train ex/s",
-                         "infer ex/s", "baseline strategy train ex/s (loop/recursive)"], rows)
+                        "infer ex/s", "baseline strategy train ex/s (loop/recursive)"], rows)
     return {"coverage": coverage_section(records), "summary": summary,
             "accuracy": accuracy_section(df), "anchors": anchors_section(df)}
 

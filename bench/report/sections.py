@@ -177,7 +177,7 @@ def overhead_section(df) -> str:
                      fmt(r["timed_s"], "%.1f"), "%s (%s%%)" % (
                          fmt(r["overhead_s"], "%.1f"),
                          fmt(100 * r["overhead_s"] / r["cell_wall_s"] if r["cell_wall_s"] else None,
-                              "%.0f"))]
+                             "%.0f"))]
                     + [fmt(phases.get(key), "%.1f") for key, _ in OVERHEAD_PHASES])
         t = totals.setdefault(r["framework"], [0, 0.0, 0.0, 0.0])
         t[0] += 1
@@ -188,7 +188,7 @@ def overhead_section(df) -> str:
                         [[fw, str(n), "%.0f" % w, "%.0f" % t, "%.0f" % o,
                           "%.0f%%" % (100 * o / w if w else 0)] for fw, (n, w, t, o) in totals.items()])
     detail = md_table(["cell", "task", "wall s", "timed s", "overhead s (share)"]
-                       + [name for _, name in OVERHEAD_PHASES], rows)
+                      + [name for _, name in OVERHEAD_PHASES], rows)
     return ("Each cell's wall time from the runner's side: the timed passes, and the rest (the "
             "runner's overhead: process start, imports, data, pool, first call, the equivalence "
             "gate, warm-up, latency and GEMM-peak probes, exit), seconds per phase.\n\n"
@@ -241,4 +241,4 @@ def accuracy_section(df) -> str:
              "%.1f ± %.1f" % (100 * r["test_mean"], 100 * nan0(r["test_std"])),
              int(r["seeds"])] for _, r in acc.iterrows()]
     return md_table(["task", "model", "loss", "epochs", "framework", "strategy",
-                      "dev accuracy %", "test accuracy %", "seeds"], rows)
+                     "dev accuracy %", "test accuracy %", "seeds"], rows)

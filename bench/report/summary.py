@@ -24,8 +24,6 @@ SUMMARY_COLUMNS = [
     "compiles_train", "compiles_infer", "compile_cache",
     "own_gemm_pct", "machine_gemm_flops", "noisy", "noisy_why", "weight_decay",
 ]
-
-
 # Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
 QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
 
