@@ -42,17 +42,17 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .records import KNOWN_SCHEMAS, finite_samples, latest, read_records
+from .runs import load_run
+from .stats import median, paired_slowdown_ci, slowdown_ci
 
 ALPHA = 0.01
-CONFIDENCE = 0.95
-BOOTSTRAP = 2000
 METRICS = ("train_samples_per_s", "infer_samples_per_s")  # higher is better
 COMPARABLE_SCHEMAS = KNOWN_SCHEMAS   # 2 added statuses; timing fields are those of 1
 
@@ -123,19 +123,6 @@ def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> float:
     return 0.5 * math.erfc(-z / math.sqrt(2))
 
 
-def slowdown_ci(base: Sequence[float], new: Sequence[float], seed: int = 0,
-                confidence: float = CONFIDENCE, rounds: int = BOOTSTRAP) -> Tuple[float, float, float]:
-    """Slowdown 1 - median(new)/median(base) with a bootstrap percentile interval."""
-    base, new = np.asarray(base, float), np.asarray(new, float)
-    point = 1.0 - np.median(new) / np.median(base)
-    rng = np.random.default_rng(seed)
-    bb = np.median(rng.choice(base, size=(rounds, base.size)), axis=1)
-    nb = np.median(rng.choice(new, size=(rounds, new.size)), axis=1)
-    dist = 1.0 - nb / bb
-    lo, hi = np.percentile(dist, [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
-    return float(point), float(lo), float(hi)
-
-
 @dataclass(frozen=True)
 class Change:
     label: str
@@ -188,7 +175,6 @@ def judge(base: Sequence[float], new: Sequence[float], threshold: Threshold,
 
 def _load(path: str, skip_corrupt: bool = False) -> List[Dict]:
     """The records of a file or a run directory, the last record of each cell in each file."""
-    from .report import load_run  # local import: report pulls nothing heavy at import time
     if os.path.isfile(path):
         return latest(read_records(path, skip_corrupt=skip_corrupt))
     return load_run(path, skip_corrupt=skip_corrupt)[0]
@@ -233,13 +219,8 @@ def noisy_why(rec: Dict) -> str:
     return noise.get("noisy_why") or "flagged noisy"
 
 
-def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force: bool = False,
-                 noisy: Optional[List[str]] = None
-                 ) -> Tuple[List[Change], List[str], List[Lost], List[str]]:
-    """(changes, problems that block a fair comparison, lost cells, metrics not compared).
-
-    ``noisy`` (a list) collects the cells left unjudged because a side was noisy; with
-    ``force`` they are judged, their verdicts marked."""
+def _mismatches(base: List[Dict], new: List[Dict]) -> List[str]:
+    """What makes the two runs' timings incomparable: schema versions, machines, threads."""
     problems = []
     for what, key in (("schema versions", _schema_family),
                       ("machines", _identity), ("thread counts", lambda r: r.get("threads"))):
@@ -249,56 +230,86 @@ def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force:
         a, b = {key(r) for r in pick(base)}, {key(r) for r in pick(new)}
         if a != b:
             problems.append("different %s: %s vs %s" % (what, sorted(map(str, a)), sorted(map(str, b))))
+    return problems
+
+
+def _moved(base: List[Dict], by_id: Dict[str, Dict]) -> List[str]:
+    """Cells timed on one kind of machine in BASE and another in NEW. Runs on a cluster of
+    several kinds of machine have the same set on both sides, yet a cell may have moved."""
+    moved = [(old, by_id[old["cell_id"]]) for old in _timed(latest(base))
+             if old["cell_id"] in by_id and _timed([by_id[old["cell_id"]]])
+             and _identity(old) != _identity(by_id[old["cell_id"]])]
+    if not moved:
+        return []
+    old, rec = moved[0]
+    return ["%d cells ran on different machines in BASE and NEW (e.g. %s: %s vs %s)"
+            % (len(moved), _label(old), _identity(old), _identity(rec))]
+
+
+@dataclass
+class _Outcome:
+    """What ``compare_runs`` found, cell by cell."""
+
+    changes: List[Change] = field(default_factory=list)
+    lost: List[Lost] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)   # metrics not compared
+
+
+def _judge_metric(label: str, metric: str, old: Dict, rec: Dict, threshold: Threshold,
+                  noisy: bool, out: _Outcome) -> None:
+    """One metric of a cell ok on both sides: a change, a lost cell or a metric not compared."""
+    raw_a, raw_b = old.get(metric) or [], rec.get(metric) or []
+    a, b = finite_samples(raw_a), finite_samples(raw_b)
+    if not raw_a:
+        return   # BASE never measured it (an inference-only cell)
+    if len(a) < 2:
+        out.skipped.append("%s %s: BASE has %d finite samples of %d; not compared"
+                           % (label, metric, len(a), len(raw_a)))
+    elif len(b) < 2 or len(b) < len(raw_b):
+        out.lost.append(Lost(label, "%s in NEW has %d finite samples of %d"
+                             % (metric, len(b), len(raw_b))))
+    else:
+        verdict, p, (point, lo, hi) = judge(a, b, threshold)
+        out.changes.append(Change(label, metric, median(a), median(b), point, lo, hi, p,
+                                  verdict + (" (noisy)" if noisy else "")))
+
+
+def _judge_cell(old: Dict, rec: Optional[Dict], threshold: Threshold, force: bool,
+                noisy: Optional[List[str]], out: _Outcome) -> None:
+    """A cell ok in BASE against its record in NEW (None: missing there)."""
+    label = _label(old)
+    if rec is None:
+        out.lost.append(Lost(label, "missing in NEW"))
+        return
+    if rec.get("status") != "ok":
+        out.lost.append(Lost(label, "%s in NEW: %s" % (rec.get("status"), rec.get("reason", ""))))
+        return
+    loud = [(side, r) for side, r in (("BASE", old), ("NEW", rec)) if r.get("noisy") is True]
+    if loud and not force:
+        if noisy is not None:
+            noisy.append("%s: noisy in %s (%s)" % (label, " and ".join(s for s, _ in loud),
+                                                   noisy_why(loud[0][1])))
+        return
+    for metric in METRICS:
+        _judge_metric(label, metric, old, rec, threshold, bool(loud), out)
+
+
+def compare_runs(base: List[Dict], new: List[Dict], threshold: Threshold, force: bool = False,
+                 noisy: Optional[List[str]] = None
+                 ) -> Tuple[List[Change], List[str], List[Lost], List[str]]:
+    """(changes, problems that block a fair comparison, lost cells, metrics not compared).
+
+    ``noisy`` (a list) collects the cells left unjudged because a side was noisy; with
+    ``force`` they are judged, their verdicts marked."""
     by_id = {r["cell_id"]: r for r in latest(new)}
-    if not problems:
-        # Runs on a cluster of several kinds of machine have the same set on both sides, yet
-        # a cell may have run on one kind in BASE and on another in NEW.
-        moved = [(old, by_id[old["cell_id"]]) for old in _timed(latest(base))
-                 if old["cell_id"] in by_id and _timed([by_id[old["cell_id"]]])
-                 and _identity(old) != _identity(by_id[old["cell_id"]])]
-        if moved:
-            old, rec = moved[0]
-            problems.append("%d cells ran on different machines in BASE and NEW (e.g. %s: %s vs %s)"
-                            % (len(moved), _label(old), _identity(old), _identity(rec)))
+    problems = _mismatches(base, new) or _moved(base, by_id)
     if problems and not force:
         return [], problems, [], []
-    changes, lost, skipped = [], [], []
+    out = _Outcome()
     for old in latest(base):
-        if old.get("status") != "ok":
-            continue
-        label = _label(old)
-        rec = by_id.get(old["cell_id"])
-        if rec is None:
-            lost.append(Lost(label, "missing in NEW"))
-            continue
-        if rec.get("status") != "ok":
-            lost.append(Lost(label, "%s in NEW: %s" % (rec.get("status"), rec.get("reason", ""))))
-            continue
-        loud = [(side, r) for side, r in (("BASE", old), ("NEW", rec)) if r.get("noisy") is True]
-        if loud and not force:
-            if noisy is not None:
-                noisy.append("%s: noisy in %s (%s)" % (label, " and ".join(s for s, _ in loud),
-                                                       noisy_why(loud[0][1])))
-            continue
-        for metric in METRICS:
-            raw_a, raw_b = old.get(metric) or [], rec.get(metric) or []
-            a, b = finite_samples(raw_a), finite_samples(raw_b)
-            if not raw_a:
-                continue   # BASE never measured it (an inference-only cell)
-            if len(a) < 2:
-                skipped.append("%s %s: BASE has %d finite samples of %d; not compared"
-                               % (label, metric, len(a), len(raw_a)))
-                continue
-            if len(b) < 2 or len(b) < len(raw_b):
-                lost.append(Lost(label, "%s in NEW has %d finite samples of %d"
-                                 % (metric, len(b), len(raw_b))))
-                continue
-            verdict, p, (point, lo, hi) = judge(a, b, threshold)
-            if loud:
-                verdict += " (noisy)"
-            changes.append(Change(label, metric, float(np.median(a)), float(np.median(b)),
-                                  point, lo, hi, p, verdict))
-    return changes, problems, lost, skipped
+        if old.get("status") == "ok":
+            _judge_cell(old, by_id.get(old["cell_id"]), threshold, force, noisy, out)
+    return out.changes, problems, out.lost, out.skipped
 
 
 def format_table(changes: Sequence[Change]) -> str:
@@ -309,6 +320,40 @@ def format_table(changes: Sequence[Change]) -> str:
             c.label, c.metric.replace("_samples_per_s", ""), c.base_median, c.new_median,
             100 * c.slowdown, 100 * c.ci_low, 100 * c.ci_high, c.p_slower, c.verdict))
     return "\n".join(lines)
+
+
+def _print_findings(changes: Sequence[Change], problems: Sequence[str], lost: Sequence[Lost],
+                    skipped: Sequence[str], noisy: Sequence[str], allow: bool) -> None:
+    """Forced problems and metrics not compared (stderr), the table, lost and noisy cells."""
+    for p in problems:
+        sys.stderr.write("warning (forced): %s\n" % p)
+    for line in skipped:
+        sys.stderr.write("not compared: %s\n" % line)
+    if changes:
+        print(format_table(changes))
+    else:
+        sys.stderr.write("no matching ok cells with finite repeats in both runs\n")
+    if lost:
+        print("\nlost cells (ok in BASE, not judged in NEW%s):" % ("; accepted by --allow-missing"
+                                                                   if allow else ""))
+        for item in lost:
+            print("  %s: %s" % (item.label, item.why))
+    if noisy:
+        print("\nnot judged, noisy (the machine was busy while they were timed; rerun on a quiet "
+              "machine, use `python -m bench ab`, or --force):")
+        for line in noisy:
+            print("  " + line)
+
+
+def _tally(changes: Sequence[Change], lost: Sequence[Lost], threshold: Threshold) -> str:
+    bad = [c for c in changes if c.verdict.startswith(REGRESSION)]
+    better = [c for c in changes if c.verdict.startswith(IMPROVEMENT)]
+    blind = [c for c in changes if c.verdict == "too few repeats to tell"]
+    return ("%d comparisons, %d regressions, %d improvements, %d lost cells (threshold %.0f%%, "
+            "alpha %g)%s" % (len(changes), len(bad), len(better), len(lost), 100 * threshold.fraction,
+                             ALPHA, "; %d with too few repeats to tell (no outcome of so few could "
+                             "reach p < %g: rerun with more --repeats)" % (len(blind), ALPHA)
+                             if blind else ""))
 
 
 def main(args) -> int:
@@ -326,34 +371,10 @@ def main(args) -> int:
         sys.stderr.write("refusing to compare (use --force to override):\n  %s\n"
                          % "\n  ".join(problems))
         return 2
-    for p in problems:
-        sys.stderr.write("warning (forced): %s\n" % p)
-    for line in skipped:
-        sys.stderr.write("not compared: %s\n" % line)
-    if changes:
-        print(format_table(changes))
-    else:
-        sys.stderr.write("no matching ok cells with finite repeats in both runs\n")
     allow = getattr(args, "allow_missing", False)
-    if lost:
-        print("\nlost cells (ok in BASE, not judged in NEW%s):" % ("; accepted by --allow-missing"
-                                                                  if allow else ""))
-        for item in lost:
-            print("  %s: %s" % (item.label, item.why))
-    if noisy:
-        print("\nnot judged, noisy (the machine was busy while they were timed; rerun on a quiet "
-              "machine, use `python -m bench ab`, or --force):")
-        for line in noisy:
-            print("  " + line)
-    bad = [c for c in changes if c.verdict.startswith(REGRESSION)]
-    better = [c for c in changes if c.verdict.startswith(IMPROVEMENT)]
-    blind = [c for c in changes if c.verdict == "too few repeats to tell"]
-    print("\n%d comparisons, %d regressions, %d improvements, %d lost cells (threshold %.0f%%, "
-          "alpha %g)%s" % (len(changes), len(bad), len(better), len(lost), 100 * threshold.fraction,
-                           ALPHA, "; %d with too few repeats to tell (no outcome of so few could "
-                           "reach p < %g: rerun with more --repeats)" % (len(blind), ALPHA)
-                           if blind else ""))
-    if bad or (lost and not allow):
+    _print_findings(changes, problems, lost, skipped, noisy, allow)
+    print("\n" + _tally(changes, lost, threshold))
+    if any(c.verdict.startswith(REGRESSION) for c in changes) or (lost and not allow):
         return 1
     return 2 if noisy else 0
 
@@ -395,19 +416,6 @@ def signed_rank_greater(d: Sequence[float]) -> float:
     observed = sum(r for r, v in zip(doubled, x) if v > 0)
     counts = _signed_rank_counts(doubled)
     return sum(c for total, c in counts.items() if total >= observed) / float(2 ** n)
-
-
-def paired_slowdown_ci(base: Sequence[float], new: Sequence[float], seed: int = 0,
-                       confidence: float = CONFIDENCE, rounds: int = BOOTSTRAP
-                       ) -> Tuple[float, float, float]:
-    """Slowdown 1 - new/base of the median round (log ratios), with a bootstrap percentile
-    interval that resamples whole rounds (pairs stay together)."""
-    d = np.log(np.asarray(base, float) / np.asarray(new, float))
-    point = 1.0 - math.exp(-float(np.median(d)))
-    rng = np.random.default_rng(seed)
-    boot = np.median(rng.choice(d, size=(rounds, d.size)), axis=1)
-    lo, hi = np.percentile(1.0 - np.exp(-boot), [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
-    return float(point), float(lo), float(hi)
 
 
 TOO_FEW_ROUNDS = "too few rounds to tell"

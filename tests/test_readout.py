@@ -248,7 +248,7 @@ def _acc_record(fw, model, task, test, seed, mode="full", train_s=100.0, epochs=
 def test_report_sets_readout_beside_full_training_and_out_of_the_parity_tables():
     pytest.importorskip("pandas")
     from bench.report import accuracy_table, anchors_rows, summarise
-    from bench.report_studies import readout_rows
+    from bench.report.readout import readout_rows
     recs = [_acc_record("torch", "treelstm", "sst", 0.30 + 0.01 * s, s, "readout", train_s=2.0)
             for s in range(3)]
     recs += [_acc_record("torch", "treelstm", "sst", 0.45, s, train_s=60.0) for s in range(2)]
@@ -271,7 +271,7 @@ def test_report_sets_readout_beside_full_training_and_out_of_the_parity_tables()
 
 
 def test_other_spectral_radii_go_to_the_sensitivity_table():
-    from bench.report_studies import readout_rows, readout_section
+    from bench.report.readout import readout_rows, readout_section
     recs = [_acc_record("torch", "rvnn", "listops", 0.30, s, "readout") for s in range(3)]
     recs += [_acc_record("torch", "rvnn", "listops", 0.20, 0, "readout", rho=0.5),
              _acc_record("torch", "rvnn", "listops", 0.35, 0, "readout", rho=1.5),

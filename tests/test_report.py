@@ -139,34 +139,34 @@ def test_binary_sst_has_its_own_anchors():
 
 
 def test_env_table_names_frameworks_from_the_records_too():
-    from bench.report import _env_section
+    from bench.report.sections import env_section
     env = {"_dir": "gpu", "frameworks": {"jax": "0.11.2"}, "machine": {"cpu": "x", "cores": 16}}
     recs = [{"run": "gpu", "framework": "torch", "framework_version": "2.11.0"},
             {"run": "other", "framework": "tensorflow", "framework_version": "2.21.0"}]
-    text = _env_section([env], recs)
+    text = env_section([env], recs)
     assert "jax 0.11.2, torch 2.11.0" in text and "tensorflow" not in text
 
 
 def test_plots_take_the_newest_run_of_a_cell_that_several_runs_timed():
-    from bench.report import _newest_run_per_cell, summarise
+    from bench.report.figures import newest_run_per_cell
     old, new, other = (_acc_record("torch", "treelstm", "sst", 0.4) for _ in range(3))
     other["strategy"] = "recursive"
     for rec, run, speed in ((old, "quick", 300.0), (new, "quick-packed", 800.0), (other, "quick", 50.0)):
         rec.update(accuracy=None, run=run, train_samples_per_s=[speed], infer_samples_per_s=[speed])
     envs = [{"_dir": "quick", "time": "2026-11-26T04:00:00Z"},
             {"_dir": "quick-packed", "time": "2026-11-26T07:00:00Z"}]
-    kept = _newest_run_per_cell(summarise([old, new, other]), envs)
+    kept = newest_run_per_cell(summarise([old, new, other]), envs)
     assert sorted(zip(kept["strategy"], kept["train_samples_per_s"])) == [("levels", 800.0),
                                                                         ("recursive", 50.0)]
 
 
 def test_threads_a_framework_did_not_apply_are_shown():
-    from bench.report import _results_section, summarise
+    from bench.report.sections import results_section
     rec = _acc_record("dynet", "treelstm", "sst", 0.4)
     rec.update(accuracy=None, info={"threads": {"requested": 2, "applied": 1}})
     df = summarise([rec])
     assert df["threads_applied"].iloc[0] == 1
-    assert "| 2 (1 applied) |" in _results_section(df, [rec])
+    assert "| 2 (1 applied) |" in results_section(df, [rec])
 
 
 def test_keras_cost_is_the_raw_backend_throughput_over_keras():
@@ -190,7 +190,7 @@ def test_repeats_count_only_the_finite_samples_the_medians_used():
 
 
 def test_an_interrupted_report_leaves_the_previous_outputs_whole(tmp_path, monkeypatch):
-    from bench import report
+    from bench.report import write
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(os.path.join(GOLDEN_DIR, "records.jsonl"), str(run))
@@ -204,7 +204,7 @@ def test_an_interrupted_report_leaves_the_previous_outputs_whole(tmp_path, monke
             fh.write(b"half a png")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "plots", interrupted)
+    monkeypatch.setattr(write, "plots", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_report(str(run), str(run))
     assert {n: (run / n).read_bytes() for n in names} == before
@@ -237,7 +237,7 @@ def test_the_throughput_plot_shows_inference_only_cells_with_their_iqr():
 
 
 def test_overhead_is_everything_but_the_timed_passes(tmp_path):
-    from bench.report import _overhead_section
+    from bench.report.sections import overhead_section
     phases = {"startup": 0.5, "data": 0.8, "imports": 2.0, "pool": 0.2, "first_call": 10.0,
               "gate": 1.0, "warmup": 0.5, "timed": 4.0, "latency": 0.3, "gemm": 0.6, "exit": 0.1}
     recs = [_timed_record("torch", "lstm", "compiled", [100.0] * 3, [200.0] * 3, phases, 20.0),
@@ -248,7 +248,7 @@ def test_overhead_is_everything_but_the_timed_passes(tmp_path):
     assert list(df["overhead_s"][:2]) == [16.0, 6.0] and list(df["timed_s"][:2]) == [4.0, 4.0]
     assert pd.isna(df["overhead_s"].iloc[2])
     df["_phase_s"] = [r.get("phase_s") for r in recs]
-    text = _overhead_section(df)
+    text = overhead_section(df)
     assert "| torch | 2 | 30 | 8 | 22 | 73% |" in text
     assert ("| torch/lstm/compiled | sst b25 | 20.0 | 4.0 | 16.0 (80%) | 0.5 | 0.8 | 2.0 | 0.2 | 10.0 |"
             in text)
