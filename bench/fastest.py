@@ -20,7 +20,7 @@ def fastest_strategies(run_dir: str, skip_corrupt: bool = False) -> Dict[Tuple[s
 
     Training throughput decides (inference where a cell has none).
     """
-    from .report import load_run   # only when a run directory is read: cells never need it
+    from .runs import load_run   # only when a run directory is read: cells never need it
     if not os.path.isdir(run_dir):
         raise UsageError("--fastest-from %s: not a directory" % run_dir)
     records, _ = load_run(run_dir, skip_corrupt=skip_corrupt)
