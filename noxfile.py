@@ -151,17 +151,9 @@ def split_frameworks(posargs):
 _REPORT_PYTHON = []
 
 
-def _selected(session, framework):
-    """Split posargs: `--frameworks A B` chooses sessions; the rest goes to `bench run`."""
-    args, chosen, picking = [], None, False
-    for a in session.posargs:
-        if a == "--frameworks":
-            chosen, picking = [], True
-        elif picking and not a.startswith("-"):
-            chosen.extend(x for x in a.split(",") if x)
-        else:
-            picking = False
-            args.append(a)
+def select_or_skip(session, framework):
+    """Split posargs: `--frameworks A B` (or all) chooses sessions; the rest goes to `bench run`."""
+    chosen, args = split_frameworks(session.posargs)
     if chosen is not None and framework not in chosen:
         session.skip("not among --frameworks %s" % " ".join(chosen))
     return args
@@ -241,7 +233,7 @@ def bench_framework(session, framework):
 @_params(exclude=("numpy",))
 def parity(session, framework):
     """Learning parity (3 seeds, same budget), with the fastest strategy of the last bench run."""
-    args = _fresh_or_resumed(_selected(session, framework))
+    args = _fresh_or_resumed(select_or_skip(session, framework))
     _install(session, framework)
     fastest = os.path.join(LATEST, framework)
     if os.path.isdir(fastest):

@@ -50,6 +50,29 @@ def test_frameworks_are_chosen_from_posargs_and_the_rest_goes_to_the_runner(noxf
     assert sorted(noxfile.FRAMEWORKS) == sorted(registry.FRAMEWORKS)    # one session per entry
 
 
+class _Skipped(Exception):
+    pass
+
+
+class _Session:
+    """What select_or_skip uses of a nox session: its posargs, and skip (which raises)."""
+
+    def __init__(self, posargs):
+        self.posargs = posargs
+
+    def skip(self, reason):
+        raise _Skipped(reason)
+
+
+def test_per_framework_sessions_choose_by_the_same_rule_all_included(noxfile):
+    # parity(framework=...) and test_framework pick with --frameworks like the bench job
+    assert noxfile.select_or_skip(_Session(["--frameworks", "all", "--seeds", "0"]), "paddle") == [
+        "--seeds", "0"]
+    assert noxfile.select_or_skip(_Session(["--seeds", "0"]), "paddle") == ["--seeds", "0"]
+    with pytest.raises(_Skipped, match="not among --frameworks torch jax"):
+        noxfile.select_or_skip(_Session(["--frameworks", "torch", "jax"]), "paddle")
+
+
 def _scratch(tmp_path):
     """noxfile.py beside links to bench/ and impls/: ROOT is the scratch directory."""
     if nox is None:
