@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.interface import ADAGRAD, ADAM, Implementation, NotApplicable, Unavailable
 from bench.params import schema
+from bench.targets import loss_weights
 
 from . import NOT_APPLICABLE, wire
 
@@ -210,14 +211,14 @@ def _close_client():
 
 def label_feeds(labels: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """The loss inputs for labels int[P] (-1: unlabelled): one-hot targets y float32[P, C] and
-    weights w float32[P, 1], 1/count at the labelled points and 0 elsewhere, so that the
-    worker's weighted sum (CNTK sums over samples) is the mean over the labelled points."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    y = np.zeros((labels.shape[0], num_classes), np.float32)
-    y[np.nonzero(keep)[0], labels[keep]] = 1.0
-    w = keep.astype(np.float32)[:, None] / max(1, int(keep.sum()))
-    return y, w
+    weights w float32[P, 1] (``bench.targets.loss_weights``: 1/count at the labelled points,
+    0 elsewhere), so that the worker's weighted sum (CNTK sums over samples) is the mean over
+    the labelled points."""
+    index, w = loss_weights(labels)
+    y = np.zeros((index.shape[0], num_classes), np.float32)
+    labelled = np.nonzero(w)[0]
+    y[labelled, index[labelled]] = 1.0
+    return y, w[:, None]
 
 
 class Prepared:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.batches import TreeBatch
+from bench.targets import class_points
 
 from .common import CNTKImplementation, label_feeds
 
@@ -53,8 +54,7 @@ class RvNN(CNTKImplementation):
             raise TypeError("the RvNN family needs a TreeBatch, got %s" % type(batch).__name__)
         if self.strategy == "compiled":
             return self._bucketed_arrays(batch)
-        labels = batch.root_label if self.cfg.loss_mode == "root" else batch.label
-        arrays = self._label_arrays(labels)
+        arrays = self._label_arrays(class_points(batch, self.cfg.loss_mode).labels)
         arrays["leaf_tok"] = _sample(batch.token[:int(batch.level_offsets[1])])
         if self.strategy == "recursive":
             arrays.update(left=batch.left, right=batch.right, root=batch.root)
