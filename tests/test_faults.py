@@ -169,7 +169,7 @@ def test_kill_9_of_a_cell_is_recorded_as_crashed_and_retried_on_request(tmp_path
     assert len(raw) == 4                      # the crashed record stays; the new one follows
     final = {(r["model"], r["strategy"]): r["status"] for r in latest(raw)}
     assert final[("lstm", "loop")] == "ok"    # last record wins
-    from bench.report import load_run
+    from bench.runs import load_run
     assert [r["status"] for r in load_run(out)[0] if r["strategy"] == "loop"] == ["ok"]
 
 
@@ -352,7 +352,7 @@ def test_a_non_empty_out_needs_resume_or_overwrite_and_overwrite_keeps_generatio
     assert sorted(os.listdir(kept)) == ["env.json", RECORDS]
     assert open(os.path.join(kept, RECORDS), "rb").read() == first
     # report and compare read the current run only; a generation is read when named
-    from bench.report import load_run
+    from bench.runs import load_run
     assert len(load_run(out)[0]) == 3 and len(load_run(kept)[0]) == 3
     assert {r["run"] for r in load_run(str(tmp_path))[0]} == {"run"}
 
