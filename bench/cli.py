@@ -308,7 +308,8 @@ def _with_tasks(cells: List[CellConfig], tasks) -> List[CellConfig]:
 # option on the command line -> CellConfig field it overrides in every cell
 _OVERRIDES = (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
               ("min_repeat_s", "min_repeat_s"), ("timeout", "timeout_s"), ("epochs", "epochs"),
-              ("spectral_radius", "spectral_radius"), ("weight_decay", "weight_decay"))
+              ("spectral_radius", "spectral_radius"), ("weight_decay", "weight_decay"),
+              ("optimizer", "optimizer"), ("lr", "lr"))
 
 
 def _overridden(cells: List[CellConfig], args) -> List[CellConfig]:
@@ -566,6 +567,11 @@ def _add_cell_options(s) -> None:
                    help="timed passes over the pool per cell (default: the preset's; quick: 7)")
     s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S),
                    help="seconds per cell before it is killed (default: the preset's; quick: 900)")
+    s.add_argument("--optimizer", choices=("sgd", "adam", "adagrad"),
+                   help="optimiser of the train steps and the accuracy budget (default: the "
+                        "preset's; adam)")
+    s.add_argument("--lr", type=_positive_float("lr"),
+                   help="learning rate (default: the preset's; quick 1e-3, parity 2e-3)")
     s.add_argument("--weight-decay", type=_weight_decay,
                    help="coupled L2 in every optimiser step: the update sees g + WD * theta "
                         "(default: the preset's, 0)")

@@ -78,11 +78,15 @@ def test_plots_are_written(report_dir):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _acc_record(fw, model, task, test, seed=0, epochs=1.0):
+def _acc_record(fw, model, task, test, seed=0, epochs=1.0, **training):
+    """An accuracy cell trained as the parity preset trains (Adam, lr 2e-3) unless
+    ``training`` says otherwise (optimizer, lr, weight_decay)."""
     from bench.cell import base_record
     from bench.config import CellConfig
     strategy = "levels" if model in ("rvnn", "treelstm") else "fused"
-    rec = base_record(CellConfig(fw, model, strategy, task=task, seed=seed, epochs=epochs))
+    training = dict({"optimizer": "adam", "lr": 2e-3}, **training)
+    rec = base_record(CellConfig(fw, model, strategy, task=task, seed=seed, epochs=epochs,
+                                 **training))
     rec.update(status="ok", train_samples_per_s=[10.0], infer_samples_per_s=[20.0],
                accuracy={"epochs": epochs, "dev": test, "test": test})
     return rec
@@ -104,6 +108,32 @@ def test_different_budgets_are_never_averaged_or_compared():
     assert not any(k.startswith("sst, 8 epochs") for k in rows)
     assert rows["sst treelstm (torch, 8 epochs) at or above RNTN"][3] == "met"
     assert rows["sst treelstm (torch, 1 epochs) at or above RNTN"][3] == "missed"
+
+
+def test_a_tuned_variant_is_its_own_row_named_by_its_training():
+    from bench.report import accuracy_table, anchors_rows, summarise
+    from bench.report.sections import accuracy_section
+    recs = [_acc_record(fw, "treelstm", "sst", acc, seed=s)
+            for fw, acc in (("torch", 0.450), ("jax", 0.452)) for s in (0, 1)]
+    tuned = dict(epochs=4.0, lr=1e-3, weight_decay=1e-5)
+    recs += [_acc_record(fw, "treelstm", "sst", acc, seed=s, **tuned)
+             for fw, acc in (("torch", 0.466), ("jax", 0.470)) for s in (0, 1)]
+    # same epochs and decay as the tuned cells, another learning rate: a third budget
+    recs += [_acc_record("torch", "treelstm", "sst", 0.40, epochs=4.0, weight_decay=1e-5)]
+    df = summarise(recs)
+    acc = accuracy_table(df)
+    assert len(acc) == 5 and set(acc["seeds"]) == {1, 2}
+    rows = {r[0]: r for r in anchors_rows(df)}
+    assert rows["sst treelstm (torch, 1 epochs) at or above RNTN"][2:] == ["45.0 ± 0.0 (2 seeds)",
+                                                                          "missed"]
+    name = "sst treelstm (torch, 4 epochs, adam lr 0.001, wd 1e-05) at or above RNTN"
+    assert rows[name][2:] == ["46.6 ± 0.0 (2 seeds)", "met"]
+    assert rows["sst treelstm (torch, 4 epochs, wd 1e-05) at or above RNTN"][2:] == [
+        "40.0 ± 0.0 (1 seeds)", "missed"]
+    spread = "sst, 4 epochs, adam lr 0.001, wd 1e-05: every framework's Tree-LSTM within 1 point " \
+             "of the others"
+    assert rows[spread][2].startswith("spread 0.4") and rows[spread][3] == "met"
+    assert "| adam lr 0.001, wd 1e-05 |" in accuracy_section(df)
 
 
 def test_anchor_verdicts_follow_the_measured_accuracy():

@@ -179,6 +179,26 @@ def test_cli_weight_decay_reaches_the_cells(tmp_path):
     assert res.returncode == 0 and "wd" not in res.stdout, res.stdout
 
 
+def test_cli_learning_rate_and_optimiser_reach_the_cells(tmp_path):
+    from bench.cli import build_parser, select_cells
+    args = build_parser().parse_args(["run", "--preset", "parity", "--frameworks", "torch",
+                                      "--models", "treelstm", "--tasks", "sst", "--lr", "5e-4",
+                                      "--optimizer", "adagrad", "--epochs", "4"])
+    cells = select_cells(args)
+    assert cells and {(c.optimizer, c.lr, c.epochs) for c in cells} == {("adagrad", 5e-4, 4.0)}
+    plain = select_cells(build_parser().parse_args(
+        ["run", "--preset", "parity", "--frameworks", "torch", "--models", "treelstm",
+         "--tasks", "sst"]))
+    assert {(c.optimizer, c.lr) for c in plain} == {("adam", 2e-3)}
+    assert {c.key() for c in cells}.isdisjoint(c.key() for c in plain)
+    for bad in ("0", "-1e-3", "nan", "inf", "x"):
+        res = _bench("--out", str(tmp_path / "run"), "--lr=" + bad)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "lr must be" in res.stderr, res.stderr
+    res = _bench("--out", str(tmp_path / "run"), "--optimizer", "rmsprop")
+    assert res.returncode == 2 and "--optimizer" in res.stderr, res.stderr
+
+
 def test_the_report_never_averages_accuracies_of_different_decays():
     pytest.importorskip("pandas")
     from bench.report import accuracy_table, summarise

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..coverage import coverage_rows
 from .markdown import fmt, md_table, nan0
-from .summary import accuracy_table, machine_label
+from .summary import accuracy_table, machine_label, training_label
 
 
 # Phases a cell reports (bench.cell.PHASES) and their column names in the overhead table.
@@ -236,9 +236,9 @@ def accuracy_section(df) -> str:
     acc = accuracy_table(df)
     if acc.empty:
         return "_no cell in this run trained for accuracy (see the `parity` preset)_"
-    rows = [[r["task"], r["model"], r["loss_mode"], fmt(r["epochs"], "%g"), r["framework"], r["strategy"],
-             "%.1f ± %.1f" % (100 * r["dev_mean"], 100 * nan0(r["dev_std"])),
+    rows = [[r["task"], r["model"], r["loss_mode"], fmt(r["epochs"], "%g"), training_label(r),
+             r["framework"], r["strategy"], "%.1f ± %.1f" % (100 * r["dev_mean"], 100 * nan0(r["dev_std"])),
              "%.1f ± %.1f" % (100 * r["test_mean"], 100 * nan0(r["test_std"])),
              int(r["seeds"])] for _, r in acc.iterrows()]
-    return md_table(["task", "model", "loss", "epochs", "framework", "strategy",
+    return md_table(["task", "model", "loss", "epochs", "optimiser", "framework", "strategy",
                      "dev accuracy %", "test accuracy %", "seeds"], rows)

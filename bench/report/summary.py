@@ -23,6 +23,7 @@ SUMMARY_COLUMNS = [
     "overhead_s",
     "compiles_train", "compiles_infer", "compile_cache",
     "own_gemm_pct", "machine_gemm_flops", "noisy", "noisy_why", "weight_decay",
+    "optimizer", "lr",
 ]
 # Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
 QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
@@ -56,6 +57,7 @@ def _group_key(r: Dict) -> Tuple:
     """Cells that differ only in strategy (and seed), on the same hardware, are comparable."""
     return (r["framework"], r["model"], r["task"], r["device"], r["batch_size"], r["threads"],
             r.get("hidden"), r.get("seed"), float(r.get("weight_decay") or 0.0),
+            (r.get("config") or {}).get("optimizer"), (r.get("config") or {}).get("lr"),
             machine_label(r.get("machine")))
 
 
@@ -111,6 +113,7 @@ def _cell_columns(r: Dict) -> Dict:
         "task": r["task"], "device": r["device"], "batch_size": r["batch_size"],
         "threads": r["threads"], "status": r["status"], "reason": r.get("reason", ""),
         "weight_decay": float(r.get("weight_decay") or 0.0),
+        "optimizer": config.get("optimizer", "adam"), "lr": config.get("lr"),
         "seed": r.get("seed"), "hidden": r.get("hidden"), "embed_dim": r.get("embed_dim"),
         "framework_version": r.get("framework_version"), "cell_id": r.get("cell_id"),
         "run": r.get("run", "."), "threads_applied": _threads_applied(r),
@@ -188,11 +191,25 @@ def accuracy_table(df):
     acc = df[(df["status"] == "ok") & df["accuracy"].notna() & (df["train_mode"] == "full")]
     if acc.empty:
         return acc
-    # One row per training budget: cells of different epochs, losses or weight decays never
-    # average together.
-    grouped = acc.groupby(["task", "model", "loss_mode", "epochs", "weight_decay", "framework",
-                           "strategy"])
+    # One row per training budget: cells of different epochs, losses, optimisers, learning
+    # rates or weight decays never average together.
+    grouped = acc.groupby(["task", "model", "loss_mode", "epochs", "optimizer", "lr",
+                           "weight_decay", "framework", "strategy"], dropna=False)
     out = grouped.agg(test_mean=("accuracy", "mean"), test_std=("accuracy", "std"),
                       dev_mean=("dev_accuracy", "mean"), dev_std=("dev_accuracy", "std"),
                       seeds=("seed", "nunique")).reset_index()
     return out
+
+
+def training_label(row, default=None) -> str:
+    """The optimiser, learning rate and weight decay of an accuracy row, e.g. "adam lr 0.001,
+    wd 1e-05"; with ``default`` (an (optimizer, lr) pair) only what differs from it, so that
+    rows trained as the parity preset trains keep their plain labels."""
+    parts = []
+    lr = row["lr"]
+    known = isinstance(lr, (int, float)) and math.isfinite(lr)
+    if default is None or (row["optimizer"], lr) != default:
+        parts.append("%s lr %g" % (row["optimizer"], lr) if known else str(row["optimizer"]))
+    if row["weight_decay"]:
+        parts.append("wd %g" % row["weight_decay"])
+    return ", ".join(parts)
