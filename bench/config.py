@@ -109,7 +109,7 @@ class CellConfig:
         text = "%s/%s/%s %s b%d %s" % (self.framework, self.model, self.strategy, self.task,
                                       self.batch_size, self.device)
         if self.epochs:
-            text += " %gep seed%d" % (self.epochs, self.seed)
+            text += " %gep %s lr%g seed%d" % (self.epochs, self.optimizer, self.lr, self.seed)
         if self.weight_decay:
             text += " wd%g" % self.weight_decay
         if self.train_mode == "readout":

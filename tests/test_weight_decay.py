@@ -191,6 +191,7 @@ def test_cli_learning_rate_and_optimiser_reach_the_cells(tmp_path):
          "--tasks", "sst"]))
     assert {(c.optimizer, c.lr) for c in plain} == {("adam", 2e-3)}
     assert {c.key() for c in cells}.isdisjoint(c.key() for c in plain)
+    assert cells[0].label().endswith(" 4ep adagrad lr0.0005 seed0")
     for bad in ("0", "-1e-3", "nan", "inf", "x"):
         res = _bench("--out", str(tmp_path / "run"), "--lr=" + bad)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
