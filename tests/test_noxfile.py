@@ -193,3 +193,46 @@ def test_the_framework_table_is_the_registry_and_the_presets_core_set():
     rows = [fw for fws, _, _ in SEED_FRAMEWORKS.values() for fw in fws]
     assert sorted(rows) == sorted(n for n in registry.FRAMEWORKS if n not in ("numpy", "numpy-slowed"))
     assert all(recipe == "" for fws, _, recipe in SEED_FRAMEWORKS.values() if fws)
+
+
+def _stub(path, body):
+    with open(path, "w") as fh:
+        fh.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+
+
+def test_cntk_setup_redoes_a_part_whose_stamp_outlived_what_it_made(tmp_path):
+    """impls/cntk_impl/fetch_deps.sh skips a part whose stamp matches, but only while the
+    part's product exists: a deleted worker venv (stamp still there) is built again. apt-get,
+    dpkg-deb and the worker's Python are stubs that log their calls and make the products."""
+    bins, dest, log = tmp_path / "bin", tmp_path / "deps", tmp_path / "calls.log"
+    bins.mkdir()
+    _stub(bins / "apt-get", 'echo "apt-get $*" >> %s\n'
+          'case " $* " in *" download "*) touch fake.deb ;; esac\n' % log)
+    _stub(bins / "dpkg-deb", 'echo "dpkg-deb $*" >> {log}\n'
+          'mkdir -p "$3/usr/lib/x86_64-linux-gnu" && '
+          'touch "$3/usr/lib/x86_64-linux-gnu/libmpi.so.40"\n'.format(log=log))
+    # the worker's Python: `-m venv DIR` makes DIR/bin/python, itself a logging stub
+    _stub(bins / "py36", 'echo "py36 $*" >> {log}\nmkdir -p "$3/bin"\n'
+          'printf \'#!/bin/sh\\necho "venv-python $*" >> {log}\\n\' > "$3/bin/python"\n'
+          'chmod +x "$3/bin/python"\n'.format(log=log))
+    script = os.path.join(ROOT, "impls", "cntk_impl", "fetch_deps.sh")
+    env = dict(os.environ, PATH="%s:%s" % (bins, os.environ["PATH"]))
+
+    def setup():
+        log.write_text("")
+        subprocess.run(["bash", script, str(dest), "py36", "cntk==2.7.post2", "numpy==1.19.5"],
+                       env=env, check=True, capture_output=True, timeout=60)
+        return log.read_text()
+
+    first = setup()
+    assert "download libopenmpi3" in first and "py36 -m venv" in first
+    assert "venv-python -m pip install --disable-pip-version-check cntk==2.7.post2" in first
+    assert (dest / "py36.done").read_text() == "cntk==2.7.post2 numpy==1.19.5"
+    assert setup() == ""                              # stamps and products there: nothing redone
+    (dest / "py36" / "bin" / "python").unlink()       # the venv deleted, its stamp kept
+    again = setup()
+    assert "py36 -m venv" in again and "apt-get" not in again
+    os.unlink(str(dest / "root" / "usr" / "lib" / "x86_64-linux-gnu" / "libmpi.so.40"))
+    again = setup()
+    assert "download libopenmpi3" in again and "venv" not in again

@@ -31,10 +31,11 @@ DEBS=(libopenmpi3 libhwloc15 libevent-pthreads-2.1-7)
 LIBDIR=$DEST/root/usr/lib/x86_64-linux-gnu
 
 # A stamp holds the space-separated list it was made for (no newline), so that a changed
-# list sets the part up again.
-stamp_is() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+# list sets the part up again; it counts only while the part's product ($3) is still there,
+# so a deleted venv or library folder is set up again instead of being trusted.
+stamp_is() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ] && [ -e "$3" ]; }
 
-if ! stamp_is "$DEST/debs.done" "${DEBS[*]}"; then
+if ! stamp_is "$DEST/debs.done" "${DEBS[*]}" "$LIBDIR/libmpi.so.40"; then
     A=$DEST/apt
     mkdir -p "$A/state/lists/partial" "$A/cache/archives/partial" "$A/sources.list.d" "$A/debs"
     cat > "$A/sources.list.d/debian.sources" <<'EOF'
@@ -67,7 +68,7 @@ EOF
     printf '%s' "${DEBS[*]}" > "$DEST/debs.done"
 fi
 
-if ! stamp_is "$DEST/py36.done" "${PINS[*]}"; then
+if ! stamp_is "$DEST/py36.done" "${PINS[*]}" "$DEST/py36/bin/python"; then
     [ -e "$DEST/py36/bin/python" ] || "$PYTHON" -m venv "$DEST/py36"
     "$DEST/py36/bin/python" -m pip install --disable-pip-version-check "${PINS[@]}"
     printf '%s' "${PINS[*]}" > "$DEST/py36.done"
