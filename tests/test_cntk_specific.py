@@ -99,11 +99,30 @@ def test_dead_worker_is_a_clear_error_not_a_hang(worker, sst):
     assert fresh.logits(fresh.prepare(make_seq_batch(sst.train[:4]))).shape == (4, 5)
 
 
+def _state(pid, tid):
+    """A thread's state letter from /proc (R, S, T, ...); the name field may hold spaces."""
+    with open("/proc/%d/task/%s/stat" % (pid, tid)) as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_worker_that_stops_answering_is_killed_after_the_timeout(worker, sst):
     common, _, _ = _impls()
-    client = common.WorkerClient(timeout=2.0)
+    # The first hello (CNTK's import) is answered without a limit: under load it alone can
+    # take longer than the short one the silent worker is given below.
+    client = common.WorkerClient(timeout=0)
+    client.timeout = 2.0
     try:
         os.kill(client.proc.pid, 19)  # SIGSTOP: alive, silent
+        # kill() returns before every thread has stopped, and the worker answers from its
+        # "serve" thread: a request sent at once could still be answered (it was, now and
+        # then). Wait, bounded, until the kernel reports every thread stopped.
+        for _ in range(200):
+            if all(_state(client.proc.pid, t) == "T"
+                   for t in os.listdir("/proc/%d/task" % client.proc.pid)):
+                break
+            time.sleep(0.025)
+        else:
+            pytest.fail("the worker did not stop within 5 s of SIGSTOP")
         t0 = time.monotonic()
         with pytest.raises(common.WorkerDied, match="no reply"):
             client.request("hello")
