@@ -182,6 +182,13 @@ def test_timed_passes_and_calls_return_positive_seconds(worker, sst, family):
     from impls.cntk_impl.common import WorkerError
     with pytest.raises(WorkerError, match="not 'backward'"):
         impl.timed_passes("backward", pool, 1)
+    # a sample that cycles the pool (bench.cell's min_repeat_s) repeats the same batches: the
+    # graph cache's limit is on distinct ones
+    assert len(impl.timed_passes("logits", pool * 30, 2)) == 2
+    from impls.cntk_impl.worker_common import GRAPH_CACHE   # plain Python, imports no CNTK here
+    many = [impl.prepare(make([e])) for e in sst.train[:GRAPH_CACHE + 1]]
+    with pytest.raises(WorkerError, match="%d distinct batches" % (GRAPH_CACHE + 1)):
+        impl.timed_passes("logits", many, 1)
     info = impl.info()
     assert info["graphs_built"] >= 1 and "worker" in info["timing"]
 

@@ -308,10 +308,13 @@ class Model(object):
         return float(np.sum(loss)), out
 
     def _timed_readies(self, handles):
-        if len(handles) > GRAPH_CACHE:
+        # A timed sample cycles the pool: the same batches come back, and only distinct ones
+        # need a graph each.
+        distinct = len(set(handles))
+        if distinct > GRAPH_CACHE:
             # more graphs than the cache keeps: some would be rebuilt inside the clock
-            raise ValueError("%d batches in one timed loop; at most %d (GRAPH_CACHE)"
-                             % (len(handles), GRAPH_CACHE))
+            raise ValueError("%d distinct batches in one timed loop; at most %d (GRAPH_CACHE)"
+                             % (distinct, GRAPH_CACHE))
         return [self.ready(h) for h in handles]
 
     def timed_passes(self, call, handles, repeats):
