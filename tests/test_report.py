@@ -134,6 +134,10 @@ def test_a_tuned_variant_is_its_own_row_named_by_its_training():
              "of the others"
     assert rows[spread][2].startswith("spread 0.4") and rows[spread][3] == "met"
     assert "| adam lr 0.001, wd 1e-05 |" in accuracy_section(df)
+    from bench.report.anchors import anchors_section
+    assert "budget other than the parity preset's (adam lr 0.002" in anchors_section(df)
+    plain = summarise(recs[:4])
+    assert "budget other than" not in anchors_section(plain)
 
 
 def test_anchor_verdicts_follow_the_measured_accuracy():

@@ -76,4 +76,11 @@ def anchors_section(df) -> str:
     rows = anchors_rows(df)
     if not rows:
         return "_no accuracy cells in this run_"
-    return md_table(["goal", "target", "measured (test accuracy %)", "verdict"], rows)
+    table = md_table(["goal", "target", "measured (test accuracy %)", "verdict"], rows)
+    acc = accuracy_table(df)
+    other = [training_label(r, default=PARITY_TRAINING) for _, r in acc.iterrows()]
+    if any(other):
+        table = ("_A row naming a learning rate or weight decay is a budget other than the "
+                 "parity preset's (%s lr %g, no decay), e.g. a tuned variant; the run's notes "
+                 "say how it was chosen._\n\n" % PARITY_TRAINING) + table
+    return table
