@@ -15,26 +15,17 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from bench import registry
-from bench.batches import batch_examples, make_seq_batch, make_tree_batch
+from bench.batches import batch_examples, make_batch
+from bench.cell import root_accuracy
 from bench.environment import limit_blas_threads
 from bench.params import ModelConfig, family, init_params
 from bench.tasks import load_task
 
 
 def accuracy(impl, fam, examples, batch_size):
-    """Root accuracy as bench.cell scores it (examples labelled -1 are not scored)."""
-    correct = total = 0
-    for group in batch_examples(examples, batch_size, seed=0, shuffle=False):
-        batch = make_seq_batch(group) if fam == "rnn" else make_tree_batch(group)
-        pred = np.argmax(impl.to_numpy(impl.logits(impl.prepare(batch))), axis=-1)
-        gold = np.array([e.label for e in group])
-        keep = gold >= 0
-        correct += int((pred[keep] == gold[keep]).sum())
-        total += int(keep.sum())
-    return 100.0 * correct / total
+    """Root accuracy %, scored as a parity cell scores it (bench.cell.root_accuracy)."""
+    return 100.0 * root_accuracy(impl, fam, examples, batch_size)
 
 
 def main(argv=None):
@@ -65,8 +56,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for epoch in range(a.epochs):
         for group in batch_examples(data.train, a.batch_size, seed=a.seed * 1000 + epoch):
-            batch = make_seq_batch(group) if fam == "rnn" else make_tree_batch(group)
-            impl.train_step(impl.prepare(batch))
+            impl.train_step(impl.prepare(make_batch(fam, group)))
         impl.sync()
         row = {"framework": a.framework, "strategy": strategy, "model": a.model, "task": a.task,
                "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
