@@ -54,7 +54,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import readout, reference, registry, verify
-from .batches import batch_examples, hash_batches, make_seq_batch, make_tree_batch
+from .batches import batch_examples, hash_batches, make_batch
 from .config import CellConfig
 from .environment import (NoiseProbe, limit_blas_threads, machine, peak_rss_mb, thread_times,
                           wait_share)
@@ -258,15 +258,13 @@ def base_record(cfg: CellConfig) -> Dict:
     }
 
 
-def _model_config(cfg: CellConfig, dataset) -> ModelConfig:
+def model_config(cfg: CellConfig, dataset) -> ModelConfig:
+    """The model and training settings a cell gives its implementation (and the gate's
+    reference): the cell's own, with the dataset's vocabulary and class count."""
     return ModelConfig(cfg.model, vocab_size=len(dataset.vocab), embed_dim=cfg.embed_dim,
                        hidden=cfg.hidden, num_classes=dataset.num_classes,
                        loss_mode=cfg.loss_mode, optimizer=cfg.optimizer, lr=cfg.lr,
                        weight_decay=cfg.weight_decay)
-
-
-def _make_batch(family: str, examples):
-    return make_seq_batch(examples) if family == "rnn" else make_tree_batch(examples)
 
 
 def calibrate(impl, call, prepared: List, min_repeat_s: float, cap: int = 1000) -> int:
@@ -374,7 +372,7 @@ def _accuracy(impl, model_cfg, family, dataset, cfg: CellConfig) -> Dict:
         for group in batch_examples(train, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
             if steps >= steps_total:
                 break
-            loss = impl.train_step(impl.prepare(_make_batch(family, group)))
+            loss = impl.train_step(impl.prepare(make_batch(family, group)))
             steps += 1
             if steps % 50 == 0 or steps == steps_total:
                 losses.append(float(np.asarray(impl.to_numpy(loss)).reshape(-1)[0]))
@@ -383,16 +381,23 @@ def _accuracy(impl, model_cfg, family, dataset, cfg: CellConfig) -> Dict:
     out = {"epochs": cfg.epochs, "steps": steps, "train_s": time.perf_counter() - t0,
            "final_loss": losses[-1] if losses else None}
     for split in ("dev", "test"):
-        correct = total = 0
-        for group in batch_examples(dataset.splits[split], cfg.batch_size, seed=0, shuffle=False):
-            batch = _make_batch(family, group)
-            pred = np.argmax(impl.to_numpy(impl.logits(impl.prepare(batch))), axis=-1)
-            gold = np.array([e.label for e in group])
-            keep = gold >= 0
-            correct += int((pred[keep] == gold[keep]).sum())
-            total += int(keep.sum())
-        out[split] = correct / total if total else None
+        out[split] = root_accuracy(impl, family, dataset.splits[split], cfg.batch_size)
     return out
+
+
+def root_accuracy(impl, family: str, examples, batch_size: int) -> Optional[float]:
+    """The fraction of labelled roots the implementation classifies right, in batches of
+    ``batch_size`` in the examples' order (examples labelled -1 are not scored; None when
+    none is labelled)."""
+    correct = total = 0
+    for group in batch_examples(examples, batch_size, seed=0, shuffle=False):
+        pred = np.argmax(impl.to_numpy(impl.logits(impl.prepare(make_batch(family, group)))),
+                         axis=-1)
+        gold = np.array([e.label for e in group])
+        keep = gold >= 0
+        correct += int((pred[keep] == gold[keep]).sum())
+        total += int(keep.sum())
+    return correct / total if total else None
 
 
 def _readout(cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset) -> Dict:
@@ -423,7 +428,7 @@ def _readout(cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset) -> D
         rows = []
         t0 = time.perf_counter()
         for i, group in enumerate(groups):
-            batch = _make_batch(family, group)
+            batch = make_batch(family, group)
             rows.append(np.asarray(impl.to_numpy(impl.logits(impl.prepare(batch))), np.float64))
             if i in (0, longest):
                 checks.append((batch, rows[-1]))
@@ -470,8 +475,8 @@ def _gate(impl, cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset, g
     n = min(len(pool_examples), verify.gate_size(cfg.batch_size, cfg.verify_examples))
     train = dataset.train[:cfg.max_train_examples] if cfg.max_train_examples else dataset.train
     order = [e for g in batch_examples(train, cfg.batch_size, seed=cfg.seed * 1000) for e in g]
-    batches = [("extremes", _make_batch(family, verify.gate_examples(pool_examples, n))),
-               ("unbucketed", _make_batch(family, order[:n]))]
+    batches = [("extremes", make_batch(family, verify.gate_examples(pool_examples, n))),
+               ("unbucketed", make_batch(family, order[:n]))]
     other, note = None, None
     if family == "rvnn":
         other_cfg = replace(model_cfg, loss_mode="all" if model_cfg.loss_mode == "root" else "root")
@@ -567,11 +572,11 @@ def _data_and_pool(cfg: CellConfig, rec: Dict):
     if cfg.batch_size > len(dataset.train):   # the pool is drawn from train: never claim a size
         raise ValueError("batch size %d is larger than %s's training split (%d examples)"
                          % (cfg.batch_size, cfg.task, len(dataset.train)))
-    model_cfg = _model_config(cfg, dataset)
+    model_cfg = model_config(cfg, dataset)
     _phase("pool")
     groups = batch_examples(dataset.train, cfg.batch_size, seed=cfg.seed, bucket=True,
                             drop_last=len(dataset.train) >= cfg.batch_size)[:cfg.pool_batches]
-    pool = [_make_batch(cfg.family, g) for g in groups]
+    pool = [make_batch(cfg.family, g) for g in groups]
     rec["batch_hash"] = hash_batches(pool)
     return dataset, model_cfg, groups, pool
 
@@ -693,7 +698,7 @@ def _timed(impl, cfg: CellConfig, pool, prepared: List, rec: Dict) -> None:
 def _latency(impl, cfg: CellConfig, dataset, rec: Dict) -> None:
     """Batch-1 latency on dev examples (step 7); each shape is called once untimed first."""
     _phase("latency")
-    singles = [impl.prepare(_make_batch(cfg.family, [e]))
+    singles = [impl.prepare(make_batch(cfg.family, [e]))
                for e in dataset.splits["dev"][:cfg.latency_samples]]
     for ready in singles:
         impl.logits(ready)

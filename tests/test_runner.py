@@ -389,3 +389,58 @@ def test_a_cell_that_is_not_equivalent_keeps_no_timing(monkeypatch):
     assert rec["status"] == "failed" and rec["reason"].startswith("not equivalent")
     assert rec["compile_s"] is None and rec["first_infer_s"] is None
     assert rec["infer_samples_per_s"] == [] and rec["latency_ms"] == []
+
+
+def test_the_accuracy_budget_scores_labelled_roots_as_the_reference_predicts_them():
+    """bench.cell.root_accuracy (the parity cells' dev and test score): the share of labelled
+    examples whose argmax logit is their label, unlabelled (-1) examples left out, None when
+    no example is labelled; batch size does not change it."""
+    from dataclasses import replace as dc_replace
+
+    import numpy as np
+
+    from bench import reference
+    from bench.batches import make_batch
+    from bench.cell import root_accuracy
+    from bench.params import ModelConfig, init_params
+    from bench.tasks import load_task
+    data = load_task("synth-left-8", seed=0)
+    for model, fam in (("lstm", "rnn"), ("treelstm", "rvnn")):
+        cfg = ModelConfig(model, vocab_size=len(data.vocab), embed_dim=6, hidden=5,
+                          num_classes=data.num_classes)
+        params = init_params(cfg, seed=3)
+        impl = registry.load("numpy", model)(cfg, "loop" if fam == "rnn" else "recursive", "cpu", 1)
+        impl.load_params(params)
+        examples = list(data.splits["dev"][:12])
+        pred = [int(np.argmax(reference.logits(cfg, params, make_batch(fam, [e]))[0]))
+                for e in examples]
+        # label half the examples with their prediction, the rest with another class; hide two
+        examples = [dc_replace(e, label=p if i % 2 else (p + 1) % data.num_classes)
+                    for i, (e, p) in enumerate(zip(examples, pred))]
+        examples[0] = dc_replace(examples[0], label=-1)     # a wrong one, unlabelled
+        examples[1] = dc_replace(examples[1], label=-1)     # a right one, unlabelled
+        for batch_size in (1, 5, 12):
+            assert root_accuracy(impl, fam, examples, batch_size) == pytest.approx(5 / 10)
+        assert root_accuracy(impl, fam, [dc_replace(e, label=-1) for e in examples], 4) is None
+
+
+def test_a_cell_trains_with_its_own_settings():
+    """Every setting a cell and a model share (sizes, loss, optimiser, learning rate, weight
+    decay) reaches the implementation as the cell has it: --lr, --optimizer and
+    --weight-decay would otherwise be recorded but not used, and the gate, which checks the
+    implementation against the reference under the same model settings, could not tell."""
+    from dataclasses import fields, replace as dc_replace
+
+    from bench.cell import model_config
+    from bench.params import ModelConfig
+    from bench.tasks import load_task
+    data = load_task("synth-left-8", seed=0)
+    shared = ({f.name for f in fields(ModelConfig)} & {f.name for f in fields(CellConfig)}) - {"model"}
+    assert {"lr", "optimizer", "weight_decay", "loss_mode", "hidden", "embed_dim"} <= shared
+    base = CellConfig("torch", "treelstm", "levels", epochs=1.0)
+    for cfg in (base, dc_replace(base, lr=3e-4, optimizer="adagrad", weight_decay=1e-5,
+                                 loss_mode="all", hidden=7, embed_dim=9)):
+        m = model_config(cfg, data)
+        assert {f: getattr(m, f) for f in shared} == {f: getattr(cfg, f) for f in shared}
+        assert (m.model, m.vocab_size, m.num_classes) == (cfg.model, len(data.vocab),
+                                                          data.num_classes)
