@@ -55,10 +55,10 @@ def machine_label(m: Optional[Dict]) -> str:
 
 def _group_key(r: Dict) -> Tuple:
     """Cells that differ only in strategy (and seed), on the same hardware, are comparable."""
+    config = r.get("config") or {}
     return (r["framework"], r["model"], r["task"], r["device"], r["batch_size"], r["threads"],
             r.get("hidden"), r.get("seed"), float(r.get("weight_decay") or 0.0),
-            (r.get("config") or {}).get("optimizer"), (r.get("config") or {}).get("lr"),
-            machine_label(r.get("machine")))
+            config.get("optimizer"), config.get("lr"), machine_label(r.get("machine")))
 
 
 def _threads_applied(r: Dict) -> Optional[int]:
