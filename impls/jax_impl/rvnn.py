@@ -63,6 +63,8 @@ from .common import JaxImplementation, classify, softmax_xent
 LEAF_CHUNKS_PER_WIDTH = 4
 # node widths on a GPU: padded slots cost little there, steps (kernel launches) a lot
 GPU_WIDTH_FACTOR = 4
+# recursive: node states are stacked for the loss in jitted pieces of this many (``_stack``)
+STACK_CHUNK = 64
 
 
 # --- the node functions ---
@@ -305,6 +307,10 @@ class RvNN(JaxImplementation):
             def loss_head(W_o, b_o, h, points, labels):
                 return softmax_xent(classify(W_o, b_o, h[points]), labels)
 
+            def stack_chunk(*states):
+                return jnp.stack(states)
+
+            self._stack_chunk = jax.jit(counted(self.traces, "stack_chunk", stack_chunk))
             self._readout = jax.jit(counted(self.traces, "readout", readout))
             self._loss_head = jax.jit(counted(self.traces, "loss_head", loss_head))
         elif strategy == "levels":
@@ -612,10 +618,23 @@ class RvNN(JaxImplementation):
         idx = {k: prep[k] for k in ("leaf_node", "leaf_chunks", "node", "left", "right", "steps")}
         return self._tree_buffers((W_leaf, b_leaf, W, b), p["E"][prep["leaf_token"]], idx)
 
-    @staticmethod
-    def _stack(states, rows):
-        """States [H] stacked to [rows, H], zero rows after them (a shape per class)."""
-        return jnp.stack(states + [jnp.zeros_like(states[0])] * (rows - len(states)))
+    def _stack(self, states, rows):
+        """States [H] stacked to [rows, H], zero rows after them (a shape per class).
+
+        Up to STACK_CHUNK rows (the roots of a batch) this is one ``jnp.stack``. Beyond
+        (every node, in the ``all`` loss mode) it is jitted stacks of STACK_CHUNK states
+        joined by one concatenate: XLA's compile time for a stack, and for the unstack
+        its gradient needs, grows much faster than its operand count (a gate batch of
+        ~1000 nodes took minutes to compile), while these pieces compile once per chunk
+        count.
+        """
+        padded = states + [jnp.zeros_like(states[0])] * (rows - len(states))
+        if rows <= STACK_CHUNK:
+            return jnp.stack(padded)
+        padded += [padded[-1]] * (-rows % STACK_CHUNK)   # rows past `rows` are cut off below
+        chunks = [self._stack_chunk(*padded[i:i + STACK_CHUNK])
+                  for i in range(0, len(padded), STACK_CHUNK)]
+        return jnp.concatenate(chunks)[:rows]
 
     # --- hooks for the base class (recursive and compiled) ---
     def _logits(self, p, prep):
