@@ -12,11 +12,17 @@ Order of work, and what is timed:
    on the pool's extremes, both loss modes for tree models, and an unbucketed
    batch in the accuracy budget's order (a cell that fails is recorded
    ``failed`` and keeps no timing; the step is undone by reloading the parameters);
-5. ``warmup_passes`` untimed passes over the pool (later bucket shapes compile here);
+5. every pool shape once (later bucket shapes compile here), then ``warmup_passes``
+   untimed passes over the pool, fewer for a slow cell (a quarter of
+   ``timed_budget_s`` bounds the warm-up's extra passes);
 6. ``repeats`` timed samples for training, then for inference, each ended by a
    device sync; a sample is k or more passes over the pool, k calibrated once (one
    more untimed pass) so that a sample lasts about ``min_repeat_s``, and passes are
    added while it has lasted less (``passes_per_sample``: each sample's passes);
+   a slow cell takes fewer samples, at least ``MIN_REPEATS``, so that each call's
+   samples fit in half of ``timed_budget_s`` (planned from the calibration pass, and
+   stopped once spent; ``repeats_run`` says how many ran, ``repeats_cut`` whether
+   the budget cut them);
    around them, what else the machine did (``noise``, ``noisy``:
    ``bench.environment.NoiseProbe``);
 7. batch-1 latency: single examples, each call timed alone with a sync
@@ -49,13 +55,13 @@ import threading
 import time
 import traceback
 from dataclasses import replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import readout, reference, registry, verify
 from .batches import batch_examples, hash_batches, make_batch
-from .config import CellConfig
+from .config import MIN_REPEATS, CellConfig
 from .environment import (NoiseProbe, limit_blas_threads, machine, peak_rss_mb, thread_times,
                           wait_share)
 from .flops import forward_flops, train_flops
@@ -232,6 +238,7 @@ def base_record(cfg: CellConfig) -> Dict:
         "compile_s": None,
         "first_infer_s": None,
         "warmup_s": None,
+        "warmup_passes_run": None,
         "train_samples_per_s": [],
         "infer_samples_per_s": [],
         "train_tokens_per_s": [],
@@ -245,6 +252,8 @@ def base_record(cfg: CellConfig) -> Dict:
         "infer_flops_per_sample": None,
         "gemm_flops": None,
         "passes_per_sample": None,
+        "repeats_run": None,
+        "repeats_cut": None,
         "train_wait_shares": [],
         "infer_wait_shares": [],
         "noise": None,
@@ -267,28 +276,39 @@ def model_config(cfg: CellConfig, dataset) -> ModelConfig:
                        weight_decay=cfg.weight_decay)
 
 
-def calibrate(impl, call, prepared: List, min_repeat_s: float, cap: int = 1000) -> int:
+def calibrate(impl, call, prepared: List, min_repeat_s: float, cap: int = 1000
+              ) -> Tuple[int, Optional[float]]:
     """How many passes over the pool one timed sample takes so that it lasts at least
-    ``min_repeat_s``: one more untimed pass is timed, k = ceil(min_repeat_s / its seconds)
-    (at most ``cap``). 0 seconds: one pass, no calibration pass."""
+    ``min_repeat_s``, and the seconds of the pass that told: one more untimed pass is
+    timed, k = ceil(min_repeat_s / its seconds) (at most ``cap``). 0 seconds: one pass,
+    no calibration pass (and no seconds)."""
     if min_repeat_s <= 0:
-        return 1
+        return 1, None
     t0 = time.perf_counter()
     for ready in prepared:
         call(ready)
     impl.sync()
     once = time.perf_counter() - t0
-    return int(min(cap, max(1, math.ceil(min_repeat_s / once)))) if once > 0 else cap
+    return (int(min(cap, max(1, math.ceil(min_repeat_s / once)))) if once > 0 else cap), once
+
+
+def planned_repeats(repeats: int, budget_s: float, sample_s: Optional[float]) -> int:
+    """Samples that fit in ``budget_s`` when one lasts about ``sample_s``: ``repeats`` at
+    most, ``MIN_REPEATS`` at least (``repeats`` when there is no budget or no estimate)."""
+    if budget_s <= 0 or not sample_s or sample_s <= 0:
+        return repeats
+    return max(min(repeats, MIN_REPEATS), min(repeats, int(budget_s // sample_s)))
 
 
 def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int],
-                  repeats: int, passes: int = 1, min_s: float = 0.0):
+                  repeats: int, passes: int = 1, min_s: float = 0.0, budget_s: float = 0.0):
     """Samples/s, tokens/s and run-queue wait share (``environment.wait_share``: how much of
     the sample other work held the CPU; None where unknown) of each timed sample (sync inside
     the clock); a sample is at least ``passes`` passes over the pool, back to back
     (``calibrate``), and more while it has lasted less than ``min_s`` (the host clock is read
     between passes without a sync: it can only run behind the device, so the guarantee holds).
-    Returns also the passes of each sample.
+    Once the samples have lasted ``budget_s`` in all (0: no budget), no more are taken
+    beyond ``MIN_REPEATS``. Returns also the passes of each sample.
 
     An implementation that times its own passes (``Implementation.timed_passes``
     returns a list, e.g. a worker process, so that IPC stays outside the clock)
@@ -301,7 +321,8 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
     waits: List[Optional[float]] = [None] * len(durations or [])
     counts = [passes] * len(durations or [])
     if durations is None:
-        durations, waits, counts = _sample_loop(impl, call, prepared, repeats, passes, min_s, what)
+        durations, waits, counts = _sample_loop(impl, call, prepared, repeats, passes, min_s, what,
+                                                budget_s)
     fault = _test_fault("timing")
     if fault is not None:
         durations = [float(fault)] * len(durations)
@@ -312,7 +333,8 @@ def _timed_passes(impl, call, prepared: List, sizes: List[int], tokens: List[int
     return per_s, tok_s, [None if w is None else round(w, 4) for w in waits], counts
 
 
-def _sample_loop(impl, call, prepared: List, repeats: int, passes: int, min_s: float, what: str):
+def _sample_loop(impl, call, prepared: List, repeats: int, passes: int, min_s: float, what: str,
+                 budget_s: float = 0.0):
     """``_timed_passes``' own clock: (seconds, wait share, passes) of each sample."""
     durations: List[float] = []
     waits: List[Optional[float]] = []
@@ -329,6 +351,8 @@ def _sample_loop(impl, call, prepared: List, repeats: int, passes: int, min_s: f
         durations.append(time.perf_counter() - t0)
         waits.append(wait_share(before, thread_times()))
         counts.append(done)
+        if budget_s > 0 and len(durations) >= MIN_REPEATS and sum(durations) >= budget_s:
+            break
         if len(durations) < repeats:
             _PHASES.say("%s sample %d/%d (%d pool passes or more each)"
                         % (what, len(durations) + 1, repeats, passes))
@@ -659,21 +683,29 @@ def _flops_per_sample(model_cfg: ModelConfig, pool) -> Dict[str, float]:
 
 
 def _warmup(impl, cfg: CellConfig, prepared: List, rec: Dict) -> None:
-    """``warmup_passes`` untimed passes (step 5), then every pool shape once more."""
+    """Every pool shape once (step 5: the first call saw only the first batch), then up to
+    ``warmup_passes`` untimed passes while the warm-up has used less than a quarter of the
+    time budget: a pass that takes seconds runs at its steady pace already, and the
+    calibration pass before the timed samples is one more untimed pass
+    (``warmup_passes_run``: how many ran)."""
     _phase("warmup")
     t0 = time.perf_counter()
-    for _ in range(cfg.warmup_passes):
-        for ready in prepared:
+
+    def one_pass(batches):
+        for ready in batches:
             if impl.trains:
                 impl.train_step(ready)
             impl.logits(ready)
-    # Every pool shape must be warm before timing, even with warmup_passes=0.
-    for ready in prepared[1:]:
-        if impl.trains:
-            impl.train_step(ready)
-        impl.logits(ready)
-    impl.sync()
+        impl.sync()
+
+    one_pass(prepared[1:])   # even with warmup_passes=0
+    done = 0
+    while done < cfg.warmup_passes and not (
+            cfg.timed_budget_s > 0 and time.perf_counter() - t0 >= cfg.timed_budget_s / 4):
+        one_pass(prepared)
+        done += 1
     rec["warmup_s"] = time.perf_counter() - t0
+    rec["warmup_passes_run"] = done
 
 
 def _timed(impl, cfg: CellConfig, pool, prepared: List, rec: Dict) -> None:
@@ -683,12 +715,17 @@ def _timed(impl, cfg: CellConfig, pool, prepared: List, rec: Dict) -> None:
     sizes = [b.size for b in pool]
     tokens = [b.num_tokens for b in pool]
     noise = NoiseProbe(cfg.threads).start()
-    rec["passes_per_sample"] = {}
-    for name, call in ((("train", impl.train_step),) if impl.trains else ()) + (("infer", impl.logits),):
-        k = calibrate(impl, call, prepared, cfg.min_repeat_s)
+    rec["passes_per_sample"], rec["repeats_run"] = {}, {}
+    calls = ((("train", impl.train_step),) if impl.trains else ()) + (("infer", impl.logits),)
+    share = cfg.timed_budget_s / len(calls)
+    for name, call in calls:
+        k, once = calibrate(impl, call, prepared, cfg.min_repeat_s)
+        n = planned_repeats(cfg.repeats, share, k * once if once else None)
         (rec[name + "_samples_per_s"], rec[name + "_tokens_per_s"], rec[name + "_wait_shares"],
          rec["passes_per_sample"][name]) = _timed_passes(impl, call, prepared, sizes, tokens,
-                                                         cfg.repeats, k, cfg.min_repeat_s)
+                                                         n, k, cfg.min_repeat_s, share)
+        rec["repeats_run"][name] = len(rec[name + "_samples_per_s"])
+    rec["repeats_cut"] = any(n < cfg.repeats for n in rec["repeats_run"].values())
     if not impl.trains:
         rec["reason"] = "inference only: this implementation declares no training step"
     rec["noise"] = noise.stop()

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Callable, List, Optional
 
 from . import registry
-from .config import PRESETS, CellConfig, UsageError, preset
+from .config import MIN_REPEATS, PRESETS, CellConfig, UsageError, preset
 from .fastest import keep_fastest
 from .interface import STRATEGIES
 from .params import MODELS
@@ -309,7 +309,7 @@ def _with_tasks(cells: List[CellConfig], tasks) -> List[CellConfig]:
 _OVERRIDES = (("device", "device"), ("threads", "threads"), ("repeats", "repeats"),
               ("min_repeat_s", "min_repeat_s"), ("timeout", "timeout_s"), ("epochs", "epochs"),
               ("spectral_radius", "spectral_radius"), ("weight_decay", "weight_decay"),
-              ("optimizer", "optimizer"), ("lr", "lr"))
+              ("optimizer", "optimizer"), ("lr", "lr"), ("timed_budget_s", "timed_budget_s"))
 
 
 def _overridden(cells: List[CellConfig], args) -> List[CellConfig]:
@@ -564,7 +564,7 @@ def _add_cell_options(s) -> None:
     s.add_argument("--threads", type=_positive_int("threads", MAX_THREADS),
                    help="threads per cell, set for every pool (default: the preset's; quick: 2)")
     s.add_argument("--repeats", type=_positive_int("repeats", MAX_REPEATS),
-                   help="timed passes over the pool per cell (default: the preset's; quick: 7)")
+                   help="timed samples per call, at most (default: the preset's; quick: 7)")
     s.add_argument("--timeout", type=_positive_int("timeout", MAX_TIMEOUT_S),
                    help="seconds per cell before it is killed (default: the preset's; quick: 900)")
     s.add_argument("--optimizer", choices=("sgd", "adam", "adagrad"),
@@ -578,6 +578,11 @@ def _add_cell_options(s) -> None:
     s.add_argument("--min-repeat-s", type=_seconds("min repeat s"), metavar="S",
                    help="a timed sample cycles the pool until it lasts at least S seconds "
                         "(default: the preset's; quick: 0.2; 0: one pass per sample)")
+    s.add_argument("--timed-budget-s", type=_seconds("timed budget s"), metavar="S",
+                   help="seconds of timed passes per cell, half for training and half for "
+                        "inference: a slow cell takes fewer samples (at least %d) and records "
+                        "how many (default: the preset's; quick: 20; 0: always --repeats)"
+                   % MIN_REPEATS)
 
 
 def _add_list(sub, common) -> None:

@@ -19,6 +19,10 @@ from .interface import STRATEGIES
 from .params import MODELS, family
 
 
+# A time-budgeted cell still takes this many timed samples per call (a median and an IQR).
+MIN_REPEATS = 3
+
+
 class UsageError(ValueError):
     """Bad input, or a refusal before any work: the command prints one line and exits 2."""
 
@@ -46,7 +50,12 @@ class CellConfig:
     # per cell and recorded), so that tiny cells are not timer and scheduler noise. It changes
     # the precision, not what is measured, so it is not part of the cell's key.
     min_repeat_s: float = 0.2
-    warmup_passes: int = 1        # untimed passes after the first call
+    # Seconds of timed work a cell may spend (training and inference each half of it): a
+    # slow cell (per-node strategies in eager frameworks) takes fewer samples, never fewer
+    # than MIN_REPEATS, and records how many ran (``repeats_run``). 0: always ``repeats``.
+    # Like min_repeat_s it changes the precision, not what is measured: not in the key.
+    timed_budget_s: float = 20.0
+    warmup_passes: int = 1        # untimed passes after the first call (fewer if slow)
     latency_samples: int = 20     # batch-1 inference calls timed one by one
     epochs: float = 0.0           # training budget for accuracy (0: no accuracy measured)
     max_train_examples: int = 0   # cap on training examples for the accuracy budget (0: all)
@@ -83,6 +92,8 @@ class CellConfig:
                              "form): epochs must be 0")
         if not (self.min_repeat_s >= 0 and self.min_repeat_s < 3600):
             raise ValueError("min_repeat_s must be between 0 and 3600 seconds")
+        if not (isinstance(self.timed_budget_s, (int, float)) and 0 <= self.timed_budget_s < 86400):
+            raise ValueError("timed_budget_s must be between 0 and 86400 seconds")
         if not self.spectral_radius > 0:
             raise ValueError("spectral_radius must be > 0")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
@@ -97,7 +108,7 @@ class CellConfig:
     def key(self) -> str:
         """Stable identity of the cell (every field that changes what is measured)."""
         d = asdict(self)
-        del d["min_repeat_s"]
+        del d["min_repeat_s"], d["timed_budget_s"]
         if d["train_mode"] == "full":       # readout-only fields: absent from full cells' keys
             del d["train_mode"], d["spectral_radius"]
         if not d["weight_decay"]:           # absent at 0: cells from before it keep their keys

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from bench import ab
-from bench.cell import run_cell
+from bench.cell import planned_repeats, run_cell
 from bench.compare import (ALPHA, REGRESSION, Threshold, compare_runs, judge, judge_paired,
                            paired_slowdown_ci, signed_rank_greater)
-from bench.config import CellConfig, UsageError, smoke
+from bench.config import MIN_REPEATS, CellConfig, UsageError, smoke
 from bench.environment import NoiseProbe, verdict
 from bench.flops import time_gemm
 from bench.records import read_records
@@ -228,6 +228,63 @@ def test_min_repeat_s_is_not_part_of_the_cell_key():
     assert a.key() == b.key() and b.to_dict()["min_repeat_s"] == 1.0
     with pytest.raises(ValueError):
         CellConfig("numpy", "lstm", "loop", min_repeat_s=-1)
+
+
+# --- the time budget of a cell's timed passes ---
+
+def _smoke_cell(**kw) -> CellConfig:
+    base = smoke(("numpy",)).base
+    fields = {k: getattr(base, k) for k in ("batch_size", "embed_dim", "hidden", "pool_batches",
+                                            "warmup_passes", "latency_samples", "verify_examples")}
+    fields.update(kw)
+    return CellConfig("numpy", "elman", "loop", threads=1, **fields)
+
+
+def test_planned_repeats_fit_the_budget_but_never_fall_below_the_minimum():
+    assert MIN_REPEATS == 3
+    assert planned_repeats(7, 10.0, 1.0) == 7       # fits: the preset's repeats
+    assert planned_repeats(7, 10.0, 2.0) == 5
+    assert planned_repeats(7, 10.0, 4.0) == 3       # 2 would fit: the minimum wins
+    assert planned_repeats(7, 10.0, 60.0) == 3
+    assert planned_repeats(2, 10.0, 60.0) == 2      # never more than asked for
+    assert planned_repeats(7, 0.0, 60.0) == 7       # no budget
+    assert planned_repeats(7, 10.0, None) == 7      # no estimate: the loop's own clock decides
+
+
+def test_a_cell_over_its_time_budget_takes_fewer_samples_and_says_so():
+    # each sample lasts >= 0.05 s, the budget (all of it inference: numpy does not train)
+    # holds two: the cell plans the minimum of 3 instead of 7
+    cut = run_cell(_smoke_cell(repeats=7, min_repeat_s=0.05, timed_budget_s=0.1))
+    assert cut["status"] == "ok", cut["reason"]
+    assert cut["repeats_run"] == {"infer": 3} and len(cut["infer_samples_per_s"]) == 3
+    assert cut["repeats_cut"] is True
+    whole = run_cell(_smoke_cell(repeats=7, min_repeat_s=0.05, timed_budget_s=0.0))
+    assert whole["repeats_run"] == {"infer": 7} and whole["repeats_cut"] is False
+    # without a calibration pass there is no plan: the sample loop stops once the budget is spent
+    clock = run_cell(_smoke_cell(repeats=7, min_repeat_s=0.0, timed_budget_s=1e-6))
+    assert clock["repeats_run"] == {"infer": 3} and clock["repeats_cut"] is True
+
+
+def test_a_slow_warm_up_skips_its_extra_passes_but_never_the_pool_shapes():
+    # a budget of 1 us: the pass over every pool shape runs, the three extra passes do not
+    cut = run_cell(_smoke_cell(repeats=3, warmup_passes=3, timed_budget_s=1e-6))
+    assert cut["status"] == "ok", cut["reason"]
+    assert cut["warmup_passes_run"] == 0 and cut["warmup_s"] > 0
+    whole = run_cell(_smoke_cell(repeats=3, warmup_passes=3, timed_budget_s=0.0))
+    assert whole["warmup_passes_run"] == 3
+
+
+def test_the_time_budget_is_not_part_of_the_cell_key_and_reaches_cells_from_the_cli():
+    from bench.cli import build_parser, select_cells
+    a = CellConfig("numpy", "lstm", "loop")
+    assert a.key() == CellConfig("numpy", "lstm", "loop", timed_budget_s=5.0).key()
+    assert a.timed_budget_s > 0     # every preset's cells have a budget unless told otherwise
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError):
+            CellConfig("numpy", "lstm", "loop", timed_budget_s=bad)
+    cells = select_cells(build_parser().parse_args(
+        ["run", "--preset", "quick", "--frameworks", "numpy", "--timed-budget-s", "7.5"]))
+    assert cells and {c.timed_budget_s for c in cells} == {7.5}
 
 
 # --- noise disclosure ---

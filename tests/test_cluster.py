@@ -54,7 +54,9 @@ TIMING_FIELDS = {"compile_s", "first_infer_s", "warmup_s", "train_samples_per_s"
                  "cell_wall_s", "load_avg_1m_at_start", "verify_s", "phase_s",
                  # how busy the machine was, and the passes that made each sample last long
                  # enough: they follow the load, not the code
-                 "noise", "noisy", "train_wait_shares", "infer_wait_shares", "passes_per_sample"}
+                 "noise", "noisy", "train_wait_shares", "infer_wait_shares", "passes_per_sample",
+                 # what the cell's time budget let run
+                 "repeats_run", "repeats_cut", "warmup_passes_run"}
 # machine_gemm_flops: measured by a local run's runner; on a cluster the nodes differ
 NODE_FIELDS = {"machine", "executor", "machine_gemm_flops"}
 
