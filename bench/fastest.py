@@ -11,14 +11,15 @@ from typing import Dict, List, Optional, Tuple
 
 from . import registry
 from .config import PREFERENCE, CellConfig, UsageError
-from .interface import STRATEGIES
+from .interface import REFERENCE_STRATEGIES, STRATEGIES
 from .stats import median
 
 
 def fastest_strategies(run_dir: str, skip_corrupt: bool = False) -> Dict[Tuple[str, str, str], str]:
     """{(framework, model, device): strategy} of the fastest ok record in RUN_DIR.
 
-    Training throughput decides (inference where a cell has none).
+    Training throughput decides (inference where a cell has none). The ``plain``
+    yardstick is never picked: it measures what a user would write, not a strategy.
     """
     from .runs import load_run   # only when a run directory is read: cells never need it
     if not os.path.isdir(run_dir):
@@ -28,7 +29,7 @@ def fastest_strategies(run_dir: str, skip_corrupt: bool = False) -> Dict[Tuple[s
         raise UsageError("--fastest-from %s: no records there" % run_dir)
     best: Dict[Tuple[str, str, str], Tuple[str, float]] = {}
     for r in records:
-        if r.get("status") != "ok":
+        if r.get("status") != "ok" or r.get("strategy") in REFERENCE_STRATEGIES:
             continue
         speed = median(r.get("train_samples_per_s")) or median(r.get("infer_samples_per_s"))
         key = (r["framework"], r["model"], r["device"])

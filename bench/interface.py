@@ -25,10 +25,18 @@ import numpy as np
 
 from .params import ModelConfig, check_params
 
-RNN_STRATEGIES = ("loop", "fused", "compiled")
+# ``plain`` is a yardstick, not a contender: the ~30 lines a user would write first (the
+# framework's stock recurrent layer or scan over the whole padded batch, each example's
+# last real output gathered: exact for a unidirectional RNN). A framework's fastest
+# strategy should at least match it; ``bench.fastest`` never picks it.
+RNN_STRATEGIES = ("loop", "fused", "compiled", "plain")
 RVNN_STRATEGIES = ("recursive", "levels", "compiled")
 STRATEGIES = {"rnn": RNN_STRATEGIES, "rvnn": RVNN_STRATEGIES}
-BASELINE_STRATEGY = {"rnn": "loop", "rvnn": "recursive"}
+BASELINE_STRATEGY = {"rnn": "loop", "rvnn": "recursive"}   # the slow end of speed-up ratios
+REFERENCE_STRATEGIES = ("plain",)
+# The NOT_APPLICABLE entry of every framework that has no ``plain`` loop.
+NO_PLAIN = {("*", "plain"): "the plain reference loop (the yardstick for the fastest strategy) "
+                            "is written for PyTorch, JAX and TensorFlow only"}
 
 # Optimiser hyper-parameters shared by every framework (only lr is configurable).
 ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}

@@ -47,6 +47,9 @@ def _tiny(model, vocab, **kw):
 
 # programs per phase, for batches of up to the cell's batch size plus batch-1 inference
 BOUNDS = {("lstm", "compiled"): (4, 2),      # train lengths 16/32/64 + the gradient program
+          # the yardstick pads as a user would, inference too: lengths 16/32/64 for the
+          # batch's rows and for one example's
+          ("lstm", "plain"): (4, 6),
           ("treelstm", "compiled"): (2, 2),  # one train step + the gradient program
           ("treelstm", "levels"): (4, 4)}    # leaves, level, level backward, leaves backward
 #                                              + update; infer: readout, and batch 1's three

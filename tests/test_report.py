@@ -365,3 +365,28 @@ def test_compile_counts_and_warm_caches_in_the_results_table(tmp_path):
     df = pd.read_csv(str(tmp_path / "summary.csv"))
     assert sorted(df.compiles_train.dropna().tolist()) == [1, 3]
     assert set(df.compile_cache.dropna()) == {"off", "warm"}
+
+
+def test_each_fastest_strategy_is_set_against_the_plain_loop_and_plain_is_never_picked(tmp_path):
+    from bench.fastest import fastest_strategies
+    from bench.report import plain_section
+    recs = [_timed_record("torch", "lstm", "plain", [100.0, 101.0, 102.0], [400.0, 410.0, 420.0]),
+            _timed_record("torch", "lstm", "fused", [80.0, 81.0, 82.0], [500.0, 505.0, 510.0]),
+            _timed_record("torch", "lstm", "loop", [50.0, 51.0, 52.0], [300.0, 300.0, 300.0]),
+            # a plain cell faster than every strategy of its framework: still never the pick
+            _timed_record("jax", "elman", "plain", [900.0] * 3, [900.0] * 3),
+            _timed_record("jax", "elman", "compiled", [700.0, 800.0, 1100.0], [50.0] * 3)]
+    recs[1]["repeats_cut"] = True
+    text = plain_section(summarise(recs))
+    assert "| torch/lstm | sst b25 cpu | fused | 81 / 101 | 0.80x (behind) | 505 / 410 | " \
+           "1.23x (ahead) |" in text
+    assert "| jax/elman | sst b25 cpu | compiled | 800 / 900 | 0.89x (IQRs overlap) |" in text
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert fastest_strategies(str(run)) == {("torch", "lstm", "cpu"): "fused",
+                                            ("jax", "elman", "cpu"): "compiled"}
+    write_report(str(run), str(run))
+    report = (run / "report.md").read_text()
+    assert "## Against the plain loop" in report and "0.80x (behind)" in report
+    assert "| 3 (budget) |" in report     # the fused cell's samples were cut by its time budget

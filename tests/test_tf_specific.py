@@ -45,6 +45,7 @@ def _varied_batches(sst, family):
     (RNN, "lstm", "compiled", {"xla": True}),
     (RNN, "lstm", "compiled", {"xla": False}),
     (RNN, "elman", "fused", {}),
+    (RNN, "lstm", "plain", {}),
     (RvNN, "treelstm", "compiled", {}),
     (RvNN, "rvnn", "compiled", {"xla": True}),
 ])

@@ -33,9 +33,9 @@ from .anchors import anchors_rows
 from .figures import plots, throughput_bars
 from .readme import readme_blocks, update_readme
 from .summary import SUMMARY_COLUMNS, accuracy_table, machine_label, machine_peaks, summarise
-from .sections import wrapper_rows
+from .sections import plain_section, wrapper_rows
 from .write import write_report
 
 __all__ = ["SUMMARY_COLUMNS", "accuracy_table", "anchors_rows", "incomplete_runs", "load_run",
-           "machine_label", "machine_peaks", "plots", "readme_blocks", "summarise",
+           "machine_label", "machine_peaks", "plain_section", "plots", "readme_blocks", "summarise",
            "throughput_bars", "update_readme", "wrapper_rows", "write_report"]

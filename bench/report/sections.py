@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..coverage import coverage_rows
+from ..interface import REFERENCE_STRATEGIES
 from .markdown import fmt, md_table, nan0
 from .summary import accuracy_table, machine_label, training_label
 
@@ -116,7 +117,8 @@ def _result_row(r) -> List[str]:
         _compile_cell(r), _compiles_cell(r), fmt(r["peak_rss_mb"], "%.0f"),
         fmt(r["device_peak_mb"], "%.0f"), fmt(r["roofline_pct"], "%.2f"),
         fmt(r["own_gemm_pct"], "%.2f"),
-        _threads_cell(r), str(int(r["repeats"])) + (" noisy" if _true(r["noisy"]) else "")]
+        _threads_cell(r), str(int(r["repeats"])) + (" (budget)" if _true(r["repeats_cut"]) else "")
+        + (" noisy" if _true(r["noisy"]) else "")]
 
 
 def _model_tables(block, task: str, batch, device: str, where: str) -> List[str]:
@@ -162,6 +164,57 @@ def results_section(df, records: List[Dict]) -> str:
     if untimed:
         parts.append(untimed)
     return "\n\n".join(parts) if parts else "_no timed cells_"
+
+
+def _against(fast, plain, metric: str) -> str:
+    """A strategy's throughput over the plain loop's, and whether their IQRs overlap."""
+    a, b = fast[metric + "_samples_per_s"], plain[metric + "_samples_per_s"]
+    if not (a and b and a == a and b == b):
+        return "-"
+    if fast[metric + "_q3"] < plain[metric + "_q1"]:
+        verdict = "behind"
+    elif fast[metric + "_q1"] > plain[metric + "_q3"]:
+        verdict = "ahead"
+    else:
+        verdict = "IQRs overlap"
+    return "%.2fx (%s)" % (a / b, verdict)
+
+
+# Cells that differ in strategy only (and come from one run).
+_SAME_CELL = ["framework", "model", "task", "device", "batch_size", "threads", "hidden", "seed",
+              "weight_decay", "optimizer", "lr", "machine", "run"]
+
+
+def plain_section(df) -> str:
+    """Each framework's fastest strategy against its ``plain`` yardstick (the loop a user
+    writes first), same model, task, batch, device and run."""
+    ok = df[(df["status"] == "ok") & df["accuracy"].isna()]
+    rows = []
+    for _, cells in ok.groupby(_SAME_CELL, dropna=False, sort=True):
+        is_plain = cells["strategy"].isin(REFERENCE_STRATEGIES)
+        if not is_plain.any() or is_plain.all():
+            continue
+        plain = cells[is_plain].iloc[0]
+        others = cells[~is_plain]
+        fast = others.loc[others["train_samples_per_s"].fillna(0).idxmax()]
+        rows.append(["%s/%s" % (plain["framework"], plain["model"]),
+                     "%s b%s %s" % (plain["task"], plain["batch_size"], plain["device"]),
+                     fast["strategy"],
+                     "%s / %s" % (fmt(fast["train_samples_per_s"], "%.0f"),
+                                  fmt(plain["train_samples_per_s"], "%.0f")),
+                     _against(fast, plain, "train"),
+                     "%s / %s" % (fmt(fast["infer_samples_per_s"], "%.0f"),
+                                  fmt(plain["infer_samples_per_s"], "%.0f")),
+                     _against(fast, plain, "infer")])
+    if not rows:
+        return "_no `plain` cell in this run (PyTorch, JAX and TensorFlow have one per RNN)_"
+    return ("`plain` is the loop a user would write first: the framework's stock recurrent "
+            "layer or scan over the whole padded batch, each example's last real output "
+            "gathered. Each framework's fastest strategy (by training throughput) should at "
+            "least match it; `behind` / `ahead`: the interquartile ranges do not overlap.\n\n"
+            + md_table(["framework/model", "cell", "fastest strategy",
+                        "train ex/s (fastest / plain)", "train ratio",
+                        "infer ex/s (fastest / plain)", "infer ratio"], rows))
 
 
 def overhead_section(df) -> str:

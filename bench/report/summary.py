@@ -23,7 +23,7 @@ SUMMARY_COLUMNS = [
     "overhead_s",
     "compiles_train", "compiles_infer", "compile_cache",
     "own_gemm_pct", "machine_gemm_flops", "noisy", "noisy_why", "weight_decay",
-    "optimizer", "lr",
+    "optimizer", "lr", "repeats_cut",
 ]
 # Quartiles of the throughput repeats: in the frame for the plots' error bars, not in the CSV.
 QUARTILE_COLUMNS = ["train_q1", "train_q3", "infer_q1", "infer_q3"]
@@ -150,7 +150,9 @@ def _cost_columns(r: Dict) -> Dict:
         "cell_wall_s": r.get("cell_wall_s"), "timed_s": timed, "overhead_s": overhead,
         "compiles_train": compiles.get("train"), "compiles_infer": compiles.get("infer"),
         "compile_cache": compiles.get("cache"),
-        "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None}
+        "noisy": r.get("noisy"), "noisy_why": noise.get("noisy_why") if r.get("noisy") else None,
+        # the cell's time budget took fewer samples than its repeats (bench.cell, step 6)
+        "repeats_cut": r.get("repeats_cut")}
 
 
 def _accuracy_columns(r: Dict) -> Dict:

@@ -17,7 +17,8 @@ from .figures import plots
 from .gradients import gradient_section, load_gradient_rows
 from .readout import readout_section
 from .sections import (accuracy_section, coverage_section, env_section, machines_section,
-                       overhead_section, results_section, wrapper_section)
+                       overhead_section, plain_section, results_section,
+                       wrapper_section)
 from .summary import SUMMARY_COLUMNS, summarise
 
 
@@ -111,8 +112,10 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
           "own probe or any framework's matmul, all timed alike; %% of own GEMM divides by the "
           "cell's framework's GEMM instead. `noisy` after the repeats: while the cell was timed, "
           "its threads waited for a CPU more than 10%% of the time, or the hypervisor stole more "
-          "than 5%% (the record's `noise`). Only cells that passed the equivalence check against "
-          "the NumPy reference are timed." % os.path.basename(os.path.abspath(run_dir)), "",
+          "than 5%% (the record's `noise`); `(budget)`: the cell's time budget for timed passes "
+          "(`timed_budget_s`) took fewer samples than its repeats, at least 3. Only cells that "
+          "passed the equivalence check against the NumPy reference are timed."
+          % os.path.basename(os.path.abspath(run_dir)), "",
           "Cells: " + ", ".join("%s %d" % kv for kv in sorted(counts.items())), ""]
     if incomplete:
         md += ["**Incomplete:** %s (their runs were interrupted or are still going; "
@@ -125,6 +128,7 @@ def _write_outputs(records: List[Dict], envs: List[Dict], run_dir: str, out_dir:
         md += ["## Machines", "", machines, ""]
     md += ["## Coverage", "", coverage_section(records, incomplete), "",
            "## Results", "", results_section(df, records), "",
+           "## Against the plain loop", "", plain_section(df), "",
            "## Where each cell's time goes", "", overhead_section(df), "",
            "## What Keras costs over its backend", "", wrapper_section(df), "",
            "## Accuracy", "", accuracy_section(df), "",

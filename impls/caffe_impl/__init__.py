@@ -71,7 +71,10 @@ This module must not import caffe: the registry reads ``NOT_APPLICABLE``
 without loading the framework.
 """
 
+from bench.interface import NO_PLAIN
+
 NOT_APPLICABLE = {
+    **NO_PLAIN,
     ("elman", "fused"): (
         "Caffe's RNN layer is not a plain Elman RNN: it outputs o_t = tanh(W_ho h_t + b_o), an "
         "extra output layer computed at every step, and exposes h_t itself only as the final "

@@ -15,10 +15,13 @@ This module must stay importable without Chainer (the registry reads
 ``NOT_APPLICABLE`` before deciding whether to import the framework).
 """
 
+from bench.interface import NO_PLAIN
+
 _NO_COMPILER = ("Chainer is define-by-run only: it has no compiler or tracer for a "
                 "whole model (chainer.static_graph caches one fixed schedule and "
                 "cannot express a loop of data-dependent length)")
 
 NOT_APPLICABLE = {
+    **NO_PLAIN,
     ("*", "compiled"): _NO_COMPILER,
 }

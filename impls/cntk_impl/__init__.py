@@ -89,6 +89,8 @@ This module must not import the worker or CNTK: the registry reads
 ``NOT_APPLICABLE`` without loading the framework.
 """
 
+from bench.interface import NO_PLAIN
+
 _RNN_COMPILED = ("CNTK has no eager mode and no separate compiler for a time loop: every CNTK "
                  "model is a static graph compiled into a ComputationNetwork on its first call, "
                  "so 'loop' (the time loop unrolled into one static graph per length) already is "
@@ -96,6 +98,7 @@ _RNN_COMPILED = ("CNTK has no eager mode and no separate compiler for a time loo
                  "cell would time the same graphs again")
 
 NOT_APPLICABLE = {
+    **NO_PLAIN,
     ("elman", "compiled"): _RNN_COMPILED,
     ("lstm", "compiled"): _RNN_COMPILED,
 }

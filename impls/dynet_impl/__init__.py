@@ -31,7 +31,10 @@ This module must not import dynet: the registry reads ``NOT_APPLICABLE``
 without loading the framework.
 """
 
+from bench.interface import NO_PLAIN
+
 NOT_APPLICABLE = {
+    **NO_PLAIN,
     ("*", "compiled"): "DyNet has no graph compiler: it builds and interprets a fresh dynamic "
                        "graph for every batch (renew_cg) and offers no static-graph or tracing "
                        "path that could compile the time loop or the level schedule",

@@ -8,6 +8,10 @@ Strategies, as implemented here:
   (forward, backward and optimiser update together); inference a
   ``lax.while_loop`` that stops after the longest example.
 * RNN ``fused``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU only.
+* RNN ``plain``: the yardstick, not a contender: one jitted ``lax.scan`` over every step
+  of the whole padded batch (no masking, no early stop), each example's output read at
+  its last real token (exact for a unidirectional RNN); training is ``jax.jit`` of
+  ``value_and_grad`` plus the optimiser update.
 * RvNN ``recursive``: one jitted call per tree node, following each tree.
 * RvNN ``levels``: one jitted call per tree height (in calls of W nodes), and in
   training one jitted backward call per forward call.

@@ -1,4 +1,4 @@
-"""Elman RNN and LSTM in JAX: strategies ``loop``, ``compiled`` and ``fused``.
+"""Elman RNN and LSTM in JAX: strategies ``loop``, ``compiled``, ``fused`` and ``plain``.
 
 Shapes: B batch (padded to Bp, the cell's batch size: ``bench.batches.padded_rows``;
 padded examples have label -1 and change nothing), T time steps (Tp after
@@ -24,6 +24,14 @@ padding), D embedding, H hidden, G = H (Elman) or 4H (LSTM, gate blocks
   ``W_x.T``/``W_h.T`` with the same gate order, ``b_ih = b``, ``b_hh = 0``, and
   per-example ``seq_lengths`` make cuDNN return the state at the last real
   token. There is no fused Elman layer in JAX and no fused kernel on the CPU.
+* ``plain``: the yardstick, what a JAX user writes first: one ``jit`` of forward,
+  backward and optimiser update (inference: of the logits), ``lax.scan`` over all
+  Tp = ``train_length(T)`` steps (a power of two >= 16, as a user buckets lengths to
+  bound recompiles) of the whole padded batch with no masking, no
+  early stop and no chunks (one [Bp*Tp, D] x [D, G] input projection before it),
+  every step's h kept and each example's read at its last real token
+  (``lengths - 1``). Exact: in a unidirectional RNN the padding after a token
+  cannot change that token's output.
 """
 
 from __future__ import annotations
@@ -41,20 +49,23 @@ from .common import JaxImplementation, classify, softmax_xent
 CHUNK = 8         # compiled: time steps per scan iteration (count_bucket's lengths are multiples)
 
 
-def cell(model, W_h, state, zx, live):
-    """One step for the batch.
+def recur(model, W_h, state, zx):
+    """One unmasked step for the batch (``plain`` scans it over every padded step).
 
     zx [B, G] is ``x_t W_x + b`` (the input projection), state is (h,) or
-    (h, c) with each [B, H], live [B, 1] bool: padded steps keep the state.
+    (h, c) with each [B, H].
     """
-    h = state[0]
-    z = zx + h @ W_h
+    z = zx + state[0] @ W_h
     if model == "elman":
-        return (jnp.where(live, jnp.tanh(z), h),)
+        return (jnp.tanh(z),)
     i, f, g, o = jnp.split(z, 4, axis=-1)
     c_new = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
-    return jnp.where(live, h_new, h), jnp.where(live, c_new, state[1])
+    return jax.nn.sigmoid(o) * jnp.tanh(c_new), c_new
+
+
+def cell(model, W_h, state, zx, live):
+    """One step for the batch, masked: live [B, 1] bool, padded steps keep the state."""
+    return tuple(jnp.where(live, new, old) for new, old in zip(recur(model, W_h, state, zx), state))
 
 
 def cudnn_lstm_weights(W_x, W_h, b):
@@ -69,7 +80,7 @@ def cudnn_lstm_weights(W_x, W_h, b):
 
 class RNN(JaxImplementation):
     family = "rnn"
-    jit_strategies = ("compiled", "fused")
+    jit_strategies = ("compiled", "fused", "plain")
 
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
@@ -123,6 +134,12 @@ class RNN(JaxImplementation):
             live = (np.arange(padded.shape[1])[:, None] < lens[None, :])[:, :, None]
             return {"tokens": self._put(padded), "labels": self._put(labs),
                     "live": self._put(live, bool), "steps": T, "size": B}
+        if self.strategy == "plain":
+            # one shape for training and inference: every step of the padded length runs
+            padded = np.zeros((rows, train_length(T)), np.int32)
+            padded[:B, :T] = tokens
+            return {"tokens": self._put(padded), "lengths": self._put(lens),
+                    "labels": self._put(labs), "size": B}
         out = {"size": B}
         for phase, steps in (("train", train_length(T)), ("infer", count_bucket(T))):
             padded = np.zeros((rows, steps), np.int32)
@@ -131,7 +148,7 @@ class RNN(JaxImplementation):
                           "labels": self._put(labs)}
         return out
 
-    # --- the three ways to get the last hidden state [B, H] ---
+    # --- the four ways to get the last hidden state [B, H] ---
     def _hidden_loop(self, p, prep):
         # One lookup for the batch, then each step reads its column inside the
         # jitted cell (t is traced: one compile for every step).
@@ -188,6 +205,23 @@ class RNN(JaxImplementation):
         _, state = lax.while_loop(lambda c: c[0] < chunks, body, (jnp.int32(0), init))
         return state[0]
 
+    def _hidden_plain(self, p, prep):
+        """The yardstick: scan every padded step, no mask, then pick each example's
+        h at its last real token (what follows a token cannot change its output)."""
+        tokens, lengths = prep["tokens"], prep["lengths"]
+        B = tokens.shape[0]
+        zeros = jnp.zeros((B, self.cfg.hidden), jnp.float32)
+        init = (zeros,) if self.cfg.model == "elman" else (zeros, zeros)
+        model, W_h = self.cfg.model, p["W_h"]
+        zx = p["E"][tokens.T] @ p["W_x"] + p["b"]                       # [Tp, B, G]
+
+        def step(state, z):
+            state = recur(model, W_h, state, z)
+            return state, state[0]
+
+        _, hs = lax.scan(step, init, zx)                                # [Tp, B, H]
+        return hs[lengths - 1, jnp.arange(B)]
+
     def _hidden_fused(self, p, prep):
         from jax.experimental import rnn as jrnn
         tokens, lengths = prep["tokens"], prep["lengths"]
@@ -205,6 +239,8 @@ class RNN(JaxImplementation):
             return self._hidden_loop(p, prep)
         if self.strategy == "compiled":
             return self._hidden_scan(p, prep) if train else self._hidden_while(p, prep)
+        if self.strategy == "plain":
+            return self._hidden_plain(p, prep)
         return self._hidden_fused(p, prep)
 
     # --- hooks for the base class ---
@@ -228,7 +264,10 @@ class RNN(JaxImplementation):
             "compiled": "train: power of two >= 16; infer: power of two >= 64 in chunks of %d "
                         "steps, stopping after the longest example; examples padded to the "
                         "cell's batch size" % CHUNK,
-            "fused": "as compiled (cuDNN takes each example's length)"}[self.strategy]
+            "fused": "as compiled (cuDNN takes each example's length)",
+            "plain": "power of two >= 16, every padded step scanned (no mask, no early stop), "
+                     "each example's output read at its last real token; examples padded to "
+                     "the cell's batch size"}[self.strategy]
         if self.strategy == "fused":
             out["kernel"] = "jax.experimental.rnn.lstm (cuDNN), TF32 off"
         return out

@@ -43,8 +43,11 @@ This module must not import keras: the registry reads ``NOT_APPLICABLE``
 before the backend is chosen.
 """
 
-# Every (model, strategy) is expressible with Keras layers and ops on some backend.
-NOT_APPLICABLE = {}
+from bench.interface import NO_PLAIN
+
+# Every (model, strategy) but the plain yardstick is expressible with Keras layers and ops on
+# some backend.
+NOT_APPLICABLE = dict(NO_PLAIN)
 
 TORCH_COMPILE_REASON = (
     "Keras runs the torch backend eagerly; its only compiler is jit_compile=True, which wraps "

@@ -25,4 +25,6 @@ This module must not import paddle: the registry reads ``NOT_APPLICABLE``
 without loading the framework.
 """
 
-NOT_APPLICABLE = {}
+from bench.interface import NO_PLAIN
+
+NOT_APPLICABLE = dict(NO_PLAIN)

@@ -37,7 +37,10 @@ This module must not import pytensor: the registry reads ``NOT_APPLICABLE``
 without loading the framework.
 """
 
+from bench.interface import NO_PLAIN
+
 NOT_APPLICABLE = {
+    **NO_PLAIN,
     ("*", "fused"): "PyTensor has no fused RNN/LSTM operator: a recurrence is a scan over "
                     "a cell graph (that is the 'compiled' strategy)",
 }

@@ -2,8 +2,10 @@
 
 * ``rnn.RNN``: Elman RNN and LSTM with strategies ``loop`` (eager Python loop
   over time steps), ``fused`` (``keras.layers.SimpleRNN`` / ``keras.layers.LSTM``,
-  cuDNN on GPU where Keras can use it) and ``compiled`` (the loop as a
-  ``tf.while_loop`` under ``tf.function``).
+  cuDNN on GPU where Keras can use it), ``compiled`` (the loop as a
+  ``tf.while_loop`` under ``tf.function``) and ``plain`` (the yardstick: the
+  same Keras layer unmasked over the padded batch, each row's output at its
+  last real token gathered).
 * ``rvnn.RvNN``: RvNN and Tree-LSTM with strategies ``recursive`` (one eager
   call per node, walking each tree), ``levels`` (eager, one batched step per
   tree height) and ``compiled`` (levels over the padded static form under

@@ -1,4 +1,4 @@
-"""Elman RNN and LSTM in TensorFlow: strategies ``loop``, ``fused``, ``compiled``.
+"""Elman RNN and LSTM in TensorFlow: strategies ``loop``, ``fused``, ``compiled``, ``plain``.
 
 Shapes: B batch, T time steps (batch max length), D embedding, H hidden,
 G = H (Elman) or 4H (LSTM) gate width, C classes.
@@ -22,6 +22,12 @@ G = H (Elman) or 4H (LSTM) gate width, C classes.
   TensorArray, whose gradient writes one slot per step rather than a full
   [T, B, G] tensor) inside ``tf.function`` with a shape-agnostic input
   signature, so one trace serves every batch (``info()['traces']``).
+* ``plain`` (the yardstick, not a contender): what a TF user writes first.
+  The same Keras layer, weights and ``tf.function`` as ``fused``, but run
+  with ``return_sequences=True`` over the whole padded batch without a mask,
+  and each row's output at its last real token (``lengths - 1``) gathered.
+  Exact for a unidirectional RNN: padding after a token cannot change that
+  token's output; it only costs the padded steps.
 
 XLA for ``compiled`` (``jit_compile``): measured on the quick preset (SST,
 first 12 batches of 25, D 100, H 150, 2 threads, CPU), all variants in one
@@ -63,6 +69,8 @@ from bench.batches import count_bucket, padded_rows, train_length
 from .common import TFImplementation, keras, known_noise_filtered, masked_xent, tf
 
 COMPILED_XLA = True
+# The strategies that run a stock Keras recurrent layer (same weights, signature, tracing).
+LAYER_STRATEGIES = ("fused", "plain")
 
 # Keras LSTM kernel / recurrent_kernel / bias blocks are (i, f, c, o); the
 # canonical blocks are (i, f, g, o) with g the cell candidate (Keras' "c").
@@ -85,7 +93,7 @@ class RNN(TFImplementation):
         super().__init__(cfg, strategy, device, threads)
         if xla is not None and strategy != "compiled":
             raise ValueError("xla applies to the compiled strategy only")
-        self.graph = strategy in ("fused", "compiled")
+        self.graph = strategy in LAYER_STRATEGIES + ("compiled",)
         self.xla = strategy == "compiled" and (COMPILED_XLA if xla is None else bool(xla))
         self._layer = None
         self._xla_shapes = set()
@@ -96,28 +104,29 @@ class RNN(TFImplementation):
             with known_noise_filtered(), tf.device("/CPU:0"):
                 tf.transpose(tf.zeros([1, 1], tf.bool)).numpy()
 
-    # --- parameters: the Keras layer holds W_x, W_h, b for ``fused`` ---
+    # --- parameters: the Keras layer holds W_x, W_h, b for ``fused`` and ``plain`` ---
     def _to_storage(self, name, value):
         """The one place canonical weights are converted to Keras' layout."""
-        if self.strategy == "fused" and self.cfg.model == "lstm" and name in _KERAS_NAMES:
+        if self.strategy in LAYER_STRATEGIES and self.cfg.model == "lstm" and name in _KERAS_NAMES:
             return permute_blocks(value, KERAS_LSTM_FROM_CANONICAL)
         return value
 
     def _from_storage(self, name, value):
-        if self.strategy == "fused" and self.cfg.model == "lstm" and name in _KERAS_NAMES:
+        if self.strategy in LAYER_STRATEGIES and self.cfg.model == "lstm" and name in _KERAS_NAMES:
             return permute_blocks(value, np.argsort(KERAS_LSTM_FROM_CANONICAL))
         return value
 
     def _make_variables(self, params):
-        if self.strategy != "fused":
+        if self.strategy not in LAYER_STRATEGIES:
             return super()._make_variables(params)
         H, D = self.cfg.hidden, self.cfg.embed_dim
+        sequences = self.strategy == "plain"   # plain gathers each row's last real output
         if self.cfg.model == "lstm":
             # "auto" tries cuDNN and falls back to the generic loop when it cannot.
             self._layer = keras.layers.LSTM(H, use_cudnn="auto" if self.device == "gpu" else False,
-                                            return_sequences=False)
+                                            return_sequences=sequences)
         else:
-            self._layer = keras.layers.SimpleRNN(H, return_sequences=False)
+            self._layer = keras.layers.SimpleRNN(H, return_sequences=sequences)
         self._layer.build((None, None, D))
         cell = self._layer.cell
         out = OrderedDict()
@@ -134,7 +143,7 @@ class RNN(TFImplementation):
     def prepare(self, batch):
         """SeqBatch -> dict of device tensors.
 
-        fused: tokens int32[B, T], lengths int32[B], labels int32[B].
+        fused / plain: tokens int32[B, T], lengths int32[B], labels int32[B].
         loop / compiled: tokens int32[T, B] (time-major), live bool[T, B, 1]
         (step t is real for that row), steps int32[] (steps the loop runs),
         labels int32[B]; loop also gets ``live_steps``, the T [B, 1] slices.
@@ -143,7 +152,7 @@ class RNN(TFImplementation):
         B, T = tokens.shape
         with tf.device(self.dev):
             put = lambda a: tf.identity(tf.constant(a))  # noqa: E731 (identity moves it to the device)
-            if self.strategy == "fused":
+            if self.strategy in LAYER_STRATEGIES:
                 return {"tokens": put(tokens), "lengths": put(lengths), "labels": put(labels)}
             if not self.xla:
                 return self._time_major(tokens, lengths, labels, T, put)
@@ -174,7 +183,7 @@ class RNN(TFImplementation):
 
     def _signature(self):
         spec = tf.TensorSpec
-        if self.strategy == "fused":
+        if self.strategy in LAYER_STRATEGIES:
             return {"tokens": spec([None, None], tf.int32), "lengths": spec([None], tf.int32),
                     "labels": spec([None], tf.int32)}
         return {"tokens": spec([None, None], tf.int32), "live": spec([None, None, 1], tf.bool),
@@ -205,6 +214,10 @@ class RNN(TFImplementation):
             x = tf.gather(self._vars["E"], p["tokens"])
             mask = tf.sequence_mask(p["lengths"], maxlen=tf.shape(p["tokens"])[1])
             return self._layer(x, mask=mask)
+        if self.strategy == "plain":
+            # no mask: outputs [B, T, H] over the padding too; row b's last real one is exact
+            outputs = self._layer(tf.gather(self._vars["E"], p["tokens"]))
+            return tf.gather(outputs, p["lengths"] - 1, batch_dims=1)
         B = tf.shape(p["tokens"])[1]
         h = tf.zeros([B, self.cfg.hidden])
         c = tf.zeros([B, self.cfg.hidden]) if self.cfg.model == "lstm" else None
@@ -246,13 +259,16 @@ class RNN(TFImplementation):
         out = super().info()
         if self.xla:
             out["xla_shapes"] = sorted(self._xla_shapes)
-        if self.strategy == "fused":
+        if self.strategy in LAYER_STRATEGIES:
             out["fused_layer"] = type(self._layer).__name__ if self._layer is not None else None
             out["fused_kernel"] = self._fused_kernel()
+        if self.strategy == "plain":
+            out["plain"] = ("unmasked layer over every padded step (return_sequences), "
+                            "output at lengths - 1 gathered")
         return out
 
     def _fused_kernel(self):
-        """Which recurrent kernel the traced fused graph holds."""
+        """Which recurrent kernel the traced layer graph (fused or plain) holds."""
         traced = [name for name in ("train", "grads", "logits") if self._traces.get(name)]
         if not traced:
             return "not traced yet"

@@ -20,7 +20,10 @@ This module must not import theano: the registry reads ``NOT_APPLICABLE``
 without loading the framework.
 """
 
+from bench.interface import NO_PLAIN
+
 NOT_APPLICABLE = {
+    **NO_PLAIN,
     ("*", "fused"): "Theano has no fused RNN/LSTM operator on the CPU: a recurrence is a scan "
                     "over a cell graph (that is the 'compiled' strategy)",
 }

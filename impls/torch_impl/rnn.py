@@ -1,4 +1,4 @@
-"""Elman RNN and LSTM in PyTorch: strategies ``loop``, ``fused`` and ``compiled``.
+"""Elman RNN and LSTM in PyTorch: strategies ``loop``, ``fused``, ``compiled`` and ``plain``.
 
 Shapes: B examples, T time steps (padded), D embedding, H hidden, G gate
 width (H for Elman, 4H for the LSTM, blocks [i, f, g, o]).
@@ -11,6 +11,10 @@ width (H for Elman, 4H for the LSTM, blocks [i, f, g, o]).
 * ``fused``: ``nn.RNN(tanh)`` / ``nn.LSTM`` on a ``PackedSequence`` built in
   ``prepare`` (embeddings gathered straight into packed order), so padded
   steps are never computed and ``h_n`` is the state at each last real token.
+* ``plain`` (the yardstick, ``bench.interface``): what a user writes first, the same
+  ``nn.RNN`` / ``nn.LSTM`` run over the whole padded [T, B, D] batch, each
+  example's output at its last real token gathered (exact: the recurrence is
+  unidirectional, so padding after a token cannot change its output).
 * ``compiled``: the ``loop`` recurrence (input projection included) under
   ``torch.compile``, unrolled over chunks of ``CHUNK`` steps. ``prepare``
   sorts the batch longest first and pads T to a multiple of ``CHUNK``; each
@@ -42,6 +46,7 @@ from .common import (FUSED_FROZEN, TorchImplementation, compile_scope, fused_fro
 # unroll length (8: a few seconds, 16: ~5x that, 32: minutes on 2 cores),
 # while the per-call overhead it saves is small next to a step's matmul.
 CHUNK = 8
+LAYER_STRATEGIES = ("fused", "plain")   # strategies that run torch's own nn.RNN / nn.LSTM
 
 
 @dataclass
@@ -50,6 +55,7 @@ class PreparedSeq:
     count: float                      # labelled examples, at least 1
     tokens: Optional[torch.Tensor] = None   # int64[T', B], time-major (loop, compiled)
     live: Optional[torch.Tensor] = None     # bool[T', B, 1]: step t is a real token
+    last: Optional[torch.Tensor] = None     # int64[B]: each example's last real step (plain)
     first_masked: int = 0             # steps before this one are real for every example
     active: Optional[list] = None     # compiled: examples still running in each chunk
     live_chunks: Optional[list] = None  # compiled: per chunk, bool[CHUNK, active, 1]
@@ -113,7 +119,7 @@ class RNN(TorchImplementation):
     def __init__(self, cfg, strategy, device="cpu", threads=1):
         super().__init__(cfg, strategy, device, threads)
         D, H = cfg.embed_dim, cfg.hidden
-        if strategy == "fused":
+        if strategy in LAYER_STRATEGIES:
             cls = torch.nn.LSTM if cfg.model == "lstm" else torch.nn.RNN
             kwargs = {} if cfg.model == "lstm" else {"nonlinearity": "tanh"}
             self.layer = cls(D, H, num_layers=1, bias=True, batch_first=False, **kwargs).to(self.dev)
@@ -135,19 +141,19 @@ class RNN(TorchImplementation):
         return rest, {k: v for k, v in p.items() if k not in rest}
 
     def _to_layout(self, p):
-        if self.strategy != "fused":
+        if self.strategy not in LAYER_STRATEGIES:
             return p
         rest, cell = self._split(p)
         return {**rest, **fused_from_canonical(cell)}
 
     def _from_layout(self, t):
-        if self.strategy != "fused":
+        if self.strategy not in LAYER_STRATEGIES:
             return t
         rest, cell = self._split(t)
         return {**rest, **fused_to_canonical(cell)}
 
     def _grads_from_layout(self, g):
-        if self.strategy != "fused":
+        if self.strategy not in LAYER_STRATEGIES:
             return g
         rest, cell = self._split(g)
         return {**rest, **fused_grads_to_canonical(cell)}
@@ -171,6 +177,10 @@ class RNN(TorchImplementation):
             out.batch_sizes = torch.as_tensor(running.sum(axis=1), dtype=torch.int64)
             out.sorted_indices = long_tensor(order, dev)
             out.unsorted_indices = long_tensor(np.argsort(order), dev)
+            return out
+        if self.strategy == "plain":
+            out.tokens = long_tensor(tokens.T, dev)
+            out.last = long_tensor(lengths - 1, dev)
             return out
         steps = T
         if self.strategy == "compiled":
@@ -203,6 +213,9 @@ class RNN(TorchImplementation):
             _, state = self.layer(packed)
             h_n = state[0] if isinstance(state, tuple) else state
             return h_n[0]
+        if self.strategy == "plain":
+            outputs, _ = self.layer(F.embedding(ready.tokens, p["E"]))        # [T, B, H]
+            return outputs[ready.last, torch.arange(outputs.shape[1], device=outputs.device)]
         if self.strategy == "compiled":
             return self._compiled_hidden(ready)
         steps, B = ready.tokens.shape
@@ -261,11 +274,13 @@ class RNN(TorchImplementation):
             "loop": "eager time loop, input projection hoisted, where-masked padding",
             "fused": "torch.nn.%s on a PackedSequence" % ("LSTM" if self.cfg.model == "lstm"
                                                          else "RNN"),
+            "plain": "torch.nn.%s over the padded batch, last real outputs gathered"
+                     % ("LSTM" if self.cfg.model == "lstm" else "RNN"),
             "compiled": "torch.compile(dynamic=True) of %d-step chunks over the examples "
                         "still running (sorted by length), T padded to a multiple of %d"
                         % (CHUNK, CHUNK),
         }[self.strategy]
-        if self.strategy == "fused" and self.dev.type == "cuda":
+        if self.strategy in LAYER_STRATEGIES and self.dev.type == "cuda":
             out["cudnn_rnn"] = bool(torch.backends.cudnn.enabled
                                     and torch.backends.cudnn.is_available())
         return out
