@@ -67,6 +67,24 @@ def test_fused_bias_hh_stays_frozen_zero(model):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["elman", "lstm"])
+def test_fused_pads_a_well_filled_batch_and_packs_a_ragged_one_both_exact(model):
+    from impls.torch_impl.rnn import PADDED_MIN_FILL
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=5, hidden=4, num_classes=3)
+    impl = RNN(cfg, "fused", device="cpu", threads=1)
+    params = init_params(cfg, seed=4)
+    impl.load_params(params)
+    even = make_seq_batch(_examples([9, 8, 9, 7], seed=1))        # fill 33/36
+    ragged = make_seq_batch(_examples([12, 1, 2, 3], seed=2))     # fill 18/48
+    assert 33 / 36 >= PADDED_MIN_FILL > 18 / 48
+    assert impl.prepare(even).last is not None and impl.prepare(even).packed_tokens is None
+    assert impl.prepare(ragged).last is None and impl.prepare(ragged).packed_tokens is not None
+    for batch in (even, ragged):
+        result = verify.check(impl, cfg, params, batch)
+        assert result["ok"], result["problems"]
+        assert result["grad_max_rel"] < 1e-4
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
 @pytest.mark.parametrize("model,strategy", [("lstm", "fused"), ("treelstm", "levels")])
 def test_optimizer_constants(optimizer, model, strategy):
