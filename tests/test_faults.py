@@ -133,11 +133,11 @@ def test_kill_9_of_the_runner_leaves_no_cell_no_temp_file_and_no_lock(tmp_path):
     assert _no_cell_files(out) and os.listdir(str(private_tmp)) == []
     # the lock died with the runner; --dry-run --resume lists only what is left
     dry = _bench("run", *FAST, "--models", "lstm", "treelstm", "--out", out, "--resume", "--dry-run")
-    assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 6   # nothing was recorded yet
+    assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 7   # nothing was recorded yet
     res = _bench("run", *FAST, "--models", "lstm", "treelstm", "--out", out, "--resume")
     assert res.returncode == 0, res.stderr
     ids = _ids(out)
-    assert len(ids) == len(set(ids)) == 6
+    assert len(ids) == len(set(ids)) == 7
 
 
 @LINUX
@@ -159,14 +159,14 @@ def test_kill_9_of_a_cell_is_recorded_as_crashed_and_retried_on_request(tmp_path
     assert "crashed numpy/lstm/loop" in err and _no_cell_files(out)
     # a resume that runs nothing still fails: an earlier part of the run crashed
     again = _bench(*args, "--resume")
-    assert again.returncode == 1 and "3 of 3 cells already recorded" in again.stderr
+    assert again.returncode == 1 and "4 of 4 cells already recorded" in again.stderr
     dry = _bench(*args, "--resume", "--retry-failed", "--dry-run")
     assert dry.stdout.split() == ["numpy/lstm/loop", "synth-left-8", "b8", "cpu"]
     retry = _bench(*args, "--resume", "--retry-failed")
     assert retry.returncode == 0, retry.stderr
     assert "rerunning 1 that failed" in retry.stderr
     raw = read_records(os.path.join(out, RECORDS))
-    assert len(raw) == 4                      # the crashed record stays; the new one follows
+    assert len(raw) == 5                      # the crashed record stays; the new one follows
     final = {(r["model"], r["strategy"]): r["status"] for r in latest(raw)}
     assert final[("lstm", "loop")] == "ok"    # last record wins
     from bench.runs import load_run
@@ -227,14 +227,14 @@ def test_a_torn_last_line_is_moved_aside_on_resume_and_nothing_is_glued(tmp_path
     # readers name the torn line and read the rest (--force: cells timed on a busy machine
     # are `noisy`, which compare leaves unjudged; this test is about the torn line)
     cmp_ = _bench("compare", out, out, "--force")
-    assert cmp_.returncode == 0 and "records.jsonl:4: torn last line" in cmp_.stderr
+    assert cmp_.returncode == 0 and "records.jsonl:5: torn last line" in cmp_.stderr
     res = _bench("run", *FAST, "--models", "lstm", "treelstm", "--out", out, "--resume")
     assert res.returncode == 0, res.stderr
-    assert "records.jsonl:4: torn last line (%d bytes" % len(fragment) in res.stderr and TORN in res.stderr
+    assert "records.jsonl:5: torn last line (%d bytes" % len(fragment) in res.stderr and TORN in res.stderr
     data = open(path, "rb").read()
     assert data.startswith(good) and fragment not in data
     records, problems = scan(path)
-    assert problems == [] and len(records) == 6 and len({r["cell_id"] for r in records}) == 6
+    assert problems == [] and len(records) == 7 and len({r["cell_id"] for r in records}) == 7
     torn = open(os.path.join(out, TORN), "rb").read()
     assert torn.endswith(fragment + b"\n") and b"from byte offset %d" % len(good) in torn
 
@@ -312,7 +312,7 @@ def test_a_corrupt_middle_line_is_never_deleted_and_every_reader_refuses(tmp_pat
     assert res.returncode == 0 and "skipped " + where in res.stderr
     data = open(path, "rb").read()
     assert data.startswith(corrupt)           # kept as it was; the skipped cell ran again
-    assert len(read_records(path, skip_corrupt=True, warn=lambda s: None)) == 3
+    assert len(read_records(path, skip_corrupt=True, warn=lambda s: None)) == 4
 
 
 # --- one run per directory, generations ---------------------------------------------------
@@ -353,7 +353,7 @@ def test_a_non_empty_out_needs_resume_or_overwrite_and_overwrite_keeps_generatio
     assert open(os.path.join(kept, RECORDS), "rb").read() == first
     # report and compare read the current run only; a generation is read when named
     from bench.runs import load_run
-    assert len(load_run(out)[0]) == 3 and len(load_run(kept)[0]) == 3
+    assert len(load_run(out)[0]) == 4 and len(load_run(kept)[0]) == 4
     assert {r["run"] for r in load_run(str(tmp_path))[0]} == {"run"}
 
 

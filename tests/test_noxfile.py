@@ -107,7 +107,7 @@ def test_bench_runs_only_the_chosen_frameworks_and_writes_the_report_after_each(
     assert "Ran 2 sessions" in log and "framework='torch'" not in log    # skipped: not even started
     latest = tmp_path / "results" / "latest"
     assert sorted(os.listdir(str(latest))) == ["numpy", "report.md", "summary.csv", "throughput.png"]
-    assert len(read_records(str(latest / "numpy" / RECORDS))) == 3       # --models reached the runner
+    assert len(read_records(str(latest / "numpy" / RECORDS))) == 4       # --models reached the runner
     assert "Incomplete" not in (latest / "report.md").read_text()
 
 
@@ -127,11 +127,11 @@ def test_an_interrupted_bench_still_writes_the_report_marking_what_is_missing(tm
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "interrupted" in out.lower()
     done = len(read_records(str(records)))
-    assert 1 <= done < 12, out[-2000:]
+    assert 1 <= done < 14, out[-2000:]
     report = (tmp_path / "results" / "latest" / "report.md").read_text()
-    assert "**Incomplete:** numpy %d of 12 planned cells" % done in report
+    assert "**Incomplete:** numpy %d of 14 planned cells" % done in report
     env_json = json.loads((tmp_path / "results" / "latest" / "numpy" / "env.json").read_text())
-    assert len(env_json["planned_cells"]["numpy"]) == 12
+    assert len(env_json["planned_cells"]["numpy"]) == 14
 
 
 @pytest.mark.parametrize("args,what", [(["--frameworks", "caffe3"], "unknown framework caffe3"),

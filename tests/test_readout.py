@@ -224,7 +224,8 @@ def test_readout_config_keys_labels_and_refusals():
     with pytest.raises(ValueError, match="spectral_radius"):
         CellConfig("torch", "lstm", "fused", train_mode="readout", spectral_radius=0.0)
     cells = preset("readout").cells()
-    assert len(cells) == 3 * 4 * 3 * 3 * 3     # frameworks x models x strategies x tasks x seeds
+    # frameworks x (RNN models x 4 strategies + tree models x 3) x tasks x seeds
+    assert len(cells) == 3 * (2 * 4 + 2 * 3) * 3 * 3
     assert {c.train_mode for c in cells} == {"readout"} and {c.seed for c in cells} == {0, 1, 2}
     assert {c.task for c in cells} == {"sst", "sst2", "listops"}
 

@@ -33,7 +33,7 @@ def test_smoke_run_with_numpy_writes_valid_records(tmp_path):
     assert res.returncode == 0, res.stderr
     recs = read_records(os.path.join(out, RECORDS))
     cells = preset("smoke", ["numpy"]).cells()
-    assert len(recs) == len(cells) == 12
+    assert len(recs) == len(cells) == 14
     by = {(r["model"], r["strategy"]): r for r in recs}
     for r in recs:
         for f in REQUIRED_FIELDS:
@@ -77,12 +77,12 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = read_records(path)
-    assert 1 <= len(first) < 6, "the kill came too late to test resuming"
+    assert 1 <= len(first) < 7, "the kill came too late to test resuming"
     res = _bench(*(args + ["--resume"]), timeout=600)
     assert res.returncode == 0, res.stderr
     recs = read_records(path)
     ids = [r["cell_id"] for r in recs]
-    assert len(ids) == len(set(ids)) == 6
+    assert len(ids) == len(set(ids)) == 7
     assert {r["cell_id"] for r in first} <= set(ids)
     assert "already recorded" in res.stderr
 
@@ -193,8 +193,8 @@ def test_missing_framework_is_unavailable_not_broken(tmp_path, monkeypatch):
     assert all("does not import" in r["reason"] for r in recs)
     # said with its reason, before the cells and in the closing summary
     text = said.getvalue()
-    assert "numpy: unavailable: nofw does not import: ModuleNotFoundError (its 12 cells" in text
-    assert "unavailable numpy (12 cells): nofw does not import" in text
+    assert "numpy: unavailable: nofw does not import: ModuleNotFoundError (its 14 cells" in text
+    assert "unavailable numpy (14 cells): nofw does not import" in text
 
 
 def test_list_is_accurate_and_compact():
@@ -202,7 +202,7 @@ def test_list_is_accurate_and_compact():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert [l.split()[0] for l in lines] == list(registry.FRAMEWORKS)     # one line each
-    assert "4 of 12 entries; not applicable: fused (elman lstm)" in lines[0]
+    assert "4 of 14 entries; not applicable: fused (elman lstm)" in lines[0]
     for fw, line in zip(registry.FRAMEWORKS, lines):
         ok, detail = registry.probe(fw)
         assert ("unavailable" in line) != ok, fw
@@ -235,7 +235,7 @@ def test_help_hides_internal_commands_and_explains_presets_and_defaults():
     for name in PRESETS:
         assert "\n  %s " % name in run
     assert "(default) SST 5-class, batch 25" in run
-    assert "12 cells per framework, 7 timed repeats, 900 s timeout" in run
+    assert "14 cells per framework, 7 timed repeats, 900 s timeout" in run
     flat = " ".join(run.split())
     assert "default: a new results/run-YYYYmmdd" in flat and "(default: the preset's; quick: 2)" in flat
 
@@ -332,7 +332,7 @@ def test_task_and_budget_options_select_the_presets_own_cells():
     assert {c.loss_mode for c in cells if c.family == "rnn"} == {"root"}
     # a task it lacks is asked for with the cells of its first task
     cells = _cli_cells("--preset", "quick", "--frameworks", "numpy", "--tasks", "listops", "synth-left-8")
-    assert sorted({c.task for c in cells}) == ["listops", "synth-left-8"] and len(cells) == 24
+    assert sorted({c.task for c in cells}) == ["listops", "synth-left-8"] and len(cells) == 28
     cells = _cli_cells("--preset", "parity", "--frameworks", "torch", "--models", "treelstm",
                        "--tasks", "sst", "--epochs", "8")
     assert [(c.epochs, c.seed) for c in cells] == [(8.0, 0), (8.0, 1), (8.0, 2)]

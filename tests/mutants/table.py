@@ -91,15 +91,15 @@ MUTATIONS = (
         "Adam runs with twice the configured learning rate"),
     Mutation(
         "torch-sgd-doubled-lr", "impls/torch_impl/common.py",
-        "        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=wd)",
-        "        return torch.optim.SGD(params, lr=2 * cfg.lr, weight_decay=wd)",
+        "        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=wd, fused=True)",
+        "        return torch.optim.SGD(params, lr=2 * cfg.lr, weight_decay=wd, fused=True)",
         ("torch/elman/fused",), "scaled learning rate",
         "SGD runs with twice the configured learning rate (an SGD cell, lr 0.05)",
         overrides=(("optimizer", "sgd"), ("lr", 0.05))),
     Mutation(
         "torch-adam-decay-dropped", "impls/torch_impl/common.py",
-        '                                eps=ADAM["eps"], weight_decay=wd)',
-        '                                eps=ADAM["eps"])',
+        '                                eps=ADAM["eps"], weight_decay=wd, fused=True)',
+        '                                eps=ADAM["eps"], fused=True)',
         ("torch/treelstm/levels",), "dropped weight decay",
         "Adam ignores the weight decay (a cell with decay 0.01: the step at the cell's own "
         "decay and the gate's probe step both see it)",
