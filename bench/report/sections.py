@@ -180,17 +180,13 @@ def _against(fast, plain, metric: str) -> str:
     return "%.2fx (%s)" % (a / b, verdict)
 
 
-# Cells that differ in strategy only (and come from one run).
-_SAME_CELL = ["framework", "model", "task", "device", "batch_size", "threads", "hidden", "seed",
-              "weight_decay", "optimizer", "lr", "machine", "run"]
-
-
 def plain_section(df) -> str:
     """Each framework's fastest strategy against its ``plain`` yardstick (the loop a user
     writes first), same model, task, batch, device and run."""
     ok = df[(df["status"] == "ok") & df["accuracy"].isna()]
     rows = []
-    for _, cells in ok.groupby(_SAME_CELL, dropna=False, sort=True):
+    # cells that differ in strategy only (summary._group_key), from one run
+    for _, cells in ok.groupby(["_key", "run"], sort=True):
         is_plain = cells["strategy"].isin(REFERENCE_STRATEGIES)
         if not is_plain.any() or is_plain.all():
             continue

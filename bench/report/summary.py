@@ -184,7 +184,7 @@ def summarise(records: List[Dict]):
                  **_accuracy_columns(r)) for r in records]
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + QUARTILE_COLUMNS + ["_key"])
     _add_speedups(df)
-    return df.drop(columns=["_key"])
+    return df   # `_key` (_group_key) stays for sections that compare strategies; not in the CSV
 
 
 def accuracy_table(df):
