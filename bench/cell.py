@@ -492,8 +492,10 @@ def _gate(impl, cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset, g
 
     ``extremes``: ``verify.gate_examples`` of the whole timed pool; ``unbucketed``:
     the first examples of the accuracy budget's first epoch, in its order (shuffled,
-    not bucketed). Tree models: the other loss mode on a second instance (built
-    here, so its construction and compiles count in ``verify_s``).
+    not bucketed); ``pool``, logits only: the timed pool's first batch itself (an
+    implementation may take another path on a length-bucketed batch: torch ``fused``
+    pads a well-filled one and packs a ragged one). Tree models: the other loss mode on a second instance
+    (built here, so its construction and compiles count in ``verify_s``).
     """
     pool_examples = [e for g in groups for e in g]
     n = min(len(pool_examples), verify.gate_size(cfg.batch_size, cfg.verify_examples))
@@ -510,7 +512,7 @@ def _gate(impl, cfg: CellConfig, model_cfg: ModelConfig, family: str, dataset, g
         except (NotApplicable, Unavailable) as exc:
             note = "%s loss not checked: %s" % (other_cfg.loss_mode, exc)
     return verify.gate(impl, model_cfg, params, batches, trains=impl.trains, other=other,
-                       other_note=note)
+                       other_note=note, logits_only=[("pool", make_batch(family, groups[0]))])
 
 
 def run_cell(cfg: CellConfig, framework_version: Optional[str] = None,

@@ -14,6 +14,9 @@ accuracy budget reach:
   with that mode: implementations read it at construction).
 * ``unbucketed``: as many examples in the order accuracy training draws them
   (shuffled, not bucketed by length). Checked: logits, loss, gradients.
+* ``pool``: the timed pool's first batch, as it is timed (length-bucketed). Checked:
+  logits (its shape is the one the first calls compiled, so the check compiles nothing
+  more; an implementation that takes another path on such a batch is seen here).
 
 ``check`` and ``check_step`` never raise on a mismatch: they return the
 measured differences, ``ok`` and ``problems`` (the caller records them).
@@ -258,12 +261,13 @@ def check_decay_step(impl, cfg: ModelConfig, params: Dict[str, np.ndarray], batc
 def gate(impl, cfg: ModelConfig, params: Dict[str, np.ndarray],
          batches: Sequence[Tuple[str, object]], trains: bool = True,
          other: Optional[Tuple[object, ModelConfig]] = None,
-         other_note: Optional[str] = None) -> Dict:
+         other_note: Optional[str] = None,
+         logits_only: Sequence[Tuple[str, object]] = ()) -> Dict:
     """The whole gate for a cell: ``check`` on every named batch, ``check_step`` on the
     first (if the implementation trains) at the cell's weight decay and, unless that is
     ``DECAY_PROBE``, again at ``DECAY_PROBE`` (``check_decay_step``), loss and gradients
     of the first in the other loss mode (``other``: an implementation built with that
-    mode, and its config).
+    mode, and its config), and the logits alone on each of ``logits_only``.
 
     ``impl`` must hold ``params`` with a fresh optimiser state; afterwards it is one
     step on (the caller reloads ``params``). ``other`` is loaded here.
@@ -285,6 +289,9 @@ def gate(impl, cfg: ModelConfig, params: Dict[str, np.ndarray],
         res = check(impl, cfg, params, batch, keep_ref=True)
         first_grads = res.pop("ref_grads") if first_grads is None else first_grads
         merge(name, res, ["logits", "loss", "gradients"], batch, cfg.loss_mode)
+    for name, batch in logits_only:
+        merge(name, check(impl, cfg, params, batch, grads=False), ["logits"], batch,
+              cfg.loss_mode)
     if other is not None:
         other_impl, other_cfg = other
         other_impl.load_params(params)

@@ -189,7 +189,8 @@ def test_numpy_cell_records_what_the_gate_covered(monkeypatch, sst):
     groups = batch_examples(sst.train, 8, seed=0, bucket=True, drop_last=True)[:2]
     pool = [e for g in groups for e in g]
     names = [(b["name"], b["loss_mode"]) for b in rec["verify_batches"]]
-    assert names == [("extremes", "root"), ("unbucketed", "root"), ("extremes", "all")]
+    assert names == [("extremes", "root"), ("unbucketed", "root"), ("pool", "root"),
+                     ("extremes", "all")]
     ext = rec["verify_batches"][0]
     assert ext["examples"] == 8
     assert ext["max_length"] == max(len(e.tokens) for e in pool)
