@@ -59,9 +59,9 @@ PADDED_MIN_FILL = 0.6
 class PreparedSeq:
     labels: torch.Tensor              # int64[B]
     count: float                      # labelled examples, at least 1
-    tokens: Optional[torch.Tensor] = None   # int64[T', B], time-major (loop, compiled)
+    tokens: Optional[torch.Tensor] = None   # int64[T', B], time-major (all but packed fused)
     live: Optional[torch.Tensor] = None     # bool[T', B, 1]: step t is a real token
-    last: Optional[torch.Tensor] = None     # int64[B]: each example's last real step (plain)
+    last: Optional[torch.Tensor] = None     # int64[B]: last real step (plain, padded fused)
     first_masked: int = 0             # steps before this one are real for every example
     active: Optional[list] = None     # compiled: examples still running in each chunk
     live_chunks: Optional[list] = None  # compiled: per chunk, bool[CHUNK, active, 1]
