@@ -6,7 +6,8 @@
 * torch.compile graphs stay bounded over batches of varying shape, while
   still computing the reference's function;
 * an all-unlabelled batch gives loss 0 and zero gradients, not NaN;
-* a chain far deeper than Python's recursion limit runs in ``recursive``.
+* a chain far deeper than Python's recursion limit runs in ``recursive``;
+* ``levels``'s written-out backward is the reference's and autograd's, edge batches included.
 """
 
 import numpy as np
@@ -83,6 +84,48 @@ def test_fused_pads_a_well_filled_batch_and_packs_a_ragged_one_both_exact(model)
         result = verify.check(impl, cfg, params, batch)
         assert result["ok"], result["problems"]
         assert result["grad_max_rel"] < 1e-4
+
+
+@pytest.mark.parametrize("loss_mode", ["root", "all"])
+@pytest.mark.parametrize("model", ["rvnn", "treelstm"])
+def test_levels_written_out_backward_matches_the_reference_and_autograd(model, loss_mode):
+    """``levels`` runs in place with its backward written out (LevelsFunction): its logits,
+    loss and gradients are the reference's, and its gradients are what autograd finds through
+    the per-operator cells on the same schedule; on a ragged batch, on one-word trees (no
+    height above the leaves) and with every node classified (gradients enter inner rows)."""
+    from impls.torch_impl import rvnn
+    cfg = ModelConfig(model, vocab_size=20, embed_dim=5, hidden=4, num_classes=3,
+                      loss_mode=loss_mode)
+    impl = RvNN(cfg, "levels", device="cpu", threads=1)
+    params = init_params(cfg, seed=5)
+    impl.load_params(params)
+    leaf, node = rvnn.CELLS[model][:2]
+    for lengths in ([7, 1, 12, 3], [1], [1, 1]):
+        batch = make_tree_batch(_examples(lengths, seed=len(lengths)))
+        result = verify.check(impl, cfg, params, batch)
+        assert result["ok"], result["problems"]
+        ready = impl.prepare(batch)
+        p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+        leaf_w = [p[n] for n in rvnn.CELLS[model][2]]
+        node_w = [p[n] for n in rvnn.CELLS[model][3]]
+        x = p["E"][ready.leaf_token]
+        seed = torch.randn(sum(ready.level_sizes), cfg.hidden, dtype=torch.float64)
+        h_all, c_all = leaf(x, *leaf_w)
+        for lr in ready.level_lr:
+            hlr = h_all.index_select(0, lr).view(-1, 2 * cfg.hidden)
+            c_l = c_r = None
+            if c_all is not None:
+                c_l, c_r = c_all.index_select(0, lr).view(-1, 2, cfg.hidden).unbind(1)
+            h, c = node(hlr, c_l, c_r, *node_w)
+            h_all = torch.cat([h_all, h])
+            c_all = None if c is None else torch.cat([c_all, c])
+        want = torch.autograd.grad((h_all * seed).sum(), [x] + leaf_w + node_w, allow_unused=True)
+        got_h = rvnn.LevelsFunction.apply(x, *leaf_w, *node_w, model, ready.level_sizes,
+                                          ready.level_lr)
+        got = torch.autograd.grad((got_h * seed).sum(), [x] + leaf_w + node_w)
+        for w, g in zip(want, got):   # one-word trees leave the node weights unused: zero
+            w = torch.zeros_like(g) if w is None else w
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adagrad"])

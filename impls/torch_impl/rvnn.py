@@ -14,7 +14,9 @@ children are read as ``hlr = [h_l; h_r]`` ([2H] or [n, 2H]).
   gather from E and one product. Level k: one gather of the children's rows
   (left/right interleaved, so ``[2n, H]`` views as ``[n, 2H]``), one
   product, and the new rows appended with ``torch.cat`` (no in-place writes:
-  autograd sees plain values).
+  autograd sees plain values). Without autograd (inference) the same
+  schedule writes each level into its rows of preallocated node buffers and
+  applies the gates in place (``INTO``): half the kernels per level.
 * ``compiled``: the static form ``TreeBatch.padded_packed()`` under
   ``torch.compile``: node buffer ``[N' + 2, H]`` (rows ``zero`` and ``sink``),
   steps of packed node groups ``W'`` wide, written with out-of-place
@@ -26,7 +28,7 @@ children are read as ``hlr = [h_l; h_r]`` ([2H] or [n, 2H]).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -84,6 +86,154 @@ CELLS = {
     "rvnn": (rvnn_leaf, rvnn_node, ("W_leaf", "b_leaf"), ("W", "b")),
     "treelstm": (treelstm_leaf, treelstm_node, ("W_leaf", "b_leaf"), ("U", "b_U")),
 }
+
+
+# --- levels: the cells again, in place. Given a level's product z, they apply its gates in
+# place (z then holds the activations the backward reads) and write the level's h (and c)
+# into its rows of the node buffers. An SST batch is ~12-30 heights of kernels a few hundred
+# floats wide, so the cost is per kernel: no appends, no fresh tensors for the gates, and a
+# backward written out (LevelsFunction) instead of autograd's node per operator. ---
+
+def rvnn_leaf_into(z, h_out, c_out):
+    torch.tanh(z, out=h_out)
+
+
+def rvnn_node_into(z, c_l, c_r, h_out, c_out):
+    torch.tanh(z, out=h_out)
+
+
+def treelstm_leaf_into(z, h_out, c_out):
+    H = h_out.shape[1]
+    z_io, z_u = z.split([2 * H, H], dim=1)
+    i, o = z_io.sigmoid_().chunk(2, dim=1)
+    torch.mul(i, z_u.tanh_(), out=c_out)
+    torch.tanh(c_out, out=h_out).mul_(o)
+
+
+def treelstm_node_into(z, c_l, c_r, h_out, c_out):
+    H = h_out.shape[1]
+    z_g, z_u = z.split([4 * H, H], dim=1)
+    i, f_l, f_r, o = z_g.sigmoid_().chunk(4, dim=1)
+    # the order of treelstm_node's sums: i * u first, then the two forget terms
+    torch.mul(i, z_u.tanh_(), out=c_out).addcmul_(f_l, c_l).addcmul_(f_r, c_r)
+    torch.tanh(c_out, out=h_out).mul_(o)
+
+
+INTO = {"rvnn": (rvnn_leaf_into, rvnn_node_into),
+        "treelstm": (treelstm_leaf_into, treelstm_node_into)}
+_sigmoid_grad = torch.ops.aten.sigmoid_backward.grad_input   # dy * y (1 - y), into its out
+_tanh_grad = torch.ops.aten.tanh_backward.grad_input         # dy (1 - y^2), into its out
+
+
+@dataclass
+class LevelBuffers:
+    """One forward pass of ``levels``: node states and what the backward reads."""
+    h: torch.Tensor                 # [N, H], leaves first, then each height's rows
+    c: Optional[torch.Tensor]       # [N, H] (Tree-LSTM)
+    z_leaf: torch.Tensor            # [Lf, 3H] activated leaf gates (RvNN: pre-activations)
+    z: torch.Tensor                 # [N - Lf, 5H] activated node gates (RvNN: [.., H])
+    hlr: torch.Tensor               # [N - Lf, 2H] each node's children's h
+    clr: Optional[torch.Tensor]     # [N - Lf, 2H] each node's children's c (Tree-LSTM)
+
+
+def levels_forward(model: str, x, W_leaf, b_leaf, W, b, sizes: List[int],
+                   level_lr: List[torch.Tensor]) -> LevelBuffers:
+    """Every node's state, a height at a time: the leaves in one product, then per height one
+    gather of the children's rows (left/right interleaved, so [2n, H] views as [n, 2H]), one
+    product and its gates, all written into rows of buffers allocated once per call."""
+    leaf_into, node_into = INTO[model]
+    H = W.shape[0] // 2
+    N, Lf = sum(sizes), sizes[0]
+    out = LevelBuffers(h=x.new_empty(N, H), c=x.new_empty(N, H) if model == "treelstm" else None,
+                       z_leaf=x.new_empty(Lf, W_leaf.shape[1]), z=x.new_empty(N - Lf, W.shape[1]),
+                       hlr=x.new_empty(N - Lf, 2 * H),
+                       clr=x.new_empty(N - Lf, 2 * H) if model == "treelstm" else None)
+    hs, zs, hlrs = out.h.split(sizes), out.z.split(sizes[1:]), out.hlr.split(sizes[1:])
+    cs = out.c.split(sizes) if out.c is not None else [None] * len(sizes)
+    clrs = out.clr.split(sizes[1:]) if out.clr is not None else [None] * len(zs)
+    leaf_into(torch.addmm(b_leaf, x, W_leaf, out=out.z_leaf), hs[0], cs[0])
+    for k, lr in enumerate(level_lr):
+        torch.index_select(out.h, 0, lr, out=hlrs[k].view(-1, H))
+        c_l = c_r = None
+        if out.c is not None:
+            torch.index_select(out.c, 0, lr, out=clrs[k].view(-1, H))
+            c_l, c_r = clrs[k].view(-1, 2, H).unbind(1)
+        node_into(torch.addmm(b, hlrs[k], W, out=zs[k]), c_l, c_r, hs[k + 1], cs[k + 1])
+    return out
+
+
+def _treelstm_cell_grad(dh, dc_in, c, act, gates, dz):
+    """A Tree-LSTM cell's backward: the gradient of its pre-activations into ``dz`` and the
+    gradient of its memory, from dh, the memory's gradient from above and the activations.
+    ``gates`` names act's sigmoid blocks before the last (tanh) block u: leaves i, o; nodes
+    i, f_l, f_r, o (their forget blocks are filled in by the caller, which holds c_l, c_r)."""
+    H = dh.shape[1]
+    blocks = dict(zip(gates + ("u",), act.split(H, dim=1)))
+    grads = dict(zip(gates + ("u",), dz.split(H, dim=1)))
+    tc = torch.tanh(c)
+    torch.mul(dh, tc, out=grads["o"])
+    dc = dh * blocks["o"]
+    _tanh_grad(dc, tc, grad_input=dc).add_(dc_in)
+    torch.mul(dc, blocks["u"], out=grads["i"])
+    torch.mul(dc, blocks["i"], out=grads["u"])
+    return dc, grads, blocks
+
+
+class LevelsFunction(torch.autograd.Function):
+    """``levels_forward``'s h of every node, with its backward written out: the heights in
+    reverse, each one's gate gradients into rows of one [N - Lf, 5H] buffer, its children's
+    gradients added to their rows (index_add_), and the node weights' gradient as one product
+    over all heights at the end."""
+
+    @staticmethod
+    def forward(ctx, x, W_leaf, b_leaf, W, b, model, sizes, level_lr):
+        buf = levels_forward(model, x, W_leaf, b_leaf, W, b, sizes, level_lr)
+        # h is the output: saved as one (ctx holding it would be a reference cycle); the other
+        # buffers are this call's own and nobody else writes them
+        ctx.save_for_backward(x, W_leaf, W, buf.h)
+        ctx.buf, ctx.model, ctx.sizes, ctx.level_lr = replace(buf, h=None), model, sizes, level_lr
+        return buf.h
+
+    @staticmethod
+    def backward(ctx, dh_all):
+        x, W_leaf, W, h = ctx.saved_tensors
+        buf, sizes, lstm = replace(ctx.buf, h=h), ctx.sizes, ctx.model == "treelstm"
+        H = W.shape[0] // 2
+        dH = dh_all.clone()
+        dC = torch.zeros_like(buf.c) if lstm else None
+        dZ = torch.empty_like(buf.z)
+        offsets = np.cumsum([0] + sizes).tolist()
+        for k in range(len(sizes) - 1, 0, -1):
+            rows, i = slice(offsets[k], offsets[k + 1]), slice(offsets[k] - sizes[0],
+                                                               offsets[k + 1] - sizes[0])
+            lr, dz = ctx.level_lr[k - 1], dZ[i]
+            if lstm:
+                dc, grads, g = _treelstm_cell_grad(dH[rows], dC[rows], buf.c[rows], buf.z[i],
+                                                   ("i", "f_l", "f_r", "o"), dz)
+                clr, f_lr = buf.clr[i].view(-1, 2, H), buf.z[i][:, H:3 * H].view(-1, 2, H)
+                torch.mul(dc.unsqueeze(1), clr, out=dz[:, H:3 * H].view(-1, 2, H))
+                dC.index_add_(0, lr, (dc.unsqueeze(1) * f_lr).view(-1, H))
+                _sigmoid_grad(dz[:, :4 * H], buf.z[i][:, :4 * H], grad_input=dz[:, :4 * H])
+                _tanh_grad(grads["u"], g["u"], grad_input=grads["u"])
+            else:
+                _tanh_grad(dH[rows], buf.h[rows], grad_input=dz)
+            dH.index_add_(0, lr, torch.mm(dz, W.t()).view(-1, H))
+        Lf = sizes[0]
+        dz_leaf = torch.empty_like(buf.z_leaf)
+        if lstm:
+            _, grads, g = _treelstm_cell_grad(dH[:Lf], dC[:Lf], buf.c[:Lf], buf.z_leaf,
+                                              ("i", "o"), dz_leaf)
+            _sigmoid_grad(dz_leaf[:, :2 * H], buf.z_leaf[:, :2 * H], grad_input=dz_leaf[:, :2 * H])
+            _tanh_grad(grads["u"], g["u"], grad_input=grads["u"])
+        else:
+            _tanh_grad(dH[:Lf], buf.h[:Lf], grad_input=dz_leaf)
+        need = ctx.needs_input_grad
+        return (torch.mm(dz_leaf, W_leaf.t()) if need[0] else None,
+                torch.mm(x.t(), dz_leaf) if need[1] else None,
+                dz_leaf.sum(0) if need[2] else None,
+                torch.mm(buf.hlr.t(), dZ) if need[3] else None,
+                dZ.sum(0) if need[4] else None,
+                None, None, None)
 
 
 # --- compiled pieces: one top-level function per model, so each has its own
@@ -151,6 +301,7 @@ class PreparedTrees:
     root_list: Optional[List[int]] = None
     # levels
     level_lr: Optional[List[torch.Tensor]] = None        # per level >= 1: int64[2n]
+    level_sizes: Optional[List[int]] = None              # nodes per level, leaves first
     # compiled
     leaf_node: Optional[torch.Tensor] = None             # int64[Lf']
     level_node: Optional[torch.Tensor] = None            # int64[L'', W']
@@ -190,6 +341,7 @@ class RvNN(TorchImplementation):
             out.root_list = batch.root.tolist()
         else:
             out.level_lr = [long_tensor(lr.reshape(-1), dev) for lr in batch.level_children()]
+            out.level_sizes = np.diff(batch.level_offsets).tolist()
         return out
 
     def _prepare_padded(self, batch):
@@ -227,20 +379,12 @@ class RvNN(TorchImplementation):
 
     def _levels(self, ready: PreparedTrees) -> torch.Tensor:
         p = self.params
-        H = self.cfg.hidden
-        W, b = (p[n] for n in self._node_names)
-        h_all, c_all = self._leaf(F.embedding(ready.leaf_token, p["E"]),
-                                  *(p[n] for n in self._leaf_names))
-        for lr in ready.level_lr:
-            hlr = h_all.index_select(0, lr).view(-1, 2 * H)
-            if c_all is None:
-                h, _ = self._node(hlr, None, None, W, b)
-                h_all = torch.cat([h_all, h])
-            else:
-                clr = c_all.index_select(0, lr).view(-1, 2, H)
-                h, c = self._node(hlr, clr[:, 0], clr[:, 1], W, b)
-                h_all, c_all = torch.cat([h_all, h]), torch.cat([c_all, c])
-        return h_all
+        x = F.embedding(ready.leaf_token, p["E"])
+        weights = [p[n] for n in self._leaf_names + self._node_names]
+        if torch.is_grad_enabled():
+            return LevelsFunction.apply(x, *weights, self.cfg.model, ready.level_sizes,
+                                        ready.level_lr)
+        return levels_forward(self.cfg.model, x, *weights, ready.level_sizes, ready.level_lr).h
 
     def _compiled(self, ready: PreparedTrees) -> torch.Tensor:
         p = self.params
@@ -279,7 +423,7 @@ class RvNN(TorchImplementation):
         out = super().info()
         out["strategy_detail"] = {
             "recursive": "one call per node, per-tree post-order, leaf embeddings in one gather",
-            "levels": "one gather + product + cat per tree height",
+            "levels": "one gather + product + cat per tree height; inference in place",
             "compiled": "torch.compile(dynamic=True): leaves + %d-step chunks on the %s "
                         "static form" % (LEVEL_CHUNK, self.static_form),
         }[self.strategy]

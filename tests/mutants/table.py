@@ -56,8 +56,8 @@ MUTATIONS = (
         "the compiled RNN re-joins examples that finished in earlier chunks in the wrong order"),
     Mutation(
         "torch-treelstm-shared-forget-gate", "impls/torch_impl/rvnn.py",
-        "    c = torch.addcmul(torch.addcmul(i * torch.tanh(z_u), f_l, c_l), f_r, c_r)",
-        "    c = torch.addcmul(torch.addcmul(i * torch.tanh(z_u), f_l, c_l), f_l, c_r)",
+        "    torch.mul(i, z_u.tanh_(), out=c_out).addcmul_(f_l, c_l).addcmul_(f_r, c_r)",
+        "    torch.mul(i, z_u.tanh_(), out=c_out).addcmul_(f_l, c_l).addcmul_(f_l, c_r)",
         ("torch/treelstm/levels",), "shared forget gate",
         "the Tree-LSTM node gates its right child's memory with the left forget gate"),
     Mutation(
