@@ -323,7 +323,8 @@ def run_in_subprocess(cfg: CellConfig, version: Optional[str], python: str = sys
     (status dict or None, seconds since the start) sees every POLL_S seconds; a cell
     that ends without a result keeps its last phase in the record (``last_phase``).
     """
-    folder = result_dir or tempfile.gettempdir()
+    # absolute: the cell runs in ``root`` (an A/B side's worktree), not in our directory
+    folder = os.path.abspath(result_dir or tempfile.gettempdir())
     stem = os.path.join(folder, "%s%d-%d" % (CELL_TEMP_PREFIX, os.getpid(), next(_CELL_NUMBER)))
     result_path, status_path = stem + ".json", stem + ".status"
     cmd = [python, "-m", "bench", "cell", "--config", json.dumps(cfg.to_dict()),

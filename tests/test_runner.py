@@ -306,6 +306,22 @@ def test_the_runner_sees_each_phase_of_a_real_cell_and_a_timeout_keeps_the_last(
     assert os.listdir(str(tmp_path)) == []                      # no status or result file left
 
 
+def test_a_relative_result_dir_works_when_the_cell_runs_in_another_root(tmp_path, monkeypatch):
+    """`bench ab --base git:REF --out rel/dir`: each side's cells run in a worktree of their
+    own, so the result path they are handed must not be relative to the caller's directory
+    (here the cell runs in the checkout and the caller sits in another directory)."""
+    from bench import runner
+    (tmp_path / "caller" / "out").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "caller")
+    cfg = CellConfig("numpy", "lstm", "loop", task="synth-left-8", batch_size=4, hidden=4,
+                     embed_dim=4, pool_batches=1, repeats=1, warmup_passes=0, latency_samples=1,
+                     timeout_s=120, verify_examples=2, min_repeat_s=0.0)
+    assert not os.path.exists(os.path.join(ROOT, "out"))
+    rec = runner.run_in_subprocess(cfg, "x", result_dir="out", root=ROOT)
+    assert rec["status"] == "ok", rec.get("reason")
+    assert os.listdir("out") == []     # the result was read and removed where it was written
+
+
 def test_refusals_that_depend_on_device_or_backend_are_static():
     # JAX's fused LSTM exists only on a GPU (cuDNN); Keras refuses `compiled` on torch only.
     cpu = registry.not_applicable("jax", "lstm", "fused", "cpu")
