@@ -13,10 +13,11 @@ children are read as ``hlr = [h_l; h_r]`` ([2H] or [n, 2H]).
 * ``levels``: dynamic batching. Level 0 (all leaves of the batch): one
   gather from E and one product. Level k: one gather of the children's rows
   (left/right interleaved, so ``[2n, H]`` views as ``[n, 2H]``), one
-  product, and the new rows appended with ``torch.cat`` (no in-place writes:
-  autograd sees plain values). Without autograd (inference) the same
-  schedule writes each level into its rows of preallocated node buffers and
-  applies the gates in place (``INTO``): half the kernels per level.
+  product and its gates, written in place into the level's rows of node
+  buffers allocated once per call (``levels_forward``). Training runs the
+  same forward inside ``LevelsFunction``, whose backward is written out: the
+  heights in reverse, children's gradients added with ``index_add_``, the
+  node weights' gradient one product over all heights.
 * ``compiled``: the static form ``TreeBatch.padded_packed()`` under
   ``torch.compile``: node buffer ``[N' + 2, H]`` (rows ``zero`` and ``sink``),
   steps of packed node groups ``W'`` wide, written with out-of-place
@@ -423,7 +424,7 @@ class RvNN(TorchImplementation):
         out = super().info()
         out["strategy_detail"] = {
             "recursive": "one call per node, per-tree post-order, leaf embeddings in one gather",
-            "levels": "one gather + product + cat per tree height; inference in place",
+            "levels": "one gather + product per tree height, in place; backward written out",
             "compiled": "torch.compile(dynamic=True): leaves + %d-step chunks on the %s "
                         "static form" % (LEVEL_CHUNK, self.static_form),
         }[self.strategy]
