@@ -29,7 +29,7 @@ children are read as ``hlr = [h_l; h_r]`` ([2H] or [n, 2H]).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -163,21 +163,26 @@ def levels_forward(model: str, x, W_leaf, b_leaf, W, b, sizes: List[int],
     return out
 
 
-def _treelstm_cell_grad(dh, dc_in, c, act, gates, dz):
-    """A Tree-LSTM cell's backward: the gradient of its pre-activations into ``dz`` and the
-    gradient of its memory, from dh, the memory's gradient from above and the activations.
-    ``gates`` names act's sigmoid blocks before the last (tanh) block u: leaves i, o; nodes
-    i, f_l, f_r, o (their forget blocks are filled in by the caller, which holds c_l, c_r)."""
+def _treelstm_cell_grad(dh, dc_in, c, act, dz, clr=None):
+    """Tree-LSTM cells' backward, a level at a time: the gradient of the pre-activations into
+    ``dz``, from dh, the memory's gradient from above (``dc_in``) and the activations
+    ``act`` (leaves [i, o, u]; nodes [i, f_l, f_r, o, u], with their children's memories
+    ``clr`` [n, 2, H]). Returns the memory's gradient, which nodes pass on to the children."""
     H = dh.shape[1]
-    blocks = dict(zip(gates + ("u",), act.split(H, dim=1)))
-    grads = dict(zip(gates + ("u",), dz.split(H, dim=1)))
+    gates = act.shape[1] - H            # the sigmoid blocks; u, the tanh block, is last
+    i, o, u = act[:, :H], act[:, gates - H:gates], act[:, gates:]
+    di, do, du = dz[:, :H], dz[:, gates - H:gates], dz[:, gates:]
     tc = torch.tanh(c)
-    torch.mul(dh, tc, out=grads["o"])
-    dc = dh * blocks["o"]
+    torch.mul(dh, tc, out=do)
+    dc = dh * o
     _tanh_grad(dc, tc, grad_input=dc).add_(dc_in)
-    torch.mul(dc, blocks["u"], out=grads["i"])
-    torch.mul(dc, blocks["i"], out=grads["u"])
-    return dc, grads, blocks
+    torch.mul(dc, u, out=di)
+    torch.mul(dc, i, out=du)
+    if clr is not None:                 # the forget blocks: d f_l = dc c_l, d f_r = dc c_r
+        torch.mul(dc.unsqueeze(1), clr, out=dz[:, H:3 * H].view(-1, 2, H))
+    _sigmoid_grad(dz[:, :gates], act[:, :gates], grad_input=dz[:, :gates])
+    _tanh_grad(du, u, grad_input=du)
+    return dc
 
 
 class LevelsFunction(torch.autograd.Function):
@@ -189,45 +194,38 @@ class LevelsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_leaf, b_leaf, W, b, model, sizes, level_lr):
         buf = levels_forward(model, x, W_leaf, b_leaf, W, b, sizes, level_lr)
-        # h is the output: saved as one (ctx holding it would be a reference cycle); the other
-        # buffers are this call's own and nobody else writes them
-        ctx.save_for_backward(x, W_leaf, W, buf.h)
-        ctx.buf, ctx.model, ctx.sizes, ctx.level_lr = replace(buf, h=None), model, sizes, level_lr
+        # (not dataclasses.astuple: it deep-copies the tensors)
+        ctx.save_for_backward(x, W_leaf, W, *(getattr(buf, f.name) for f in fields(buf)))
+        ctx.sizes, ctx.level_lr = sizes, level_lr
         return buf.h
 
     @staticmethod
     def backward(ctx, dh_all):
-        x, W_leaf, W, h = ctx.saved_tensors
-        buf, sizes, lstm = replace(ctx.buf, h=h), ctx.sizes, ctx.model == "treelstm"
+        x, W_leaf, W, *saved = ctx.saved_tensors
+        buf, sizes = LevelBuffers(*saved), ctx.sizes
         H = W.shape[0] // 2
         dH = dh_all.clone()
-        dC = torch.zeros_like(buf.c) if lstm else None
-        dZ = torch.empty_like(buf.z)
-        offsets = np.cumsum([0] + sizes).tolist()
-        for k in range(len(sizes) - 1, 0, -1):
-            rows, i = slice(offsets[k], offsets[k + 1]), slice(offsets[k] - sizes[0],
-                                                               offsets[k + 1] - sizes[0])
-            lr, dz = ctx.level_lr[k - 1], dZ[i]
-            if lstm:
-                dc, grads, g = _treelstm_cell_grad(dH[rows], dC[rows], buf.c[rows], buf.z[i],
-                                                   ("i", "f_l", "f_r", "o"), dz)
-                clr, f_lr = buf.clr[i].view(-1, 2, H), buf.z[i][:, H:3 * H].view(-1, 2, H)
-                torch.mul(dc.unsqueeze(1), clr, out=dz[:, H:3 * H].view(-1, 2, H))
+        dZ, dz_leaf = torch.empty_like(buf.z), torch.empty_like(buf.z_leaf)
+        # per-level views, as in the forward: index_add_ writes through them into dH, dC
+        dHs, hs, zs, dZs = dH.split(sizes), buf.h.split(sizes), buf.z.split(sizes[1:]), \
+            dZ.split(sizes[1:])
+        if buf.c is not None:
+            dC = torch.zeros_like(buf.c)
+            dCs, cs, clrs = dC.split(sizes), buf.c.split(sizes), buf.clr.split(sizes[1:])
+        for k in reversed(range(len(ctx.level_lr))):
+            lr, dz = ctx.level_lr[k], dZs[k]
+            if buf.c is not None:
+                dc = _treelstm_cell_grad(dHs[k + 1], dCs[k + 1], cs[k + 1], zs[k], dz,
+                                         clrs[k].view(-1, 2, H))
+                f_lr = zs[k][:, H:3 * H].view(-1, 2, H)
                 dC.index_add_(0, lr, (dc.unsqueeze(1) * f_lr).view(-1, H))
-                _sigmoid_grad(dz[:, :4 * H], buf.z[i][:, :4 * H], grad_input=dz[:, :4 * H])
-                _tanh_grad(grads["u"], g["u"], grad_input=grads["u"])
             else:
-                _tanh_grad(dH[rows], buf.h[rows], grad_input=dz)
+                _tanh_grad(dHs[k + 1], hs[k + 1], grad_input=dz)
             dH.index_add_(0, lr, torch.mm(dz, W.t()).view(-1, H))
-        Lf = sizes[0]
-        dz_leaf = torch.empty_like(buf.z_leaf)
-        if lstm:
-            _, grads, g = _treelstm_cell_grad(dH[:Lf], dC[:Lf], buf.c[:Lf], buf.z_leaf,
-                                              ("i", "o"), dz_leaf)
-            _sigmoid_grad(dz_leaf[:, :2 * H], buf.z_leaf[:, :2 * H], grad_input=dz_leaf[:, :2 * H])
-            _tanh_grad(grads["u"], g["u"], grad_input=grads["u"])
+        if buf.c is not None:
+            _treelstm_cell_grad(dHs[0], dCs[0], cs[0], buf.z_leaf, dz_leaf)
         else:
-            _tanh_grad(dH[:Lf], buf.h[:Lf], grad_input=dz_leaf)
+            _tanh_grad(dHs[0], hs[0], grad_input=dz_leaf)
         need = ctx.needs_input_grad
         return (torch.mm(dz_leaf, W_leaf.t()) if need[0] else None,
                 torch.mm(x.t(), dz_leaf) if need[1] else None,
